@@ -24,7 +24,7 @@ HEADER_KEY = "ismrmrd_header"
 REQUIRED_ATTRS = ("acquisition", "max", "norm", "patient_id")
 KNEE_ACQUISITIONS = ("CORPD_FBK", "CORPDFS_FBK")
 
-# (path below the <encoding> element, name in error messages)
+# Paths below <encoding> of the fields fastMRI reads.
 _ENCODED_SIZE = ("encodedSpace", "matrixSize")
 _RECON_SIZE = ("reconSpace", "matrixSize")
 _PE_LIMITS = ("encodingLimits", "kspace_encoding_step_1")
@@ -60,10 +60,12 @@ class VolumeMetadata:
         }
 
 
-def _find_int(encoding: ET.Element, path: tuple[str, ...], field: str) -> int:
-    xpath = "/".join(f"{{{ISMRMRD_NAMESPACE}}}{part}" for part in (*path, field))
-    element = encoding.find(xpath)
-    name = "encoding/" + "/".join((*path, field))
+def _find_int(root: ET.Element, path: tuple[str, ...], field: str) -> int:
+    # fastMRI's et_query searches descendants at every step (".//a//b//c"); do the same so that any
+    # header fastMRI accepts gives the same values here.
+    parts = ("encoding", *path, field)
+    element = root.find(".//" + "//".join(f"{{{ISMRMRD_NAMESPACE}}}{part}" for part in parts))
+    name = "/".join(parts)
     if element is None or element.text is None:
         raise HeaderError(f"ismrmrd_header lacks the field {name}")
     try:
@@ -73,7 +75,7 @@ def _find_int(encoding: ET.Element, path: tuple[str, ...], field: str) -> int:
 
 
 def parse_ismrmrd_header(xml: bytes | str) -> VolumeMetadata:
-    """Parse the header fields fastMRI uses (first ``<encoding>`` element, as fastMRI does).
+    """Parse the header fields fastMRI uses, with fastMRI's lookup rules.
 
     Raises:
         HeaderError: naming the missing or malformed field.
@@ -82,13 +84,12 @@ def parse_ismrmrd_header(xml: bytes | str) -> VolumeMetadata:
         root = ET.fromstring(xml)
     except ET.ParseError as err:
         raise HeaderError(f"ismrmrd_header is not valid XML ({err})") from None
-    encoding = root.find(f"{{{ISMRMRD_NAMESPACE}}}encoding")
-    if encoding is None:
+    if root.find(f".//{{{ISMRMRD_NAMESPACE}}}encoding") is None:
         raise HeaderError(f"ismrmrd_header has no <encoding> element in namespace {ISMRMRD_NAMESPACE}")
-    enc = tuple(_find_int(encoding, _ENCODED_SIZE, axis) for axis in "xyz")
-    rec = tuple(_find_int(encoding, _RECON_SIZE, axis) for axis in "xyz")
-    center = _find_int(encoding, _PE_LIMITS, "center")
-    maximum = _find_int(encoding, _PE_LIMITS, "maximum")
+    enc = tuple(_find_int(root, _ENCODED_SIZE, axis) for axis in "xyz")
+    rec = tuple(_find_int(root, _RECON_SIZE, axis) for axis in "xyz")
+    center = _find_int(root, _PE_LIMITS, "center")
+    maximum = _find_int(root, _PE_LIMITS, "maximum")
     padding_left = enc[1] // 2 - center
     return VolumeMetadata(
         encoding_size=enc,  # type: ignore[arg-type]
