@@ -83,6 +83,9 @@ def fastmri_root(tmp_path: Path) -> Path:
         )
     for i, width in enumerate((40, 43)):
         make_fastmri_volume(
-            tmp_path / "singlecoil_val" / f"file_val{i}.h5", num_slices=4, kspace_shape=(64, width), seed=10 + i
+            tmp_path / "singlecoil_val" / f"file_val{i}.h5",
+            num_slices=4,
+            kspace_shape=(64, width),
+            seed=10 + i,
         )
     return tmp_path
