@@ -1,0 +1,344 @@
+"""Evaluation metrics: NMSE, PSNR and SSIM exactly as fastMRI defines them, and MPAND.
+
+Two ways to compute the image metrics:
+
+- whole volumes (:func:`nmse`, :func:`psnr`, :func:`ssim`), the definitions of ``fastmri.evaluate``;
+- per slice (:func:`slice_metrics`) gathered in a :class:`VolumeMetricAccumulator`, for distributed
+  validation where the slices of one volume are spread over workers. Per volume it combines them as
+  fastMRI's MriModule does (mean slice MSE over mean squared target, PSNR from the mean MSE and the
+  volume max, mean slice SSIM), which equals the whole-volume definitions because all slices of a volume
+  have the same size; the volume values are then averaged over volumes.
+
+MPAND (Mean Post Attention Norm Difference): per up-sampling level l and example b,
+``||alpha_b^l * x_b^l||_F - ||x_b^l||_F``, averaged over examples and levels (see DESIGN.md).
+
+Everything here works on NumPy arrays or CPU/GPU tensors and returns plain Python floats.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+def _to_numpy(array: ArrayLike) -> np.ndarray:
+    """A NumPy view of ``array`` in its own dtype (tensors are detached and moved to the CPU)."""
+    if isinstance(array, torch.Tensor):
+        return array.detach().cpu().numpy()
+    return np.asarray(array)
+
+
+def _check_volumes(gt: np.ndarray, pred: np.ndarray) -> None:
+    if gt.ndim != 3:
+        raise ValueError(f"expected a volume of shape (slices, H, W), got shape {gt.shape}")
+    if gt.shape != pred.shape:
+        raise ValueError(f"ground truth shape {gt.shape} != prediction shape {pred.shape}")
+
+
+# --- whole volumes, as fastmri.evaluate ---------------------------------------------------------------
+
+
+def nmse(gt: ArrayLike, pred: ArrayLike) -> float:
+    """Normalised mean squared error ``||gt - pred||^2 / ||gt||^2`` over the whole volume.
+
+    Computed in float64; fastMRI computes in the input precision, so the two differ by its rounding.
+
+    Args:
+        gt: Ground-truth volume ``(slices, H, W)``.
+        pred: Reconstruction of the same shape.
+    """
+    gt64, pred64 = _to_numpy(gt).astype(np.float64), _to_numpy(pred).astype(np.float64)
+    _check_volumes(gt64, pred64)
+    return float(np.sum((gt64 - pred64) ** 2) / np.sum(gt64**2))
+
+
+def psnr(gt: ArrayLike, pred: ArrayLike, maxval: float | None = None) -> float:
+    """Peak signal-to-noise ratio of the volume (scikit-image's, as fastMRI).
+
+    Args:
+        gt: Ground-truth volume ``(slices, H, W)``.
+        pred: Reconstruction of the same shape.
+        maxval: Data range; defaults to ``gt.max()``, the volume's maximum.
+    """
+    gt_np, pred_np = _to_numpy(gt), _to_numpy(pred)
+    _check_volumes(gt_np, pred_np)
+    maxval = gt_np.max() if maxval is None else maxval
+    return float(peak_signal_noise_ratio(gt_np, pred_np, data_range=maxval))
+
+
+def ssim(gt: ArrayLike, pred: ArrayLike, maxval: float | None = None) -> float:
+    """Structural similarity averaged over slices (scikit-image's 7x7 window, K1 0.01, K2 0.03).
+
+    Args:
+        gt: Ground-truth volume ``(slices, H, W)``.
+        pred: Reconstruction of the same shape.
+        maxval: Data range used for every slice; defaults to ``gt.max()`` of the whole volume (not of
+            each slice), as fastMRI.
+    """
+    gt_np, pred_np = _to_numpy(gt), _to_numpy(pred)
+    _check_volumes(gt_np, pred_np)
+    maxval = gt_np.max() if maxval is None else maxval
+    values = [structural_similarity(g, p, data_range=maxval) for g, p in zip(gt_np, pred_np, strict=True)]
+    return float(np.mean(values))
+
+
+# --- per slice, for distributed validation ------------------------------------------------------------
+
+
+class SliceMetrics(NamedTuple):
+    """Per-slice sufficient statistics for the volume metrics.
+
+    Attributes:
+        mse: Mean squared error of the slice.
+        target_sq: Mean of the squared target (the slice's contribution to ``||gt||^2``).
+        ssim: SSIM of the slice with the volume's max as data range.
+    """
+
+    mse: float
+    target_sq: float
+    ssim: float
+
+
+def _as_slice(array: ArrayLike, name: str) -> np.ndarray:
+    image = _to_numpy(array)
+    while image.ndim > 2 and image.shape[0] == 1:  # accept (1, H, W) and (1, 1, H, W) too
+        image = image[0]
+    if image.ndim != 2:
+        raise ValueError(f"{name} must be one slice (H, W), got shape {_to_numpy(array).shape}")
+    return image
+
+
+def slice_metrics(output: ArrayLike, target: ArrayLike, max_value: float) -> SliceMetrics:
+    """Metrics of one un-normalised slice.
+
+    Args:
+        output: Reconstruction ``(H, W)`` (leading singleton dimensions are dropped).
+        target: Target of the same shape.
+        max_value: The volume's maximum (``attrs["max"]``), the data range of PSNR and SSIM.
+
+    Returns:
+        :class:`SliceMetrics` of plain floats.
+    """
+    out, tgt = _as_slice(output, "output"), _as_slice(target, "target")
+    if out.shape != tgt.shape:
+        raise ValueError(f"output shape {out.shape} != target shape {tgt.shape}")
+    out64, tgt64 = out.astype(np.float64), tgt.astype(np.float64)
+    # SSIM on the arrays in their own dtype, exactly as fastMRI's MriModule passes them to evaluate.ssim.
+    slice_ssim = structural_similarity(tgt, out, data_range=float(max_value))
+    return SliceMetrics(
+        mse=float(np.mean((tgt64 - out64) ** 2)),
+        target_sq=float(np.mean(tgt64**2)),
+        ssim=float(slice_ssim),
+    )
+
+
+class VolumeMetricAccumulator:
+    """Gathers per-slice metrics from any number of processes and computes fastMRI's volume metrics.
+
+    Slices may arrive in any order. A repeated ``(fname, slice_num)`` counts once (the later value
+    replaces the earlier), because distributed samplers pad the last batch with duplicate slices.
+    """
+
+    def __init__(self) -> None:
+        self._slices: dict[str, dict[int, tuple[float, float, float]]] = {}
+        self._max_values: dict[str, float] = {}
+
+    def __len__(self) -> int:
+        """Number of distinct slices gathered."""
+        return sum(len(slices) for slices in self._slices.values())
+
+    def add(self, fname: str, slice_num: int, metrics: SliceMetrics, max_value: float) -> None:
+        """Record one slice.
+
+        Args:
+            fname: Volume file name (the key that groups slices into volumes).
+            slice_num: Index of the slice in its volume.
+            metrics: The slice's :class:`SliceMetrics`.
+            max_value: The volume's maximum (``attrs["max"]``).
+
+        Raises:
+            ValueError: If the volume was seen before with a different max value.
+        """
+        fname, max_value = str(fname), float(max_value)
+        known = self._max_values.get(fname)
+        # isclose, not ==: the same attrs["max"] may arrive as float32 on one path and float64 on another.
+        if known is not None and not math.isclose(known, max_value, rel_tol=1e-6):
+            raise ValueError(f"volume {fname!r} has max value {known} and now {max_value}")
+        self._max_values.setdefault(fname, max_value)
+        self._slices.setdefault(fname, {})[int(slice_num)] = (
+            float(metrics.mse),
+            float(metrics.target_sq),
+            float(metrics.ssim),
+        )
+
+    def state(self) -> dict[str, Any]:
+        """A picklable plain-Python snapshot, to gather from other processes and :meth:`merge`."""
+        return {
+            "slices": {fname: dict(slices) for fname, slices in self._slices.items()},
+            "max_values": dict(self._max_values),
+        }
+
+    def merge(self, other_state: Mapping[str, Any] | VolumeMetricAccumulator) -> None:
+        """Add the slices of another accumulator (or of its :meth:`state`); duplicates count once.
+
+        Args:
+            other_state: The other accumulator or its state.
+        """
+        if isinstance(other_state, VolumeMetricAccumulator):
+            other_state = other_state.state()
+        for fname, slices in other_state["slices"].items():
+            max_value = other_state["max_values"][fname]
+            for slice_num, values in slices.items():
+                self.add(fname, slice_num, SliceMetrics(*values), max_value)
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> VolumeMetricAccumulator:
+        """Rebuild an accumulator from :meth:`state`."""
+        accumulator = cls()
+        accumulator.merge(state)
+        return accumulator
+
+    def per_volume(self) -> dict[str, dict[str, float]]:
+        """NMSE, PSNR and SSIM of every volume gathered so far."""
+        results = {}
+        for fname, slices in self._slices.items():
+            columns = zip(*slices.values(), strict=True)
+            mse_values, target_sq, ssim_values = (np.array(c, dtype=np.float64) for c in columns)
+            mse = float(np.mean(mse_values))
+            max_value = self._max_values[fname]
+            results[fname] = {
+                "nmse": mse / float(np.mean(target_sq)),
+                "psnr": math.inf if mse == 0 else 20 * math.log10(max_value) - 10 * math.log10(mse),
+                "ssim": float(np.mean(ssim_values)),
+            }
+        return results
+
+    def compute(self) -> dict[str, float]:
+        """The volume metrics averaged over volumes.
+
+        Returns:
+            ``{"nmse", "psnr", "ssim", "num_volumes"}``; the metrics are NaN when nothing was added.
+        """
+        volumes = self.per_volume()
+        if not volumes:
+            return {"nmse": math.nan, "psnr": math.nan, "ssim": math.nan, "num_volumes": 0}
+        result: dict[str, float] = {
+            key: float(np.mean([v[key] for v in volumes.values()])) for key in ("nmse", "psnr", "ssim")
+        }
+        result["num_volumes"] = len(volumes)
+        return result
+
+
+# --- MPAND ----------------------------------------------------------------------------------------------
+
+
+class MpandResult(NamedTuple):
+    """Mean Post Attention Norm Difference.
+
+    Attributes:
+        mean: Mean over levels (and examples); NaN when the model has no attention levels.
+        per_level: Per up-sampling level, decoder order (deepest first); empty without attention.
+    """
+
+    mean: float
+    per_level: tuple[float, ...]
+
+
+def _norm_differences(
+    skip_norms_before: Sequence[ArrayLike], skip_norms_after: Sequence[ArrayLike]
+) -> list[np.ndarray]:
+    """Per level, the per-example ``after - before`` in float64."""
+    if len(skip_norms_before) != len(skip_norms_after):
+        raise ValueError(
+            f"{len(skip_norms_before)} levels of norms before attention but {len(skip_norms_after)} after"
+        )
+    differences = []
+    for level, (before, after) in enumerate(zip(skip_norms_before, skip_norms_after, strict=True)):
+        before64 = _to_numpy(before).astype(np.float64).reshape(-1)
+        after64 = _to_numpy(after).astype(np.float64).reshape(-1)
+        if before64.shape != after64.shape:
+            raise ValueError(f"level {level}: {before64.size} norms before attention, {after64.size} after")
+        differences.append(after64 - before64)
+    return differences
+
+
+def mpand(skip_norms_before: Sequence[ArrayLike], skip_norms_after: Sequence[ArrayLike]) -> MpandResult:
+    """MPAND of one batch.
+
+    Args:
+        skip_norms_before: Per level, ``(N,)`` norms ``||x_b^l||_F`` (``UnetOutput.skip_norms_before``).
+        skip_norms_after: Per level, ``(N,)`` norms ``||alpha_b^l x_b^l||_F``.
+
+    Returns:
+        Per level the mean over examples of after - before, and their mean over levels.
+    """
+    per_level = tuple(float(np.mean(d)) for d in _norm_differences(skip_norms_before, skip_norms_after))
+    return MpandResult(float(np.mean(per_level)) if per_level else math.nan, per_level)
+
+
+class MpandAccumulator:
+    """MPAND over many batches and processes: the mean over all examples seen, per level.
+
+    Sums per-example differences and counts per level, so unequal batch sizes weigh correctly and states
+    from several processes merge exactly. Every batch must report the same number of levels.
+    """
+
+    def __init__(self) -> None:
+        self._sums: list[float] | None = None
+        self._counts: list[int] | None = None
+
+    def _ensure_levels(self, num_levels: int) -> tuple[list[float], list[int]]:
+        if self._sums is None or self._counts is None:
+            self._sums, self._counts = [0.0] * num_levels, [0] * num_levels
+        elif len(self._sums) != num_levels:
+            raise ValueError(f"got {num_levels} attention levels, earlier batches had {len(self._sums)}")
+        return self._sums, self._counts
+
+    def add(self, skip_norms_before: Sequence[ArrayLike], skip_norms_after: Sequence[ArrayLike]) -> None:
+        """Record one batch.
+
+        Args:
+            skip_norms_before: Per level, ``(N,)`` norms before attention.
+            skip_norms_after: Per level, ``(N,)`` norms after attention.
+        """
+        differences = _norm_differences(skip_norms_before, skip_norms_after)
+        sums, counts = self._ensure_levels(len(differences))
+        for level, diff in enumerate(differences):
+            sums[level] += float(diff.sum())
+            counts[level] += int(diff.size)
+
+    def state(self) -> dict[str, Any]:
+        """A picklable plain-Python snapshot, to gather from other processes and :meth:`merge`."""
+        return {
+            "sums": None if self._sums is None else list(self._sums),
+            "counts": None if self._counts is None else list(self._counts),
+        }
+
+    def merge(self, other_state: Mapping[str, Any] | MpandAccumulator) -> None:
+        """Add another accumulator (or its :meth:`state`).
+
+        Args:
+            other_state: The other accumulator or its state.
+        """
+        if isinstance(other_state, MpandAccumulator):
+            other_state = other_state.state()
+        if other_state["sums"] is None:
+            return
+        sums, counts = self._ensure_levels(len(other_state["sums"]))
+        for level, (total, count) in enumerate(zip(other_state["sums"], other_state["counts"], strict=True)):
+            sums[level] += float(total)
+            counts[level] += int(count)
+
+    def compute(self) -> MpandResult:
+        """The epoch's MPAND; NaN and no levels when nothing (or only a plain U-Net) was recorded."""
+        if not self._sums or self._counts is None or not all(self._counts):
+            return MpandResult(math.nan, ())
+        per_level = tuple(total / count for total, count in zip(self._sums, self._counts, strict=True))
+        return MpandResult(float(np.mean(per_level)), per_level)
