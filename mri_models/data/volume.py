@@ -164,8 +164,8 @@ def write_volume(
 ) -> None:
     """Write one volume in the fastMRI single-coil layout, atomically.
 
-    The file is written next to ``path`` and renamed into place, so an interrupted write never leaves a
-    truncated file under the final name.
+    The file is written outside the split directory and renamed into place, so an interrupted write never
+    leaves a truncated file under the final name nor a stray file in the split.
 
     Args:
         path: destination ``.h5`` file.
@@ -175,7 +175,9 @@ def write_volume(
         target: optional (slices, h, w) target stored as ``reconstruction_esc`` float32.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    # The temporary file lives beside the split directory, not in it: fastMRI's SliceDataset opens every
+    # file in a split directory, so a leftover from an interrupted write there would break it.
+    tmp = path.parent.parent / f".{path.parent.name}.{path.name}.tmp"
     with h5py.File(tmp, "w") as hf:
         hf.create_dataset(KSPACE_KEY, data=np.asarray(kspace, dtype=np.complex64))
         if target is not None:
