@@ -89,3 +89,29 @@ def fastmri_root(tmp_path: Path) -> Path:
             seed=10 + i,
         )
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray instance (2 CPUs, like CI) shared by the integration tests of a session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_root(tmp_path_factory) -> Path:
+    """A small fastMRI-format root for training runs: 4 train and 3 val volumes of 32 x 32 images."""
+    root = tmp_path_factory.mktemp("tiny_root")
+    for i in range(4):
+        make_fastmri_volume(
+            root / "singlecoil_train" / f"train{i}.h5", num_slices=4, kspace_shape=(64, 40 + i), seed=i
+        )
+    for i in range(3):
+        make_fastmri_volume(
+            root / "singlecoil_val" / f"val{i}.h5", num_slices=3 + i, kspace_shape=(64, 41), seed=20 + i
+        )
+    return root

@@ -1,0 +1,274 @@
+"""The Ray Data slice pipeline: fastMRI volumes streamed as network-ready rows, a fresh dataset per epoch.
+
+Why a dataset per epoch and per rank, built inside the training worker, rather than one dataset handed to
+the trainer: fastMRI draws a new random mask for every training example every epoch, and the mask is
+applied in k-space before the inverse FFT, so the whole transform depends on the epoch. A dataset passed to
+``TorchTrainer(datasets=...)`` is a fixed pipeline re-executed each epoch with no epoch in scope, and Train
+splits it with ``streaming_split(equal=True)``, which may drop validation slices and so bias the per-volume
+metrics. Here each rank gets, every epoch, its own list of read tasks:
+
+- training: chunks of consecutive slices of one file, shuffled with (seed, epoch), dealt to ranks and cut
+  to equal lengths so every DDP rank takes the same number of steps; each slice's mask seed is
+  (seed, epoch, crc32(file name), slice), so masks are new every epoch, differ between ranks and slices,
+  and a resumed run sees exactly the masks it would have seen;
+- validation: whole volumes per rank (no slice is dropped or duplicated), with fastMRI's fixed per-volume
+  mask seed, so rows equal ``SliceDataset`` + ``UnetDataTransform(use_seed=True)`` bit for bit.
+
+A read task opens its HDF5 file once and reads its slices in one indexed read; the k-space transform (mask,
+inverse FFT, crop, normalise) runs in the same Ray Data CPU task, next to the read, so only 2 x H x W
+float32 per slice travels to the trainer instead of the oversampled complex k-space (about 5x less at
+fastMRI's 640 x 368 -> 320 x 320). ``benchmarks/data_pipeline.py`` measures the choice.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import random
+import zlib
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from mri_models.data.slice_dataset import RawSample, list_volumes, subsample_slices
+from mri_models.data.subsample import create_mask_func
+from mri_models.data.transforms import unet_sample, volume_mask_seed
+from mri_models.data.validate import check_root
+from mri_models.data.volume import KSPACE_KEY, TARGET_KEY
+from ray_jobs.config import SYNTHETIC_DATA, ConfigError, TrainConfig, default_data_dir
+
+TRAIN_SPLIT = "singlecoil_train"
+VAL_SPLIT = "singlecoil_val"
+
+SliceRef = tuple[str, int]  # (absolute file path, slice index)
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A validated data root and its slice indices, small enough to ship to every worker."""
+
+    root: Path
+    train_slices: tuple[SliceRef, ...]
+    val_slices: tuple[SliceRef, ...]
+    image_size: tuple[int, int]
+
+
+# ----------------------------------------------------------------------------------------- preparation
+
+
+def ensure_synthetic_data(profile: str, seed: int = 0, base_dir: Path | None = None) -> Path:
+    """The synthetic dataset of a profile, generated once into the cache and reused afterwards.
+
+    A lock file serialises concurrent jobs; a marker written last means a half-written dataset (killed
+    generator) is completed on the next call instead of being used.
+    """
+    from mri_models.data.synthetic import generate_dataset
+
+    if profile not in SYNTHETIC_DATA:
+        raise ConfigError(
+            f"no synthetic dataset for profile {profile!r}; expected one of {sorted(SYNTHETIC_DATA)}"
+        )
+    spec = SYNTHETIC_DATA[profile]
+    root = (base_dir or default_data_dir()) / f"{profile}-seed{seed}"
+    marker = root / ".complete"
+    if marker.exists():
+        return root
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.parent / f".{root.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not marker.exists():
+            generate_dataset(root, seed=seed, **spec)
+            marker.write_text(repr(spec))
+    return root
+
+
+def _index(split_dir: Path, cfg: TrainConfig) -> tuple[SliceRef, ...]:
+    samples = [
+        RawSample(v.fname, i, v.metadata) for v in list_volumes(split_dir) for i in range(v.num_slices)
+    ]
+    kept = subsample_slices(samples, cfg.sample_rate, cfg.volume_sample_rate, random.Random(cfg.seed))
+    return tuple(sorted((str(s.fname), s.slice_ind) for s in kept))
+
+
+def prepare_data(cfg: TrainConfig, root: Path) -> PreparedData:
+    """Validate the data root against the config and index its splits; raises before any Ray work.
+
+    Raises:
+        DataValidationError: a file or split is missing or malformed (names the file and problem).
+        ConfigError: the image is too small for ``num_pool_layers``, or subsampling leaves no slice.
+    """
+    check_root(root, (TRAIN_SPLIT, VAL_SPLIT))
+    train_slices = _index(root / TRAIN_SPLIT, cfg)
+    val_slices = _index(root / VAL_SPLIT, cfg)
+    for split, slices in ((TRAIN_SPLIT, train_slices), (VAL_SPLIT, val_slices)):
+        if not slices:
+            raise ConfigError(
+                f"{root / split}: no slice left after sample_rate/volume_sample_rate subsampling"
+            )
+    with h5py.File(train_slices[0][0], "r") as hf:
+        image_size = tuple(int(n) for n in hf[TARGET_KEY].shape[-2:])
+    # Each pooling halves the image; InstanceNorm needs more than one pixel at the bottom of the U.
+    smallest = min(image_size) // 2**cfg.num_pool_layers
+    if smallest < 2:
+        raise ConfigError(
+            f"num_pool_layers={cfg.num_pool_layers} is too deep for {image_size[0]}x{image_size[1]} images "
+            f"(the deepest level would be {smallest} pixel(s) wide; at most "
+            f"{max(0, int(np.log2(min(image_size))) - 1)} pooling layers fit)"
+        )
+    if len(train_slices) < cfg.num_workers * cfg.batch_size:
+        raise ConfigError(
+            f"{len(train_slices)} training slices cannot feed {cfg.num_workers} workers x batch_size "
+            f"{cfg.batch_size}"
+        )
+    return PreparedData(root, train_slices, val_slices, image_size)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------- sharding
+
+
+def _chunks(slices: Sequence[SliceRef], slices_per_read: int) -> list[tuple[str, list[int]]]:
+    """Runs of at most ``slices_per_read`` slices of one file, in index order."""
+    by_file: dict[str, list[int]] = defaultdict(list)
+    for path, slice_ind in slices:
+        by_file[path].append(slice_ind)
+    return [
+        (path, indices[start : start + slices_per_read])
+        for path, indices in by_file.items()
+        for start in range(0, len(indices), slices_per_read)
+    ]
+
+
+def train_read_tasks(
+    slices: Sequence[SliceRef], epoch: int, rank: int, world_size: int, seed: int, slices_per_read: int
+) -> list[dict[str, Any]]:
+    """This rank's training read tasks for an epoch; every rank gets the same number of slices."""
+    chunks = _chunks(slices, slices_per_read)
+    order = np.random.default_rng([seed, epoch]).permutation(len(chunks))
+    per_rank: list[list[tuple[str, list[int]]]] = [[] for _ in range(world_size)]
+    counts = [0] * world_size
+    for index in order:  # deal each chunk to the rank with the fewest slices so far
+        target = counts.index(min(counts))
+        per_rank[target].append(chunks[index])
+        counts[target] += len(chunks[index][1])
+    budget = min(counts)  # cut every rank to the same length: DDP ranks must take the same steps
+    tasks, taken = [], 0
+    for path, indices in per_rank[rank]:
+        keep = indices[: budget - taken]
+        if keep:
+            tasks.append({"path": path, "slices": keep})
+        taken += len(keep)
+    return tasks
+
+
+def val_read_tasks(
+    slices: Sequence[SliceRef], rank: int, world_size: int, slices_per_read: int
+) -> list[dict[str, Any]]:
+    """This rank's validation read tasks: whole volumes, each volume on exactly one rank."""
+    by_file: dict[str, int] = defaultdict(int)
+    for path, _ in slices:
+        by_file[path] += 1
+    counts, owner = [0] * world_size, {}
+    for path in sorted(by_file, key=lambda p: (-by_file[p], p)):  # largest first balances the load
+        target = counts.index(min(counts))
+        owner[path] = target
+        counts[target] += by_file[path]
+    mine = [ref for ref in slices if owner[ref[0]] == rank]
+    return [{"path": path, "slices": indices} for path, indices in _chunks(mine, slices_per_read)]
+
+
+# ----------------------------------------------------------------------------------------- rows
+
+
+def _mask_seed(seed: int, epoch: int, fname: str, slice_num: int) -> tuple[int, ...]:
+    return (seed, epoch, zlib.crc32(fname.encode()), slice_num)
+
+
+def read_and_transform(
+    batch: dict[str, np.ndarray],
+    *,
+    training: bool,
+    epoch: int,
+    seed: int,
+    mask_type: str,
+    center_fractions: Sequence[float],
+    accelerations: Sequence[int],
+) -> dict[str, np.ndarray]:
+    """One read task (one file, some slices) to network rows; the Ray Data map function."""
+    mask_func = create_mask_func(mask_type, center_fractions, accelerations)
+    columns: dict[str, list[Any]] = defaultdict(list)
+    for path, indices in zip(batch["path"], batch["slices"], strict=True):
+        indices = [int(i) for i in indices]
+        fname = os.path.basename(path)
+        with h5py.File(path, "r") as hf:
+            kspace = hf[KSPACE_KEY][indices]  # one read for the whole chunk
+            target = hf[TARGET_KEY][indices]
+            attrs = dict(hf.attrs)
+        for k, slice_num in enumerate(indices):
+            mask_seed = _mask_seed(seed, epoch, fname, slice_num) if training else volume_mask_seed(fname)
+            sample = unet_sample(kspace[k], target[k], attrs, fname, slice_num, mask_func, mask_seed)
+            columns["image"].append(sample.image.numpy())
+            columns["target"].append(sample.target.numpy())
+            columns["mean"].append(float(sample.mean))
+            columns["std"].append(float(sample.std))
+            columns["max_value"].append(float(sample.max_value))
+            columns["fname"].append(fname)
+            columns["slice_num"].append(slice_num)
+    return {
+        "image": np.stack(columns["image"]),
+        "target": np.stack(columns["target"]),
+        "mean": np.asarray(columns["mean"], dtype=np.float32),
+        "std": np.asarray(columns["std"], dtype=np.float32),
+        "max_value": np.asarray(columns["max_value"], dtype=np.float64),
+        "fname": np.asarray(columns["fname"], dtype=object),
+        "slice_num": np.asarray(columns["slice_num"], dtype=np.int64),
+    }
+
+
+def slice_dataset(tasks: list[dict[str, Any]], cfg: TrainConfig, *, training: bool, epoch: int = 0):
+    """A streaming Ray Dataset of rows for the given read tasks (one block per task)."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the per-epoch datasets would flood the job log
+    context.print_on_execution_start = False
+    ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
+    return ds.map_batches(
+        read_and_transform,
+        batch_size=1,
+        num_cpus=cfg.data_cpus_per_task,
+        fn_kwargs={
+            "training": training,
+            "epoch": epoch,
+            "seed": cfg.seed,
+            "mask_type": cfg.mask_type,
+            "center_fractions": list(cfg.center_fractions),
+            "accelerations": list(cfg.accelerations),
+        },
+    )
+
+
+def iter_rows_locally(
+    tasks: list[dict[str, Any]], cfg: TrainConfig, *, training: bool, epoch: int = 0
+) -> Iterator[dict]:
+    """The same rows without Ray (for tests and the reference side of benchmarks)."""
+    for task in tasks:
+        batch = {
+            "path": np.asarray([task["path"]], dtype=object),
+            "slices": np.asarray([task["slices"]], dtype=object),
+        }
+        out = read_and_transform(
+            batch,
+            training=training,
+            epoch=epoch,
+            seed=cfg.seed,
+            mask_type=cfg.mask_type,
+            center_fractions=cfg.center_fractions,
+            accelerations=cfg.accelerations,
+        )
+        for i in range(len(out["slice_num"])):
+            yield {key: value[i] for key, value in out.items()}
