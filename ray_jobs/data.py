@@ -16,8 +16,9 @@ metrics. Here each rank gets, every epoch, its own list of read tasks:
 
 A read task opens its HDF5 file once and reads its slices in one indexed read; the k-space transform (mask,
 inverse FFT, crop, normalise) runs in the same Ray Data CPU task, next to the read, so only 2 x H x W
-float32 per slice travels to the trainer instead of the oversampled complex k-space (about 5x less at
-fastMRI's 640 x 368 -> 320 x 320). ``benchmarks/data_pipeline.py`` measures the choice.
+float32 per slice travels to the trainer instead of the oversampled complex k-space and target (2.8x
+fewer bytes at fastMRI's 640 x 368 -> 320 x 320), while the transform costs the trainer's CPU nothing.
+``benchmarks/data_pipeline.py`` measures the choice.
 """
 
 from __future__ import annotations
@@ -236,11 +237,20 @@ def slice_dataset(tasks: list[dict[str, Any]], cfg: TrainConfig, *, training: bo
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the per-epoch datasets would flood the job log
     context.print_on_execution_start = False
+    # One map operator does all the work; Ray Data's default per-operator reservation (half the cluster)
+    # left it half the CPUs and serialised the read tasks on small nodes (benchmarks/data_pipeline.py:
+    # 95 -> 160 slices/s at 640 x 368 on 2 cores).
+    context.op_resource_reservation_enabled = False
+    # At most as many concurrent tasks as CPUs the training workers leave free: more would spawn worker
+    # processes that Ray reaps between epochs, so every epoch would pay for starting them (and importing
+    # torch) again (25 -> 95 slices/s).
+    free_cpus = ray.cluster_resources().get("CPU", 1) - cfg.num_workers * cfg.cpus_per_worker
     ds = ray.data.from_items(tasks, override_num_blocks=max(1, len(tasks)))
     return ds.map_batches(
         read_and_transform,
         batch_size=1,
         num_cpus=cfg.data_cpus_per_task,
+        concurrency=max(1, min(len(tasks), int(free_cpus))),
         fn_kwargs={
             "training": training,
             "epoch": epoch,

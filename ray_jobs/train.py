@@ -331,6 +331,15 @@ def check_cluster_fits(cfg: TrainConfig, concurrent_runs: int = 1, extra_cpus: f
 
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    if cfg.use_gpu and concurrent_runs * cfg.num_workers > gpus:
+        # GPUs requested explicitly (the paper profile) on a cluster that has too few right now: an
+        # autoscaling cluster (cluster.yaml, min_workers 0) adds GPU nodes when the trials ask for them.
+        print(
+            f"note: {concurrent_runs * cfg.num_workers} GPU worker(s) requested, the cluster has {gpus:g} "
+            "GPU(s) now; waiting for the autoscaler to add GPU nodes",
+            flush=True,
+        )
+        return
     workers_cpus = concurrent_runs * cfg.num_workers * cfg.cpus_per_worker
     needed = workers_cpus + extra_cpus + cfg.data_cpus_per_task
     if needed > cpus + 1e-9:

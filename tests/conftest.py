@@ -6,13 +6,21 @@ are tested on files built here from first principles, so a bug in the generator 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mri_models.data.volume import build_ismrmrd_header, write_volume
+
+# Ray reads its authentication mode when it is first imported; the integration tests' head runs with token
+# authentication on (as Ray 2.60 recommends), so every Ray client in this process must send the token.
+os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def centred_ifft2(kspace: np.ndarray) -> np.ndarray:
@@ -91,15 +99,60 @@ def fastmri_root(tmp_path: Path) -> Path:
     return tmp_path
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class RayHead:
+    """A running head started with ``ray start`` (token authentication on), as a user's would be."""
+
+    address: str
+    dashboard_url: str
+    env: dict[str, str]
+
+
 @pytest.fixture(scope="session")
-def ray_local():
-    """One real local Ray instance (2 CPUs, like CI) shared by the integration tests of a session."""
+def ray_head() -> Iterator[RayHead]:
+    """One real 2-CPU Ray head (``ray start --head``) shared by every integration test of the session.
+
+    RAY_ADDRESS is set for the head's processes: Ray Train's placement-group cleaner looks the cluster up
+    by address, and without it a second Ray instance on the machine makes that lookup fail and leaks the
+    placement groups of stopped trials.
+    """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    bin_dir = Path(sys.executable).parent
+    port, dashboard_port = _free_port(), _free_port()
+    address = f"127.0.0.1:{port}"
+    env = {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    subprocess.run(
+        [bin_dir / "ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True
+    )
+    subprocess.run(
+        [bin_dir / "ray", "start", "--head", f"--port={port}", f"--dashboard-port={dashboard_port}",
+         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats"],
+        env=env, check=True, capture_output=True,
+    )  # fmt: skip
+    os.environ.update({"RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"})
+    ray.init(address=address, log_to_driver=False)
+    try:
+        yield RayHead(address, f"http://127.0.0.1:{dashboard_port}", env)
+    finally:
+        ray.shutdown()
+        subprocess.run([bin_dir / "ray", "stop", "--force"], env=env, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def ray_local(ray_head):
+    """The ``ray`` module connected to the session's head."""
+    import ray
+
+    return ray
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,19 @@
+"""Sparse Attention U-Net over a gamma grid (include 0 = Attention U-Net), times seeds, ASHA on SSIM.
+
+Submit to a running cluster (cpu profile on synthetic data by default)::
+
+    ray job submit --working-dir . -- python sweeps/gamma_sweep.py [--profile smoke|cpu|paper]
+
+See ``--help`` for every flag and configs/gamma_sweep.yaml for the grid.
+"""
+
+import sys
+from pathlib import Path
+
+# The job's working directory is the repository: make its packages importable without installing them.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ray_jobs.tune import sweep_main
+
+if __name__ == "__main__":
+    raise SystemExit(sweep_main(Path(__file__).with_name("configs") / "gamma_sweep.yaml"))

@@ -1,0 +1,198 @@
+"""Sweeps end to end on a real Ray head: job submission, ASHA, a killed driver and --resume, bad configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ray_jobs.tune import ASHA_STATE_FILE, sweep_main
+
+REPO = Path(__file__).resolve().parents[1]
+GAMMA_SWEEP = REPO / "sweeps" / "gamma_sweep.py"
+GAMMA_CONFIG = REPO / "sweeps" / "configs" / "gamma_sweep.yaml"
+
+
+def _env(ray_head) -> dict[str, str]:
+    # `python` in the job's entrypoint must be this venv's, as after `source .venv/bin/activate`.
+    return {**ray_head.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{ray_head.env['PATH']}"}
+
+
+def _trials(experiment: Path) -> pd.DataFrame:
+    return pd.read_csv(experiment / "results" / "trials.csv")
+
+
+@pytest.mark.slow
+def test_smoke_gamma_sweep_submitted_as_a_job(ray_head, tmp_path):
+    command = [
+        str(Path(sys.executable).parent / "ray"),
+        "job",
+        "submit",
+        "--address",
+        ray_head.dashboard_url,
+        "--working-dir",
+        str(REPO),
+        "--",
+        "python",
+        "sweeps/gamma_sweep.py",
+        "--profile",
+        "smoke",
+        "--storage",
+        str(tmp_path),
+        "--name",
+        "job",
+    ]
+    done = subprocess.run(command, env=_env(ray_head), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "succeeded" in done.stdout + done.stderr
+    trials = _trials(tmp_path / "job")
+    assert len(trials) == 6  # 3 gammas x 2 seeds
+    assert set(trials["status"]) <= {"completed", "stopped"}
+    assert (trials["status"] == "stopped").any(), "ASHA stopped no trial"
+    assert set(trials.loc[trials["status"] == "completed", "epochs_run"]) == {2}
+    assert set(trials.loc[trials["status"] == "stopped", "epochs_run"]) == {1}
+    epochs = pd.read_csv(tmp_path / "job" / "results" / "epochs.csv")
+    assert len(epochs) == trials["epochs_run"].sum()
+    for trial_dir in (tmp_path / "job").glob("run_trial_*"):
+        assert list(trial_dir.glob("events.out.tfevents.*")), f"no TensorBoard scalars in {trial_dir.name}"
+
+
+def _start_sweep(ray_head, storage: Path, *extra: str) -> subprocess.Popen:
+    command = [
+        sys.executable,
+        str(GAMMA_SWEEP),
+        "--profile",
+        "smoke",
+        "--storage",
+        str(storage),
+        "--name",
+        "killed",
+        "--set",
+        "seeds=[0]",
+        "--set",
+        "max_concurrent_trials=1",
+        *extra,
+    ]
+    return subprocess.Popen(
+        command,
+        env=ray_head.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def _finished_results(experiment: Path) -> dict[str, str]:
+    """result.json of every trial that reported its last epoch (2)."""
+    finished = {}
+    for result in experiment.glob("run_trial_*/result.json"):
+        lines = result.read_text().splitlines()
+        if lines and json.loads(lines[-1]).get("epoch") == 2:
+            finished[result.parent.name] = result.read_text()
+    return finished
+
+
+@pytest.mark.slow
+def test_killed_driver_resumes_without_rerunning_finished_trials(ray_head, tmp_path):
+    experiment = tmp_path / "killed"
+    driver = _start_sweep(ray_head, tmp_path)
+    deadline = time.monotonic() + 300
+    while not _finished_results(experiment) and time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.2)
+    finished_before = _finished_results(experiment)
+    assert finished_before and driver.poll() is None, "the sweep ended before it could be interrupted"
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+
+    again = _start_sweep(ray_head, tmp_path)
+    out, _ = again.communicate(timeout=30)
+    assert again.returncode == 2 and "pass --resume" in out
+
+    resumed = _start_sweep(ray_head, tmp_path, "--resume")
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out[-4000:]
+    trials = _trials(experiment)
+    assert len(trials) == 3 and set(trials["status"]) <= {"completed", "stopped"}
+    for name, text in finished_before.items():
+        assert (experiment / name / "result.json").read_text() == text, f"{name} was run again"
+
+
+@pytest.mark.slow
+def test_asha_state_survives_a_killed_driver(ray_head, tmp_path):
+    driver_script = Path(__file__).with_name("asha_driver.py")
+
+    def run(mode: str, experiment: Path, kill_after_records: int | None = None) -> None:
+        process = subprocess.Popen(
+            [sys.executable, str(driver_script), mode, str(experiment)],
+            env=ray_head.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        if kill_after_records is None:
+            assert process.wait(timeout=600) == 0
+            return
+        state = experiment / ASHA_STATE_FILE
+        while process.poll() is None:
+            if state.exists():
+                recorded = json.loads(state.read_text())["brackets"][0][-1]["recorded"]  # the first rung
+                if len(recorded) >= kill_after_records:
+                    break
+            time.sleep(0.05)
+        assert process.poll() is None, "the sweep ended before it could be interrupted"
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    def stopped_x(experiment: Path) -> set[int]:
+        stopped = set(json.loads((experiment / ASHA_STATE_FILE).read_text())["stopped_trials"])
+        xs = set()
+        for params in experiment.glob("*/params.json"):
+            trial_id = params.parent.name.split("_")[1] + "_" + params.parent.name.split("_")[2]
+            if trial_id in stopped:
+                xs.add(json.loads(params.read_text())["x"])
+        return xs
+
+    run("run", tmp_path / "straight")
+    straight = stopped_x(tmp_path / "straight")
+    # Every trial is worse than all before it, so ASHA stops each one after the first at its first rung.
+    assert straight == {1, 2, 3, 4, 5, 6, 7}
+
+    run("run", tmp_path / "interrupted", kill_after_records=4)
+    run("resume", tmp_path / "interrupted")
+    assert stopped_x(tmp_path / "interrupted") == straight
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["--set", "learning_rate=1e-3"], "learning_rate: Extra inputs are not permitted"),
+        (["--set", "search.gamma=[]"], "empty grid for gamma"),
+        (["--set", "search.gamma=[0.0, -1.0]"], "gamma: Input should be greater than or equal to 0"),
+        (["--set", "seeds=[]"], "empty grid for seeds"),
+        (["--set", "search.drop_prob=[1.0]"], "drop_prob: Input should be less than 1"),
+        (["--set", "scheduler.kind=hyperband"], "scheduler.kind: Extra inputs are not permitted"),
+    ],
+)
+def test_bad_sweep_configs_fail_before_any_trial(tmp_path, capsys, overrides, message):
+    code = sweep_main(GAMMA_CONFIG, ["--profile", "smoke", "--storage", str(tmp_path), *overrides])
+    assert code == 2
+    assert message in capsys.readouterr().out
+    assert not any(tmp_path.iterdir()), "a bad config must not create the experiment"
+
+
+@pytest.mark.slow
+def test_more_workers_per_trial_than_the_cluster_fails_before_any_trial(ray_head, tmp_path, capsys):
+    code = sweep_main(
+        GAMMA_CONFIG, ["--profile", "smoke", "--storage", str(tmp_path), "--workers-per-trial", "5"]
+    )
+    assert code == 2
+    assert "needs 2.85 CPUs but the cluster has 2" in capsys.readouterr().out
+    assert not any(tmp_path.iterdir())
