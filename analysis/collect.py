@@ -3,7 +3,7 @@
 Reads only files on disk (local path or s3:// through pyarrow), so it works on a laptop after the cluster is
 gone, on interrupted experiments, and on trials that errored or were stopped early. Per trial directory
 (the ones holding ``params.json``) it reads the configuration, ``result.json`` (one JSON object per
-reported epoch), and ``error.txt`` when the trial failed. The sweep's ASHA state (``asha_state.json``, see
+reported epoch), and ``error.txt`` when the trial failed. The sweep's ASHA state (``asha_state.txt``, see
 ``ray_jobs.tune``) says which trials the scheduler stopped early.
 
 Trial status:
@@ -23,14 +23,20 @@ import argparse
 import json
 import math
 import posixpath
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
 import pyarrow.fs as pafs
 
+_TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})_")
 SWEEP_FILE = "sweep.json"  # written by ray_jobs.tune: the sweep's search keys, seeds and max epochs
-ASHA_STATE_FILE = "asha_state.json"
+# Not ".json": Tune copies every *.json/*.pkl of the experiment root into its driver staging directory on
+# restore and syncs them back later, which would overwrite the records written since with the old copy.
+ASHA_STATE_FILE = "asha_state.txt"
+# Experiments written before the rename keep their state under the old name; read them too.
+LEGACY_ASHA_STATE_FILES = ("asha_state.json",)
 RESULTS_DIR = "results"
 METRICS = ("nmse", "psnr", "ssim", "val_loss", "train_loss", "mpand", "attention_l1")
 # Tune's own bookkeeping keys in result.json that are not metrics of the study.
@@ -55,6 +61,15 @@ def _read(fs: pafs.FileSystem, path: str) -> str | None:
             return f.read().decode()
     except (FileNotFoundError, OSError):
         return None
+
+
+def read_asha_state(fs: pafs.FileSystem, root: str) -> str | None:
+    """The text of the experiment's ASHA state file (current or legacy name), or None without one."""
+    for name in (ASHA_STATE_FILE, *LEGACY_ASHA_STATE_FILES):
+        text = _read(fs, posixpath.join(root, name))
+        if text is not None:
+            return text
+    return None
 
 
 @dataclass
@@ -90,7 +105,7 @@ def collect(path: str) -> Experiment:
     if fs.get_file_info(root).type != pafs.FileType.Directory:
         raise FileNotFoundError(f"experiment directory {path} does not exist")
     sweep = json.loads(_read(fs, posixpath.join(root, SWEEP_FILE)) or "{}")
-    asha = json.loads(_read(fs, posixpath.join(root, ASHA_STATE_FILE)) or "{}")
+    asha = json.loads(read_asha_state(fs, root) or "{}")
     stopped = set(asha.get("stopped_trials", []))
     search_keys = sweep.get("search_keys")
     max_epochs = sweep.get("max_epochs")
@@ -115,7 +130,7 @@ def collect(path: str) -> Experiment:
                 problems.append(
                     f"{entry.base_name}: unreadable line in result.json (trial interrupted mid-write?)"
                 )
-        trial_id = (reports[0].get("trial_id") if reports else None) or entry.base_name.split("_")[1]
+        trial_id = (reports[0].get("trial_id") if reports else None) or _trial_id_from_dir(entry.base_name)
         error = _read(fs, posixpath.join(entry.path, "error.txt"))
         keys = search_keys or sorted(config)
         config_columns = {key: config.get(key) for key in keys}
@@ -145,6 +160,15 @@ def collect(path: str) -> Experiment:
     if trials.empty:
         problems.append(f"no trials found under {path}")
     return Experiment(path, trials, epochs, problems)
+
+
+def _trial_id_from_dir(name: str) -> str:
+    """The trial id in a Tune trial directory name ``<trainable>_<id>_<index>_<params>_<date>``.
+
+    Needed for trials that reported nothing yet; Tune's ids are ``<5 hex>_<5 digits>``.
+    """
+    match = _TRIAL_ID.search(name)
+    return match.group(1) if match else name
 
 
 def _number(value) -> float:

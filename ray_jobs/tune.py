@@ -3,7 +3,7 @@
 Each trial function builds the trainer of :mod:`ray_jobs.train` with Tune's report callback. Its Train run
 is named after the trial id under ``<experiment>/train_runs``, so a retried or restored trial resumes its
 own checkpoints and never another trial's. ASHA's rung records are persisted next to the experiment
-(``asha_state.json``) after every decision and reloaded when the sweep is restored: Ray does not save
+(``asha_state.txt``) after every decision and reloaded when the sweep is restored: Ray does not save
 scheduler state, and without it a resumed sweep would prune from an empty history.
 """
 
@@ -19,13 +19,12 @@ from typing import Any
 
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 
+from analysis.collect import ASHA_STATE_FILE, SWEEP_FILE
 from ray_jobs import storage
 from ray_jobs.config import ConfigError
 from ray_jobs.sweep_config import SweepSpec, load_sweep_spec
 
 TRIAL_CPUS = 0.1  # the trial function only waits on its trainer; its workers reserve their own CPUs
-SWEEP_FILE = "sweep.json"
-ASHA_STATE_FILE = "asha_state.json"
 TRAIN_RUNS_DIR = "train_runs"
 METRIC, MODE = "ssim", "max"
 

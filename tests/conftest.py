@@ -130,6 +130,8 @@ def ray_head() -> Iterator[RayHead]:
     port, dashboard_port = _free_port(), _free_port()
     address = f"127.0.0.1:{port}"
     env = {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    # As after `source .venv/bin/activate`: a job's `python` entrypoint resolves with the head's PATH.
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
     subprocess.run(
         [bin_dir / "ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True
     )

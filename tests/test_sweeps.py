@@ -20,11 +20,6 @@ GAMMA_SWEEP = REPO / "sweeps" / "gamma_sweep.py"
 GAMMA_CONFIG = REPO / "sweeps" / "configs" / "gamma_sweep.yaml"
 
 
-def _env(ray_head) -> dict[str, str]:
-    # `python` in the job's entrypoint must be this venv's, as after `source .venv/bin/activate`.
-    return {**ray_head.env, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{ray_head.env['PATH']}"}
-
-
 def _trials(experiment: Path) -> pd.DataFrame:
     return pd.read_csv(experiment / "results" / "trials.csv")
 
@@ -49,7 +44,7 @@ def test_smoke_gamma_sweep_submitted_as_a_job(ray_head, tmp_path):
         "--name",
         "job",
     ]
-    done = subprocess.run(command, env=_env(ray_head), capture_output=True, text=True, timeout=600)
+    done = subprocess.run(command, env=ray_head.env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout + done.stderr
     trials = _trials(tmp_path / "job")
