@@ -459,6 +459,13 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return values
 
 
+def add_set_argument(parser, help_text: str) -> None:
+    """The repeatable ``--set KEY=VALUE`` flag shared by every entry point (see :func:`parse_overrides`)."""
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=help_text
+    )
+
+
 def _parse_args(argv: list[str] | None):
     import argparse
 
@@ -482,14 +489,7 @@ def _parse_args(argv: list[str] | None):
     parser.add_argument(
         "--name", help="run name; rerunning a name resumes it (default from model, gamma, seed)"
     )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="any TrainConfig field, e.g. --set lr=3e-4 --set drop_prob=0.1",
-    )
+    add_set_argument(parser, "any TrainConfig field, e.g. --set lr=3e-4 --set drop_prob=0.1")
     return parser.parse_args(argv)
 
 

@@ -240,7 +240,7 @@ def print_summary(experiment, search_keys: list[str], top: int = 5) -> None:
 def sweep_main(default_config: Path, argv: list[str] | None = None) -> int:
     """The command line shared by the entry scripts in ``sweeps/``."""
     from mri_models.data.validate import DataValidationError
-    from ray_jobs.train import default_storage, parse_overrides
+    from ray_jobs.train import add_set_argument, default_storage, parse_overrides
 
     parser = argparse.ArgumentParser(
         description=f"Run the sweep of {default_config.name} on the Ray cluster."
@@ -254,13 +254,8 @@ def sweep_main(default_config: Path, argv: list[str] | None = None) -> int:
     parser.add_argument("--name", help="experiment name (default: from the config and profile)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
     parser.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a TrainConfig field (lr=3e-4) or a sweep field (seeds=[0], search.gamma=[0,1e-3])",
+    add_set_argument(
+        parser, "a TrainConfig field (lr=3e-4) or a sweep field (seeds=[0], search.gamma=[0,1e-3])"
     )
     args = parser.parse_args(argv)
     try:

@@ -59,15 +59,6 @@ def ifft2c(data: torch.Tensor) -> torch.Tensor:
     return torch.fft.fftshift(data, dim=(-3, -2))
 
 
-def fft2c(data: torch.Tensor) -> torch.Tensor:
-    """Centred orthonormal 2-D FFT of a (..., rows, cols, 2) image."""
-    if data.shape[-1] != 2:
-        raise ValueError(f"expected a trailing complex axis of size 2, got shape {tuple(data.shape)}")
-    data = torch.fft.ifftshift(data, dim=(-3, -2))
-    data = torch.view_as_real(torch.fft.fftn(torch.view_as_complex(data), dim=(-2, -1), norm="ortho"))
-    return torch.fft.fftshift(data, dim=(-3, -2))
-
-
 def complex_abs(data: torch.Tensor) -> torch.Tensor:
     """Magnitude of (..., 2) data as fastMRI computes it (``torch.abs`` rounds differently)."""
     if data.shape[-1] != 2:
