@@ -1,0 +1,525 @@
+"""What every analysis script shares: loading experiments into one study, seed statistics, output files.
+
+A :class:`Study` is one or more experiment directories collected by :func:`analysis.collect.collect` and
+joined with each trial's resolved training configuration (profile defaults + the sweep's fixed values + the
+trial's parameters, exactly as ``ray_jobs.sweep_config.SweepSpec.trial_values`` builds them), so every trial
+has a ``model`` and a ``gamma`` even when neither was searched. Trials are grouped into *arms*: the
+architecture, with a Sparse Attention U-Net at gamma = 0 counted as the Attention U-Net it is.
+
+Nothing here needs Ray: ``ray_jobs.sweep_config`` is plain pydantic, and when it cannot read a sweep (an
+older or newer spec format) the configuration is merged by hand and the fallback is reported.
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import math
+import posixpath
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # scripts run headless on clusters and in CI
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pyarrow.fs as pafs
+from scipy import stats
+
+from analysis.collect import ASHA_STATE_FILE, SWEEP_FILE, _filesystem, _read, collect, read_asha_state
+
+MODEL_ORDER = ("unet", "attention_unet", "sparse_attention_unet")
+SPARSE_MODEL = "sparse_attention_unet"
+# Trials whose numbers describe a (possibly partial) training run; failed ones are reported, not averaged.
+INCLUDED_STATUSES = ("completed", "stopped", "unfinished")
+STATUS_COLOURS = {
+    "completed": "tab:green",
+    "stopped": "tab:orange",
+    "unfinished": "tab:gray",
+    "errored": "tab:purple",
+    "diverged": "tab:red",
+}
+IMAGE_METRICS = ("ssim", "psnr", "nmse")  # SSIM first: the paper's focus
+METRIC_LABELS = {"ssim": "SSIM", "psnr": "PSNR (dB)", "nmse": "NMSE", "mpand": "MPAND"}
+HIGHER_IS_BETTER = {"ssim": True, "psnr": True, "nmse": False}
+
+
+@dataclass
+class ExperimentInfo:
+    """One experiment directory as read from disk."""
+
+    path: str
+    name: str
+    sweep: dict[str, Any]
+    search_keys: list[str]
+
+    @property
+    def data_root(self) -> str | None:
+        return self.sweep.get("data_root")
+
+
+@dataclass
+class Study:
+    """Every trial and epoch of one or more experiments, with configuration and arm columns.
+
+    Attributes:
+        experiments: the experiment directories, in command-line order.
+        trials: one row per trial: collect's columns plus ``experiment``, ``model``, ``gamma``, ``arm``,
+            ``arm_rank`` (sort order), ``included`` (counts in seed statistics) and the config keys.
+        epochs: one row per trial and reported epoch, with the same identifying columns.
+        config_keys: the columns that tell configurations of one arm apart (search keys other than seed,
+            model and gamma, plus ``experiment`` when several experiments are analysed together).
+        configs: resolved training configuration per ``(experiment, trial_id)``.
+        problems: everything found wrong while loading.
+    """
+
+    experiments: list[ExperimentInfo]
+    trials: pd.DataFrame
+    epochs: pd.DataFrame
+    config_keys: list[str]
+    configs: dict[tuple[str, str], dict[str, Any]]
+    problems: list[str] = field(default_factory=list)
+
+    def included_trials(self) -> pd.DataFrame:
+        """Trials that count in seed statistics (not errored or diverged)."""
+        if self.trials.empty:
+            return self.trials
+        return self.trials[self.trials["included"]]
+
+    def included_epochs(self) -> pd.DataFrame:
+        if self.epochs.empty:
+            return self.epochs
+        return self.epochs[self.epochs["included"]]
+
+    def arms(self) -> list[str]:
+        """Arm labels in display order (U-Net, Attention U-Net, Sparse by increasing gamma)."""
+        if self.trials.empty:
+            return []
+        return list(self.trials.sort_values("arm_rank")["arm"].drop_duplicates())
+
+    def experiment(self, name: str) -> ExperimentInfo:
+        return next(e for e in self.experiments if e.name == name)
+
+
+@dataclass
+class Artifact:
+    """A file an analysis step wrote, relative to the output directory, and what it shows."""
+
+    path: str
+    caption: str
+
+
+@dataclass
+class StepResult:
+    """What one analysis step produced."""
+
+    title: str
+    artifacts: list[Artifact] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    markdown: str = ""  # a table to show inline in the report
+
+
+# ----------------------------------------------------------------------------------------- arms
+
+
+def arm_label(model: str, gamma: float) -> str:
+    """The arm of a trial: its architecture, or the sparse model with its gamma."""
+    if model == SPARSE_MODEL:
+        # gamma = 0 is exactly the Attention U-Net (DESIGN.md), so it is that arm, the reference.
+        return "attention_unet" if not gamma else f"sparse_attention_unet (γ={gamma:g})"
+    return str(model)
+
+
+def arm_rank(model: str, gamma: float) -> tuple[int, float]:
+    order = MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER)
+    if model == SPARSE_MODEL and not gamma:
+        order = MODEL_ORDER.index("attention_unet")
+    return order, float(gamma or 0.0)
+
+
+def slug(text: str) -> str:
+    """A file-name-safe form of a label."""
+    text = text.replace("γ=", "gamma").replace("γ", "gamma")
+    return "".join(c if c.isalnum() or c in "-." else "_" for c in text).strip("_")
+
+
+# ----------------------------------------------------------------------------------------- loading
+
+
+def experiment_name(path: str) -> str:
+    return posixpath.basename(path.rstrip("/")) or path
+
+
+def resolve_config(sweep: dict[str, Any], params: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """A trial's training configuration values, as the sweep built them.
+
+    Returns:
+        The values and, when the sweep spec could not be used as such, a note saying how they were merged.
+    """
+    spec = sweep.get("spec")
+    if spec:
+        try:
+            from ray_jobs.sweep_config import SweepSpec
+
+            return SweepSpec(**spec).trial_values(params), None
+        except Exception as err:  # a spec of another version: fall back to the documented merge
+            note = f"sweep spec not readable by ray_jobs.sweep_config ({type(err).__name__}); merged by hand"
+    else:
+        note = "no sweep spec: configuration from params.json and TrainConfig defaults"
+    values: dict[str, Any] = {}
+    try:
+        from ray_jobs.config import profile_defaults
+
+        values.update(profile_defaults((spec or {}).get("profile", "cpu")))
+    except Exception:
+        pass
+    values.update((spec or {}).get("train") or {})
+    values.update(params)
+    if "model" not in values and "gamma" in params:
+        values["model"] = SPARSE_MODEL  # the only architecture that takes a gamma
+    values.setdefault("model", "unet")  # TrainConfig's default
+    if values.get("model") != SPARSE_MODEL and "gamma" not in params:
+        values.pop("gamma", None)
+    return values, note
+
+
+def _expected_trials(sweep: dict[str, Any]) -> int | None:
+    spec = sweep.get("spec") or {}
+    if "search" not in spec or "seeds" not in spec:
+        return None
+    sizes = [len(v) for v in spec["search"].values()] + [len(spec["seeds"])]
+    return int(np.prod(sizes)) if sizes else None
+
+
+def load_study(paths: Sequence[str]) -> Study:
+    """Collect experiment directories (local or s3://) into one study; problems are listed, never raised.
+
+    Raises:
+        FileNotFoundError: only when none of the directories exists.
+    """
+    problems: list[str] = []
+    infos: list[ExperimentInfo] = []
+    trial_frames, epoch_frames = [], []
+    configs: dict[tuple[str, str], dict[str, Any]] = {}
+    notes: set[str] = set()
+    names = _unique_names(paths)
+    for path, name in zip(paths, names, strict=True):
+        try:
+            experiment = collect(path)
+        except FileNotFoundError as err:
+            problems.append(str(err))
+            continue
+        fs, root = _filesystem(path)
+        sweep = json.loads(_read(fs, posixpath.join(root, SWEEP_FILE)) or "{}")
+        if not sweep:
+            problems.append(f"{name}: no {SWEEP_FILE}; search keys and epoch budget unknown")
+        spec = sweep.get("spec") or {}
+        if spec.get("scheduler", {}).get("type", "asha") == "asha" and read_asha_state(fs, root) is None:
+            problems.append(f"{name}: no {ASHA_STATE_FILE}; trials stopped by ASHA look unfinished")
+        search_keys = list(sweep.get("search_keys") or [])
+        infos.append(ExperimentInfo(path, name, sweep, search_keys))
+        problems.extend(f"{name}: {p}" for p in experiment.problems)
+        trials = experiment.trials.copy()
+        if trials.empty:
+            continue
+        rows = []
+        for _, trial in trials.iterrows():
+            params = json.loads(_read(fs, posixpath.join(root, trial["trial_dir"], "params.json")) or "{}")
+            values, note = resolve_config(sweep, params)
+            if note:
+                notes.add(f"{name}: {note}")
+            configs[(name, trial["trial_id"])] = values
+            rows.append(values)
+        for key in {k for values in rows for k in values} - set(trials.columns):
+            if key in search_keys or key in ("model", "gamma", "seed"):
+                trials[key] = [values.get(key) for values in rows]
+        trials["model"] = [values.get("model", "unet") for values in rows]
+        trials["gamma"] = [float(values.get("gamma") or 0.0) for values in rows]
+        trials.insert(0, "experiment", name)
+        expected = _expected_trials(sweep)
+        if expected is not None and len(trials) < expected:
+            problems.append(
+                f"{name}: only {len(trials)} of {expected} grid trials were started (interrupted sweep?)"
+            )
+        unfinished = int((trials["status"] == "unfinished").sum())
+        if unfinished:
+            problems.append(
+                f"{name}: {unfinished} trial(s) unfinished (interrupted sweep; resume it with --resume)"
+            )
+        trial_frames.append(trials)
+        epochs = experiment.epochs.copy()
+        if not epochs.empty:
+            epochs.insert(0, "experiment", name)
+            epoch_frames.append(epochs)
+    if not infos:
+        raise FileNotFoundError("; ".join(problems) or "no experiment directories given")
+    problems.extend(sorted(notes))
+    trials = pd.concat(trial_frames, ignore_index=True) if trial_frames else pd.DataFrame()
+    config_keys = _config_keys(infos)
+    if not trials.empty:
+        for key in config_keys:
+            if key not in trials:
+                trials[key] = None
+        trials["arm"] = [arm_label(m, g) for m, g in zip(trials["model"], trials["gamma"], strict=True)]
+        trials["arm_rank"] = [arm_rank(m, g) for m, g in zip(trials["model"], trials["gamma"], strict=True)]
+        trials["included"] = trials["status"].isin(INCLUDED_STATUSES)
+    epochs = _join_epochs(epoch_frames, trials, config_keys)
+    return Study(infos, trials, epochs, config_keys, configs, problems)
+
+
+def _unique_names(paths: Sequence[str]) -> list[str]:
+    names = [experiment_name(p) for p in paths]
+    counts: dict[str, int] = {}
+    unique = []
+    for name in names:
+        counts[name] = counts.get(name, 0) + 1
+        unique.append(name if names.count(name) == 1 else f"{name}-{counts[name]}")
+    return unique
+
+
+def _config_keys(infos: list[ExperimentInfo]) -> list[str]:
+    keys: list[str] = []
+    for info in infos:
+        keys += [k for k in info.search_keys if k not in ("seed", "model", "gamma") and k not in keys]
+    if len(infos) > 1:  # trials of different experiments are never seeds of one configuration
+        keys.insert(0, "experiment")
+    return keys
+
+
+def _join_epochs(frames: list[pd.DataFrame], trials: pd.DataFrame, config_keys: list[str]) -> pd.DataFrame:
+    if not frames or trials.empty:
+        return pd.DataFrame()
+    epochs = pd.concat(frames, ignore_index=True)
+    meta = ["experiment", "trial_id", "model", "gamma", "seed", "arm", "arm_rank", "status", "included"]
+    meta += [k for k in config_keys if k not in meta]
+    meta = [k for k in meta if k in trials]
+    # The trial's identifying columns win over collect's copies of the search keys.
+    epochs = epochs.drop(columns=[c for c in meta if c in epochs and c not in ("experiment", "trial_id")])
+    return epochs.merge(trials[meta], on=["experiment", "trial_id"], how="left")
+
+
+# ----------------------------------------------------------------------------------------- statistics
+
+
+def seed_stats(values: Iterable[float]) -> dict[str, float]:
+    """Mean, sample std (ddof 1; NaN for one seed), min, max and count of the finite values."""
+    array = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    n = array.size
+    return {
+        "mean": float(array.mean()) if n else math.nan,
+        "std": float(array.std(ddof=1)) if n > 1 else math.nan,
+        "min": float(array.min()) if n else math.nan,
+        "max": float(array.max()) if n else math.nan,
+        "n": int(n),
+    }
+
+
+def aggregate(table: pd.DataFrame, by: list[str], metrics: Sequence[str]) -> pd.DataFrame:
+    """Per group of ``by``: ``<metric>_mean``, ``_std``, ``_min``, ``_max`` and ``_n`` over rows (seeds)."""
+    rows = []
+    if table.empty:
+        return pd.DataFrame(columns=by)
+    for key, group in table.groupby(by, dropna=False, sort=False) if by else [((), table)]:
+        key = key if isinstance(key, tuple) else (key,)
+        row = dict(zip(by, key, strict=True))
+        for metric in metrics:
+            values = group[metric] if metric in group else []
+            for stat, value in seed_stats(values).items():
+                row[f"{metric}_{stat}"] = value
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+WILCOXON_MIN_N = 6  # below six pairs even perfectly consistent signs cannot reach p < 0.05 (two-sided)
+
+
+def paired_test(differences: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
+    """Mean paired difference with its t confidence interval, paired t-test and Wilcoxon signed-rank test.
+
+    Args:
+        differences: per matched seed, the value of one arm minus the other's.
+        confidence: the interval's coverage.
+
+    Returns:
+        ``n``, ``mean``, ``std``, ``ci_low``, ``ci_high``, ``t``, ``p_ttest`` and ``p_wilcoxon`` (NaN where
+        undefined: fewer than two pairs, zero spread, or too few pairs for Wilcoxon).
+    """
+    d = np.asarray([x for x in differences if np.isfinite(x)], dtype=float)
+    n = d.size
+    out = {"n": n, "mean": math.nan, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+    out.update({"t": math.nan, "p_ttest": math.nan, "p_wilcoxon": math.nan})
+    if n == 0:
+        return out
+    out["mean"] = float(d.mean())
+    if n < 2:
+        return out
+    sd = float(d.std(ddof=1))
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    out.update({"std": sd, "ci_low": out["mean"] - half, "ci_high": out["mean"] + half})
+    if sd > 0:
+        # ttest_rel(a, b) is the one-sample t-test of a - b against 0.
+        result = stats.ttest_1samp(d, 0.0)
+        out.update({"t": float(result.statistic), "p_ttest": float(result.pvalue)})
+    if n >= WILCOXON_MIN_N and np.any(d != 0):
+        out["p_wilcoxon"] = float(stats.wilcoxon(d).pvalue)
+    return out
+
+
+def common_budget(trials: pd.DataFrame) -> int | None:
+    """The largest epoch every finished-or-stopped trial reached (ASHA's lowest rung, typically)."""
+    if trials.empty:
+        return None
+    pool = trials[trials["status"].isin(("completed", "stopped")) & (trials["epochs_run"] > 0)]
+    if pool.empty:
+        pool = trials[trials["epochs_run"] > 0]
+    return int(pool["epochs_run"].min()) if not pool.empty else None
+
+
+def metric_at_epoch(epochs: pd.DataFrame, epoch: int, metrics: Sequence[str]) -> pd.DataFrame:
+    """Per trial, the metrics reported at ``epoch`` (trials that never reached it are absent)."""
+    if epochs.empty or "epoch" not in epochs:
+        return pd.DataFrame(columns=["experiment", "trial_id", *metrics])
+    rows = epochs[epochs["epoch"] == epoch]
+    columns = ["experiment", "trial_id", *[m for m in metrics if m in rows]]
+    return rows[columns].drop_duplicates(["experiment", "trial_id"], keep="last")
+
+
+# ----------------------------------------------------------------------------------------- output
+
+
+class OutDir:
+    """An output directory on a local path or a pyarrow filesystem URI."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.fs, self.root = _filesystem(uri)
+        self.fs.create_dir(self.root, recursive=True)
+
+    def join(self, relative: str) -> str:
+        return posixpath.join(self.uri, relative)
+
+    def write_bytes(self, relative: str, data: bytes) -> str:
+        path = posixpath.join(self.root, relative)
+        self.fs.create_dir(posixpath.dirname(path), recursive=True)
+        with self.fs.open_output_stream(path) as f:
+            f.write(data)
+        return relative
+
+    def write_text(self, relative: str, text: str) -> str:
+        return self.write_bytes(relative, text.encode())
+
+    def write_csv(self, relative: str, table: pd.DataFrame) -> str:
+        return self.write_text(relative, table.to_csv(index=False))
+
+    def save_figure(self, figure: plt.Figure, relative: str, dpi: int = 120) -> str:
+        """Write a figure as PNG and close it (figures are large; scripts draw many)."""
+        buffer = io.BytesIO()
+        # A constrained layout already fits everything; "tight" on top of it costs a second full draw.
+        constrained = type(figure.get_layout_engine()).__name__ == "ConstrainedLayoutEngine"
+        figure.savefig(buffer, format="png", dpi=dpi, bbox_inches=None if constrained else "tight")
+        plt.close(figure)
+        return self.write_bytes(relative, buffer.getvalue())
+
+    def exists(self, relative: str) -> bool:
+        return self.fs.get_file_info(posixpath.join(self.root, relative)).type != pafs.FileType.NotFound
+
+
+def markdown_table(table: pd.DataFrame, formats: dict[str, str] | None = None) -> str:
+    """A GitHub Markdown table (no tabulate dependency); NaN shows as an en dash."""
+    if table.empty:
+        return "_(no rows)_\n"
+    formats = formats or {}
+
+    def cell(column: str, value: Any) -> str:
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return "–"
+        if column in formats and isinstance(value, (int, float, np.number)):
+            return format(value, formats[column])
+        return str(value).replace("|", "\\|")
+
+    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
+    for _, row in table.iterrows():
+        lines.append("| " + " | ".join(cell(c, row[c]) for c in table.columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def mean_std_text(mean: float, std: float, fmt: str) -> str:
+    """``mean ± std`` (just the mean when one seed leaves the std undefined)."""
+    if mean is None or math.isnan(mean):
+        return "–"
+    if std is None or math.isnan(std):
+        return format(mean, fmt)
+    return f"{format(mean, fmt)} ± {format(std, fmt)}"
+
+
+def config_text(row: pd.Series | dict[str, Any], keys: Sequence[str]) -> str:
+    """``key=value`` pairs of a configuration, or ``-`` when the arm has a single configuration."""
+    parts = [f"{k}={_short(row[k])}" for k in keys if k in row]
+    return ", ".join(parts) or "-"
+
+
+def _short(value: Any) -> str:
+    return format(value, "g") if isinstance(value, float) else str(value)
+
+
+def config_groups(table: pd.DataFrame, keys: Sequence[str]) -> list[tuple[dict[str, Any], pd.DataFrame]]:
+    """Rows split by configuration (one group when there are no config keys)."""
+    keys = [k for k in keys if k in table]
+    if not keys or table.empty:
+        return [({}, table)]
+    return [
+        (dict(zip(keys, key if isinstance(key, tuple) else (key,), strict=True)), group)
+        for key, group in table.groupby(keys, dropna=False, sort=True)
+    ]
+
+
+def pairs(items: Sequence[str]) -> list[tuple[str, str]]:
+    return list(itertools.combinations(items, 2))
+
+
+def add_common_arguments(parser) -> None:
+    parser.add_argument(
+        "--experiment",
+        action="append",
+        required=True,
+        help="experiment directory (local path or s3:// URI); repeat to analyse several together",
+    )
+    parser.add_argument("--out", help="output directory (default: <first experiment>/analysis)")
+
+
+def default_out(experiments: Sequence[str]) -> str:
+    return posixpath.join(experiments[0].rstrip("/"), "analysis")
+
+
+def print_result(result: StepResult, out: OutDir) -> None:
+    for artifact in result.artifacts:
+        print(f"wrote {out.join(artifact.path)}")
+    for note in result.notes:
+        print(f"note: {note}")
+    for problem in result.problems:
+        print(f"problem: {problem}")
+
+
+def run_step(step, argv: Sequence[str] | None, description: str) -> int:
+    """The command line of one analysis script: load the experiments, run ``step(study, out)``, print."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=description)
+    add_common_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        study = load_study(args.experiment)
+    except FileNotFoundError as err:
+        print(f"error: {err}")
+        return 2
+    out = OutDir(args.out or default_out(args.experiment))
+    for problem in study.problems:
+        print(f"problem: {problem}")
+    print_result(step(study, out), out)
+    return 0

@@ -1,0 +1,200 @@
+"""The paper's Table 1 and more: NMSE, PSNR and SSIM per architecture and configuration over seeds.
+
+For every arm (U-Net, Attention U-Net, Sparse Attention U-Net at each gamma; gamma = 0 is the Attention U-Net)
+and configuration (the search keys other than the seed), the mean ± std over seeds of each metric at the
+epoch of best validation SSIM and at the last epoch, sorted by SSIM. Then, for every pair of arms, the
+paired differences over matched seeds (same seed, same other configuration keys): mean with a 95% t
+confidence interval, the paired t-test and, with at least six pairs, the Wilcoxon signed-rank test.
+
+Errored and diverged trials are left out of the statistics (and counted in ``failed``); trials stopped by
+ASHA or left unfinished count with the epochs they ran (their statuses are listed per row).
+
+Run ``python analysis/compare_models.py --experiment PATH [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd
+
+from analysis.common import (
+    IMAGE_METRICS,
+    METRIC_LABELS,
+    Artifact,
+    OutDir,
+    StepResult,
+    Study,
+    aggregate,
+    config_text,
+    markdown_table,
+    mean_std_text,
+    paired_test,
+    pairs,
+    run_step,
+)
+
+POINTS = {"best": "epoch of best validation SSIM", "last": "last epoch"}
+FORMATS = {"nmse": ".4f", "psnr": ".2f", "ssim": ".4f"}
+
+
+def _status_text(statuses: pd.Series) -> str:
+    return ", ".join(f"{n} {s}" for s, n in statuses.value_counts().sort_index().items())
+
+
+def summary_table(study: Study) -> pd.DataFrame:
+    """One row per arm and configuration: metrics at the best and last epoch, mean/std/n over seeds."""
+    trials = study.trials
+    if trials.empty:
+        return pd.DataFrame()
+    keys = ["arm", *study.config_keys]
+    columns = {f"{m}_{p}": trials[f"{p}_{m}"] for p in POINTS for m in IMAGE_METRICS if f"{p}_{m}" in trials}
+    meta_columns = [*keys, "model", "gamma", "status", "included", "epochs_run"]
+    values = pd.concat([trials[meta_columns], pd.DataFrame(columns)], axis=1)
+    included = values[values["included"]]
+    table = aggregate(included, keys, [f"{m}_{p}" for p in POINTS for m in IMAGE_METRICS])
+    if table.empty:
+        return table
+    meta = values.groupby(keys, dropna=False, sort=False).agg(
+        model=("model", "first"),
+        gamma=("gamma", "first"),
+        statuses=("status", _status_text),
+        failed=("included", lambda s: int((~s).sum())),
+    )
+    epochs = included.groupby(keys, dropna=False, sort=False)["epochs_run"].agg(["min", "max"])
+    # Epochs run, as a range: stopped or unfinished trials make "last epoch" a smaller budget.
+    meta["epochs"] = [
+        f"{lo}" if lo == hi else f"{lo}-{hi}"
+        for lo, hi in epochs.reindex(meta.index).fillna(0).astype(int).to_numpy().tolist()
+    ]
+    table = meta.reset_index().merge(table, on=keys, how="right")
+    table.insert(len(keys) + 2, "seeds", table["ssim_best_n"])
+    return table.sort_values("ssim_best_mean", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def paired_differences(study: Study) -> pd.DataFrame:
+    """For each pair of arms, each metric and each point: the paired difference over matched seeds."""
+    trials = study.included_trials()
+    if trials.empty or "seed" not in trials:
+        return pd.DataFrame()
+    match = [*study.config_keys, "seed"]
+    rows = []
+    for reference, other in pairs(study.arms()):
+        a = trials[trials["arm"] == reference]
+        b = trials[trials["arm"] == other]
+        matched = a.merge(b, on=match, suffixes=("_a", "_b"))
+        for point in POINTS:
+            for metric in IMAGE_METRICS:
+                column = f"{point}_{metric}"
+                if f"{column}_a" not in matched:
+                    continue
+                differences = (matched[f"{column}_b"] - matched[f"{column}_a"]).tolist()
+                result = paired_test(differences)
+                rows.append(
+                    {
+                        "arm": other,
+                        "reference": reference,
+                        "metric": metric,
+                        "point": point,
+                        "pairs": result["n"],
+                        "mean_difference": result["mean"],
+                        "std": result["std"],
+                        "ci95_low": result["ci_low"],
+                        "ci95_high": result["ci_high"],
+                        "t": result["t"],
+                        "p_ttest": result["p_ttest"],
+                        "p_wilcoxon": result["p_wilcoxon"],
+                        "significant_5pct": bool(result["p_ttest"] < 0.05),
+                    }
+                )
+    table = pd.DataFrame(rows)
+    # Arms that share no seed and configuration (different experiments) have nothing to compare.
+    return table[table["pairs"] > 0].reset_index(drop=True) if not table.empty else table
+
+
+def _markdown_summary(table: pd.DataFrame, study: Study, point: str) -> str:
+    rows = []
+    for _, row in table.sort_values(f"ssim_{point}_mean", ascending=False, na_position="last").iterrows():
+        out = {"Architecture": row["arm"], "Configuration": config_text(row, study.config_keys)}
+        out["Seeds"] = int(row[f"ssim_{point}_n"])
+        out["Epochs"] = row["epochs"]
+        for metric in ("nmse", "psnr", "ssim"):
+            out[METRIC_LABELS[metric]] = mean_std_text(
+                row[f"{metric}_{point}_mean"], row[f"{metric}_{point}_std"], FORMATS[metric]
+            )
+        out["Trials"] = row["statuses"] + (" (failed ones excluded)" if row["failed"] else "")
+        rows.append(out)
+    return markdown_table(pd.DataFrame(rows))
+
+
+def _markdown_pairs(table: pd.DataFrame, metrics: Sequence[str] = IMAGE_METRICS) -> str:
+    shown = table[(table["point"] == "best") & table["metric"].isin(metrics)].copy() if len(table) else table
+    if shown.empty:
+        return "_(no matched pairs of arms)_\n"
+    shown["difference"] = shown["arm"] + " − " + shown["reference"]
+    shown = shown[
+        ["difference", "metric", "pairs", "mean_difference", "ci95_low", "ci95_high", "p_ttest", "p_wilcoxon"]
+    ]
+    formats = {"mean_difference": ".4g", "ci95_low": ".4g", "ci95_high": ".4g"}
+    formats.update({"p_ttest": ".3g", "p_wilcoxon": ".3g"})
+    return markdown_table(shown, formats)
+
+
+def run(study: Study, out: OutDir) -> StepResult:
+    """Write ``compare_models.csv``, ``paired_differences.csv`` and ``compare_models.md``."""
+    result = StepResult("Model comparison (Table 1)")
+    summary = summary_table(study)
+    differences = paired_differences(study)
+    if summary.empty:
+        result.problems.append("compare_models: no trial has metrics to compare")
+        return result
+    out.write_csv("compare_models.csv", summary)
+    out.write_csv("paired_differences.csv", differences)
+    text = [
+        "# Model comparison\n",
+        "Mean ± std over seeds; `Seeds` counts the trials with a value. Errored and diverged trials are "
+        "excluded; stopped and unfinished trials count with the epochs they ran.\n",
+        f"## At the {POINTS['best']}\n",
+        best_table := _markdown_summary(summary, study, "best"),
+        f"\n## At the {POINTS['last']}\n",
+        _markdown_summary(summary, study, "last"),
+        "\n## Paired differences at the best epoch (arm − reference, matched seeds, 95% t interval)\n",
+        _markdown_pairs(differences),
+    ]
+    out.write_text("compare_models.md", "\n".join(text))
+    result.markdown = "\n".join(
+        [
+            best_table,
+            "SSIM differences at the best epoch (arm − reference):\n",
+            _markdown_pairs(differences, ["ssim"]),
+        ]
+    )
+    result.artifacts += [
+        Artifact(
+            "compare_models.md",
+            "NMSE, PSNR and SSIM per architecture and configuration as mean ± std over seeds, at the best "
+            "and the last epoch, sorted by SSIM, with the paired differences between architectures.",
+        ),
+        Artifact("compare_models.csv", "The same per-configuration statistics (mean, std, min, max, n)."),
+        Artifact(
+            "paired_differences.csv",
+            "Paired differences between every two architectures over matched seeds at the best and last "
+            "epoch: mean, 95% confidence interval, paired t-test and Wilcoxon p-values.",
+        ),
+    ]
+    few = differences[(differences["pairs"] < 2)] if not differences.empty else differences
+    if not few.empty:
+        result.notes.append("some pairs of arms share fewer than two seeds: no interval or test for them")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_step(run, argv, __doc__.split("\n\n")[0])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

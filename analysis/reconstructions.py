@@ -1,0 +1,315 @@
+"""Validation reconstructions of the best checkpoint of each architecture (or gamma), side by side.
+
+Per arm, the trial with the highest best SSIM whose checkpoints can be read; among its kept checkpoints
+(``train_runs/<trial_id>/checkpoint_*``: the best by SSIM and the latest) the one whose ``history.json``
+ends with the highest SSIM. The network is rebuilt from the trial's configuration (model, chans,
+num_pool_layers) and the weights loaded with ``torch.load(weights_only=True)``. The same validation slices
+(the middle slice of the first volumes, under the fixed per-volume validation mask) are shown as the
+zero-filled input, each reconstruction, the target, the absolute error maps and the attention maps of every
+up-sampling level. A missing data root or checkpoint is reported and skipped.
+
+Run ``python analysis/reconstructions.py --experiment PATH [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pyarrow.fs as pafs
+
+from analysis.collect import _filesystem, _read
+from analysis.common import Artifact, OutDir, StepResult, Study, run_step, slug
+
+TRAIN_RUNS_DIR = "train_runs"  # ray_jobs.tune names each trial's Train run after its id under here
+CHECKPOINT_FILE = "checkpoint.pt"
+HISTORY_FILE = "history.json"
+NUM_SLICES = 2
+
+
+@dataclass
+class LoadedModel:
+    """A trained network and where it came from."""
+
+    arm: str
+    experiment: str
+    trial_id: str
+    checkpoint: str
+    epoch: int
+    ssim: float
+    network: Any
+    config: dict[str, Any]
+
+
+def choose_checkpoint(experiment_path: str, trial_id: str) -> tuple[str, list[dict]] | None:
+    """The trial's checkpoint directory (as a path or URI) whose history ends with the best SSIM, and that
+    history; None when the trial kept no readable checkpoint."""
+    fs, root = _filesystem(experiment_path)
+    run_dir = posixpath.join(root, TRAIN_RUNS_DIR, trial_id)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(run_dir))
+    except (FileNotFoundError, OSError):
+        return None
+    best: tuple[float, str, list[dict]] | None = None
+    for entry in entries:
+        if entry.type != pafs.FileType.Directory or not entry.base_name.startswith("checkpoint_"):
+            continue
+        text = _read(fs, posixpath.join(entry.path, HISTORY_FILE))
+        try:
+            history = json.loads(text) if text else []
+        except json.JSONDecodeError:
+            continue
+        if not history or fs.get_file_info(posixpath.join(entry.path, CHECKPOINT_FILE)).type.name != "File":
+            continue
+        ssim = history[-1].get("ssim")
+        score = float(ssim) if isinstance(ssim, (int, float)) and np.isfinite(ssim) else -np.inf
+        if best is None or score > best[0]:
+            best = (score, entry.path, history)
+    if best is None:
+        return None
+    name = posixpath.basename(best[1])
+    return posixpath.join(experiment_path.rstrip("/"), TRAIN_RUNS_DIR, trial_id, name), best[2]
+
+
+def load_network(path: str, config: dict[str, Any]):
+    """Rebuild the trial's network and load a checkpoint's weights (weights only: plain tensors)."""
+    import torch
+
+    from mri_models.models import build_model
+
+    fs, local = _filesystem(path)
+    with fs.open_input_stream(posixpath.join(local, CHECKPOINT_FILE)) as f:
+        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    hparams = {k: config[k] for k in ("chans", "num_pool_layers", "drop_prob") if k in config}
+    network = build_model(config.get("model", "unet"), **hparams)
+    network.load_state_dict(state["model"])
+    network.eval()
+    return network, int(state.get("epoch", -1)) + 1
+
+
+def best_models(study: Study, problems: list[str]) -> list[LoadedModel]:
+    """Per arm, the best trial's best checkpoint; falls back to the next trial when one cannot be read."""
+    trials = study.included_trials()
+    models = []
+    for arm in study.arms():
+        candidates = trials[trials["arm"] == arm].sort_values(
+            "best_ssim", ascending=False, na_position="last"
+        )
+        for _, trial in candidates.iterrows():
+            info = study.experiment(trial["experiment"])
+            chosen = choose_checkpoint(info.path, trial["trial_id"])
+            if chosen is None:
+                problems.append(
+                    f"reconstructions: no readable checkpoint for trial {trial['trial_id']} ({arm})"
+                )
+                continue
+            path, history = chosen
+            config = study.configs.get((trial["experiment"], trial["trial_id"]), {})
+            try:
+                network, epoch = load_network(path, config)
+            except Exception as err:  # a corrupt file or a configuration that does not match the weights
+                problems.append(f"reconstructions: cannot load {path}: {type(err).__name__}: {err}")
+                continue
+            ssim = float(history[-1].get("ssim", np.nan))
+            models.append(
+                LoadedModel(arm, trial["experiment"], trial["trial_id"], path, epoch, ssim, network, config)
+            )
+            break
+        else:
+            if len(candidates):
+                problems.append(f"reconstructions: no usable checkpoint for {arm}; it is left out")
+    return models
+
+
+def find_val_dir(study: Study, problems: list[str]) -> Path | None:
+    """The validation split of the first experiment whose data root exists on this machine."""
+    for info in study.experiments:
+        root = info.data_root
+        if not root:
+            problems.append(f"reconstructions: {info.name} records no data_root in sweep.json")
+            continue
+        val = Path(root) / "singlecoil_val"
+        if "://" not in root and val.is_dir() and any(val.glob("*.h5")):
+            return val
+        problems.append(
+            f"reconstructions: data root {root} of {info.name} is missing here (no {val.name}/*.h5)"
+        )
+    return None
+
+
+def validation_samples(val_dir: Path, config: dict[str, Any], count: int = NUM_SLICES) -> list:
+    """The middle slice of the first ``count`` volumes, transformed exactly as validation does."""
+    from mri_models.data import SliceDataset, UnetDataTransform, create_mask_func
+
+    mask = create_mask_func(
+        config.get("mask_type", "random"),
+        config.get("center_fractions", (0.08,)),
+        config.get("accelerations", (4,)),
+    )
+    # use_seed: the fixed per-volume validation mask; cache_dir "": never write next to someone's data.
+    dataset = SliceDataset(val_dir, transform=UnetDataTransform(mask_func=mask, use_seed=True), cache_dir="")
+    by_volume: dict[str, list[int]] = {}
+    for index, raw in enumerate(dataset.raw_samples):
+        by_volume.setdefault(raw.fname.name, []).append(index)
+    chosen = [indices[len(indices) // 2] for _, indices in sorted(by_volume.items())][:count]
+    return [dataset[i] for i in chosen]
+
+
+def reconstruct(model: LoadedModel, sample) -> dict[str, Any]:
+    """Un-normalised reconstruction and attention maps (decoder order, deepest first) of one slice."""
+    import torch
+
+    with torch.no_grad():
+        result = model.network(sample.image[None, None].float(), return_attention=True)
+    output = result.output[0, 0] * sample.std + sample.mean
+    maps = [m[0, 0].numpy() for m in result.attention_maps]
+    return {"output": output.numpy(), "maps": maps}
+
+
+def slice_scores(target: np.ndarray, image: np.ndarray, max_value: float) -> dict[str, float]:
+    from mri_models.metrics import nmse, psnr, ssim
+
+    gt, pred = target[None].astype(np.float64), image[None].astype(np.float64)
+    maxval = max_value or float(target.max())
+    return {"ssim": ssim(gt, pred, maxval), "psnr": psnr(gt, pred, maxval), "nmse": nmse(gt, pred)}
+
+
+def plot_slice(sample, models: list[LoadedModel], outputs: list[dict], rows_out: list[dict]) -> plt.Figure:
+    """Row 0: zero-filled input, its error, target; one row per arm: reconstruction, error, attention maps.
+
+    Column 1 always holds error maps, on one colour scale, so the rows compare directly.
+    """
+    target = (sample.target * sample.std + sample.mean).numpy()
+    zero_filled = (sample.image * sample.std + sample.mean).numpy()
+    levels = max([len(o["maps"]) for o in outputs] + [1])
+    columns = 2 + levels
+    figure, axes = plt.subplots(
+        1 + len(models),
+        columns,
+        figsize=(2.5 * columns + 1.2, 2.6 * (1 + len(models))),
+        squeeze=False,
+        layout="constrained",
+    )
+    vmin, vmax = float(np.percentile(target, 0.5)), float(np.percentile(target, 99.5))
+    errors = [np.abs(zero_filled - target)] + [np.abs(o["output"] - target) for o in outputs]
+    error_max = max(float(np.percentile(e, 99.5)) for e in errors) or 1.0
+    for ax in axes.flat:
+        ax.axis("off")
+
+    def show(ax, image, title, **kwargs):
+        handle = ax.imshow(image, **kwargs)
+        ax.set_title(title, fontsize=8)
+        return handle
+
+    grey = {"cmap": "gray", "vmin": vmin, "vmax": vmax}
+    heat = {"cmap": "inferno", "vmin": 0, "vmax": error_max}
+    scores = slice_scores(target, zero_filled, sample.max_value)
+    rows_out.append({"arm": "zero-filled input", **scores})
+    show(
+        axes[0, 0],
+        zero_filled,
+        f"zero-filled input\nSSIM {scores['ssim']:.3f}, PSNR {scores['psnr']:.1f}",
+        **grey,
+    )
+    error_handle = show(axes[0, 1], errors[0], "|zero-filled − target|", **heat)
+    show(axes[0, 2], target, "target", **grey)
+    attention_handle = None
+    for row, (model, output) in enumerate(zip(models, outputs, strict=True), start=1):
+        scores = slice_scores(target, output["output"], sample.max_value)
+        rows_out.append(
+            {"arm": model.arm, "trial_id": model.trial_id, "checkpoint_epoch": model.epoch, **scores}
+        )
+        title = f"{model.arm}\nSSIM {scores['ssim']:.3f}, PSNR {scores['psnr']:.1f}"
+        show(axes[row, 0], output["output"], title, **grey)
+        show(axes[row, 1], errors[row], "|reconstruction − target|", **heat)
+        if not output["maps"]:
+            axes[row, 2].text(0.5, 0.5, "no attention gates\n(U-Net)", ha="center", va="center", fontsize=9)
+        for level, alpha in enumerate(output["maps"]):
+            label = f"attention level {level + 1}" + (" (deepest)" if level == 0 else "")
+            title = f"{label}, {alpha.shape[0]}×{alpha.shape[1]}"
+            attention_handle = show(axes[row, 2 + level], alpha, title, cmap="magma", vmin=0, vmax=1)
+    figure.colorbar(error_handle, ax=axes[:, 1].tolist(), shrink=0.5, label="absolute error")
+    if attention_handle is not None:
+        figure.colorbar(
+            attention_handle, ax=axes[1:, -1].tolist(), shrink=0.6, label="attention coefficient α"
+        )
+    figure.suptitle(f"{sample.fname}, slice {sample.slice_num}: best checkpoint of each architecture")
+    return figure
+
+
+def run(study: Study, out: OutDir) -> StepResult:
+    """Write ``reconstructions_<volume>_<slice>.png`` and ``reconstructions.csv``."""
+    result = StepResult("Reconstructions")
+    if study.trials.empty:
+        result.problems.append("reconstructions: no trials")
+        return result
+    val_dir = find_val_dir(study, result.problems)
+    if val_dir is None:
+        result.problems.append("reconstructions: no validation data available; reconstructions skipped")
+        return result
+    models = best_models(study, result.problems)
+    if not models:
+        result.problems.append("reconstructions: no checkpoint could be loaded; reconstructions skipped")
+        return result
+    try:
+        samples = validation_samples(val_dir, models[0].config)
+    except Exception as err:  # unreadable or invalid data files
+        result.problems.append(f"reconstructions: cannot read validation data in {val_dir}: {err}")
+        return result
+    rows: list[dict] = []
+    for sample in samples:
+        slice_rows: list[dict] = []
+        try:
+            outputs = [reconstruct(model, sample) for model in models]
+        except Exception as err:  # e.g. an image size the network's pooling depth cannot take
+            result.problems.append(f"reconstructions: {sample.fname} slice {sample.slice_num}: {err}")
+            continue
+        name = f"reconstructions_{slug(Path(sample.fname).stem)}_{sample.slice_num}.png"
+        out.save_figure(plot_slice(sample, models, outputs, slice_rows), name)
+        rows += [{"file": sample.fname, "slice": sample.slice_num, **row} for row in slice_rows]
+        result.artifacts.append(
+            Artifact(
+                name,
+                f"Validation slice {sample.slice_num} of {sample.fname}: zero-filled input, target, each "
+                "architecture's reconstruction from its best checkpoint with its absolute error map, and the "
+                "attention maps of every up-sampling level.",
+            )
+        )
+    if rows:
+        sources = pd.DataFrame(
+            [
+                {"arm": m.arm, "experiment": m.experiment, "trial_id": m.trial_id, "checkpoint": m.checkpoint,
+                 "checkpoint_epoch": m.epoch, "checkpoint_val_ssim": m.ssim}
+                for m in models
+            ]
+        )  # fmt: skip
+        table = pd.DataFrame(rows).merge(
+            sources.drop(columns="checkpoint_epoch"), on=["arm", "trial_id"], how="left"
+        )
+        out.write_csv("reconstructions.csv", table)
+        result.artifacts.append(
+            Artifact(
+                "reconstructions.csv",
+                "Per shown slice and architecture: the checkpoint used and the slice's SSIM, PSNR and NMSE.",
+            )
+        )
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_step(run, argv, __doc__.split("\n\n")[0])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

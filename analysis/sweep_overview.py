@@ -1,0 +1,192 @@
+"""The whole sweep at a glance: every trial's hyper-parameters, its best SSIM and its learning curve.
+
+- ``sweep_parallel.png``: parallel coordinates, one polyline per trial through its hyper-parameter values
+  (each axis normalised to [0, 1]; axes with few values, and the model, are drawn as evenly spaced
+  categories) ending at its best validation SSIM, coloured by that SSIM; failed trials are dashed.
+- ``learning_curves.png``: validation SSIM (and loss) against epoch of every trial, coloured by status
+  (completed, stopped by ASHA, unfinished, errored, diverged); a cross marks where a trial ended early.
+
+Run ``python analysis/sweep_overview.py --experiment PATH [--out DIR]``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
+
+from analysis.common import MODEL_ORDER, STATUS_COLOURS, Artifact, OutDir, StepResult, Study, run_step
+
+MAX_CATEGORIES = 12  # axes with at most this many distinct values are drawn as evenly spaced categories
+
+
+def hyperparameter_axes(study: Study) -> list[str]:
+    """The trial columns to draw: experiment (several), every search key, and model/gamma when they vary."""
+    trials = study.trials
+    axes = ["experiment"] if len(study.experiments) > 1 else []
+    for info in study.experiments:
+        axes += [k for k in info.search_keys if k not in axes]
+    for key in ("model", "gamma"):
+        if key not in axes and key in trials and trials[key].nunique(dropna=False) > 1:
+            axes.append(key)
+    if "seed" in axes:  # the seed last, next to the result it scatters
+        axes.append(axes.pop(axes.index("seed")))
+    return [k for k in axes if k in trials]
+
+
+def _sort_key(value) -> tuple:
+    if isinstance(value, str) and value in MODEL_ORDER:
+        return (0, MODEL_ORDER.index(value), "")
+    if isinstance(value, (int, float, np.number)) and not pd.isna(value):
+        return (1, float(value), "")
+    return (2, 0.0, str(value))
+
+
+def normalise_axis(values: pd.Series) -> tuple[np.ndarray, list[float], list[str]]:
+    """Positions in [0, 1] of a column's values, and the tick positions and labels of its axis."""
+    numeric = pd.to_numeric(values, errors="coerce")
+    distinct = sorted(values.drop_duplicates().tolist(), key=_sort_key)
+    if numeric.notna().all() and len(distinct) > MAX_CATEGORIES:
+        low, high = float(numeric.min()), float(numeric.max())
+        span = high - low or 1.0
+        ticks = np.linspace(low, high, 5)
+        return ((numeric - low) / span).to_numpy(), list((ticks - low) / span), [f"{t:.3g}" for t in ticks]
+    spacing = {v: (i / (len(distinct) - 1) if len(distinct) > 1 else 0.5) for i, v in enumerate(distinct)}
+    positions = np.asarray([spacing[v] for v in values], dtype=float)
+    labels = [f"{v:g}" if isinstance(v, float) else str(v) for v in distinct]
+    return positions, [spacing[v] for v in distinct], labels
+
+
+def plot_parallel(study: Study) -> plt.Figure:
+    """Parallel coordinates of every trial's hyper-parameters and best SSIM."""
+    trials = study.trials.reset_index(drop=True)
+    axes_keys = hyperparameter_axes(study)
+    names = [*axes_keys, "best SSIM"]
+    columns = [trials[k] for k in axes_keys]
+    ssim = pd.to_numeric(trials["best_ssim"], errors="coerce")
+    finite = ssim[np.isfinite(ssim)]
+    low, high = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
+    if high - low < 1e-12:
+        low, high = low - 0.01, high + 0.01
+    positions, ticks = [], []
+    for column in columns:
+        pos, tick_pos, tick_labels = normalise_axis(column)
+        positions.append(pos)
+        ticks.append((tick_pos, tick_labels))
+    ssim_pos = ((ssim - low) / (high - low)).to_numpy()
+    ssim_ticks = np.linspace(low, high, 5)
+    positions.append(ssim_pos)
+    ticks.append((list((ssim_ticks - low) / (high - low)), [f"{t:.3f}" for t in ssim_ticks]))
+
+    figure, ax = plt.subplots(figsize=(max(6.0, 2.0 * len(names) + 2), 5.0))
+    cmap, norm = plt.get_cmap("viridis"), plt.Normalize(low, high)
+    rng = np.random.default_rng(0)  # a little jitter separates trials sharing every category
+    data = np.vstack(positions).T if positions else np.zeros((len(trials), 0))
+    jitter = rng.uniform(-0.015, 0.015, size=data.shape)
+    jitter[:, -1] = 0.0
+    for i, trial in trials.iterrows():
+        y = data[i] + jitter[i]
+        failed = trial["status"] in ("errored", "diverged")
+        colour = cmap(norm(ssim[i])) if np.isfinite(ssim[i]) else "lightgray"
+        ax.plot(range(len(names)), y, color=colour, linestyle="--" if failed else "-", alpha=0.8, lw=1.4)
+    for x, (tick_pos, tick_labels) in enumerate(ticks):
+        ax.axvline(x, color="black", lw=0.8)
+        for p, label in zip(tick_pos, tick_labels, strict=True):
+            ax.text(
+                x - 0.04, p, label, ha="right", va="center", fontsize=8, color="dimgray",
+                bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 1},
+            )  # fmt: skip
+    ax.set_xticks(range(len(names)))
+    ax.set_xticklabels(names, fontsize=10)
+    ax.set_yticks([])
+    ax.set_ylim(-0.08, 1.08)
+    ax.set_xlim(-0.6, len(names) - 0.8)
+    for side in ("left", "right", "top"):
+        ax.spines[side].set_visible(False)
+    colourbar = figure.colorbar(plt.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, pad=0.02)
+    colourbar.set_label("best validation SSIM")
+    handles = [
+        Line2D([], [], color="gray", label="trial"),
+        Line2D([], [], color="gray", linestyle="--", label="errored / diverged"),
+        Line2D([], [], color="lightgray", label="no SSIM reported"),
+    ]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=3, frameon=False)
+    ax.set_title(f"Every trial's hyper-parameters and best validation SSIM ({len(trials)} trials)")
+    return figure
+
+
+def plot_learning_curves(study: Study) -> plt.Figure:
+    """Validation SSIM and loss against epoch of every trial, coloured by status."""
+    epochs = study.epochs
+    metrics = [m for m in ("ssim", "val_loss") if m in epochs]
+    figure, axes = plt.subplots(
+        1, max(1, len(metrics)), figsize=(6.0 * max(1, len(metrics)), 4.2), squeeze=False
+    )
+    counts = study.trials["status"].value_counts().to_dict()
+    for ax, metric in zip(axes[0], metrics, strict=False):
+        for _, rows in epochs.sort_values("epoch").groupby(["experiment", "trial_id"], sort=False):
+            status = rows["status"].iloc[0]
+            colour = STATUS_COLOURS.get(status, "black")
+            ax.plot(rows["epoch"], rows[metric], color=colour, alpha=0.7, lw=1.2, marker=".", ms=4)
+            if status != "completed" and rows[metric].notna().any():
+                last = rows[rows[metric].notna()].iloc[-1]
+                ax.scatter([last["epoch"]], [last[metric]], marker="x", color=colour, s=40, zorder=3)
+        ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel({"ssim": "validation SSIM", "val_loss": "validation L1 loss"}[metric])
+        ax.set_title({"ssim": "Validation SSIM", "val_loss": "Validation loss"}[metric] + " per trial")
+        ax.grid(alpha=0.3)
+    handles = [
+        Line2D([], [], color=colour, label=f"{status} ({counts[status]})")
+        for status, colour in STATUS_COLOURS.items()
+        if status in counts
+    ]
+    handles.append(Line2D([], [], color="black", marker="x", linestyle="", label="ended before the budget"))
+    axes[0, 0].legend(handles=handles, fontsize=8)
+    figure.suptitle("Learning curves of all trials, coloured by status")
+    figure.tight_layout()
+    return figure
+
+
+def run(study: Study, out: OutDir) -> StepResult:
+    """Write ``sweep_parallel.png`` and ``learning_curves.png``."""
+    result = StepResult("Sweep overview")
+    if study.trials.empty:
+        result.problems.append("sweep_overview: no trials to draw")
+        return result
+    out.save_figure(plot_parallel(study), "sweep_parallel.png")
+    result.artifacts.append(
+        Artifact(
+            "sweep_parallel.png",
+            "Parallel coordinates of every trial's hyper-parameters (normalised axes, categories evenly "
+            "spaced) ending at its best validation SSIM, coloured by that SSIM; failed trials dashed.",
+        )
+    )
+    if study.epochs.empty or "epoch" not in study.epochs:
+        result.problems.append("sweep_overview: no epoch was reported by any trial; no learning curves")
+        return result
+    out.save_figure(plot_learning_curves(study), "learning_curves.png")
+    result.artifacts.append(
+        Artifact(
+            "learning_curves.png",
+            "Validation SSIM and loss against epoch for every trial, coloured by status (completed, stopped "
+            "by ASHA, unfinished, errored, diverged); crosses mark trials that ended early.",
+        )
+    )
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_step(run, argv, __doc__.split("\n\n")[0])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

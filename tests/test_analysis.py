@@ -1,0 +1,235 @@
+"""The analysis scripts on canned experiment directories in Tune's layout (no Ray, a few seconds)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import pandas as pd
+import pytest
+from scipy import stats
+
+from analysis import compare_models, gamma_curves, reconstructions
+from analysis.collect import ASHA_STATE_FILE
+from analysis.common import OutDir, StepResult, load_study, paired_test
+from analysis.report import _safe
+from tests.analysis_fixtures import gamma_sweep, make_data_root, model_comparison
+
+REPO = Path(__file__).resolve().parents[1]
+ARM_OF_MODEL = {
+    "unet": "unet",
+    "attention_unet": "attention_unet",
+    "sparse_attention_unet": "sparse_attention_unet (γ=0.0001)",
+}
+
+
+@pytest.fixture(scope="module")
+def canned(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("experiments")
+    data_root = make_data_root(root / "data")
+    comparison = model_comparison(root, data_root)
+    sweep = gamma_sweep(root, root / "no-such-data")
+    return {"comparison": comparison.path, "sweep": sweep.path, "root": root}
+
+
+@pytest.fixture(scope="module")
+def cli_out(canned) -> tuple[subprocess.CompletedProcess, Path]:
+    """``python -m analysis`` on both canned experiments together, run once for the module."""
+    out = canned["root"] / "analysis-out"
+    process = subprocess.run(
+        [sys.executable, "-m", "analysis", "--experiment", str(canned["comparison"]), "--experiment",
+         str(canned["sweep"]), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "MPLBACKEND": "Agg"},
+    )  # fmt: skip
+    return process, out
+
+
+# ----------------------------------------------------------------------------------------- by hand
+
+
+def _trials_by_hand(experiment: Path) -> list[dict]:
+    """Every trial's status and best/last metrics straight from its files, in plain Python."""
+    sweep = json.loads((experiment / "sweep.json").read_text())
+    stopped = set(json.loads((experiment / ASHA_STATE_FILE).read_text())["stopped_trials"])
+    trials = []
+    for trial_dir in sorted(experiment.glob("run_trial_*")):
+        lines = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+        params = json.loads((trial_dir / "params.json").read_text())
+        error = trial_dir / "error.txt"
+        if error.exists():
+            status = "diverged" if "diverged" in error.read_text() else "errored"
+        elif lines and lines[-1]["epoch"] >= sweep["max_epochs"]:
+            status = "completed"
+        elif lines and lines[0]["trial_id"] in stopped:
+            status = "stopped"
+        else:
+            status = "unfinished"
+        best = max(lines, key=lambda line: line["ssim"]) if lines else None
+        trials.append({**params, "status": status, "best": best, "last": lines[-1] if lines else None})
+    return trials
+
+
+def test_table_equals_recomputation_from_result_json(canned):
+    study = load_study([str(canned["comparison"])])
+    table = compare_models.summary_table(study).set_index("arm")
+    trials = _trials_by_hand(canned["comparison"])
+    for model, arm in ARM_OF_MODEL.items():
+        mine = [t for t in trials if t["model"] == model and t["status"] not in ("errored", "diverged")]
+        failed = [t for t in trials if t["model"] == model and t["status"] in ("errored", "diverged")]
+        assert table.loc[arm, "failed"] == len(failed)
+        for point in ("best", "last"):
+            for metric in ("ssim", "psnr", "nmse"):
+                values = [t[point][metric] for t in mine]
+                assert table.loc[arm, f"{metric}_{point}_n"] == len(values)
+                assert table.loc[arm, f"{metric}_{point}_mean"] == pytest.approx(statistics.mean(values))
+                assert table.loc[arm, f"{metric}_{point}_std"] == pytest.approx(statistics.stdev(values))
+    # Sorted by SSIM at the best epoch.
+    assert list(table["ssim_best_mean"]) == sorted(table["ssim_best_mean"], reverse=True)
+
+
+def test_mean_and_std_over_seeds_by_hand(canned):
+    table = compare_models.summary_table(load_study([str(canned["comparison"])])).set_index("arm")
+    # U-Net best SSIM over seeds 0-2 (seed 3 errored): 0.60, 0.62, 0.64.
+    assert table.loc["unet", "ssim_best_mean"] == pytest.approx(0.62)
+    assert table.loc["unet", "ssim_best_std"] == pytest.approx(0.02)
+    assert table.loc["unet", "seeds"] == 3
+    # Attention U-Net at the last epoch: 0.63, 0.66, 0.65 and the unfinished seed's 0.45.
+    # mean 2.39 / 4 = 0.5975; squared deviations 0.0325², 0.0625², 0.0525², 0.1475² sum to 0.029475.
+    assert table.loc["attention_unet", "ssim_last_mean"] == pytest.approx(0.5975)
+    assert table.loc["attention_unet", "ssim_last_std"] == pytest.approx(math.sqrt(0.029475 / 3))
+    assert table.loc["attention_unet", "statuses"] == "3 completed, 1 unfinished"
+    assert table.loc["sparse_attention_unet (γ=0.0001)", "statuses"] == "2 completed, 1 diverged, 1 stopped"
+
+
+def test_paired_test_known_answer():
+    result = paired_test([1, 2, 3, 4, 5])
+    sd = math.sqrt(2.5)  # sum of squared deviations 10, over n - 1 = 4
+    half = 2.7764451051977987 * sd / math.sqrt(5)  # t(0.975, 4)
+    assert result["n"] == 5 and result["mean"] == pytest.approx(3.0)
+    assert result["std"] == pytest.approx(sd)
+    assert (result["ci_low"], result["ci_high"]) == pytest.approx((3 - half, 3 + half))
+    t = 3.0 / (sd / math.sqrt(5))
+    assert result["t"] == pytest.approx(t)
+    assert result["p_ttest"] == pytest.approx(2 * stats.t.sf(t, 4))
+    assert math.isnan(result["p_wilcoxon"])  # five pairs: too few for a Wilcoxon test at 5%
+    # Six positive differences: the exact two-sided Wilcoxon p-value is 2 / 2^6.
+    assert paired_test([1, 2, 3, 4, 5, 6])["p_wilcoxon"] == pytest.approx(2 / 64)
+    assert math.isnan(paired_test([0.5])["ci_low"])
+
+
+def test_paired_differences_over_matched_seeds(canned):
+    table = compare_models.paired_differences(load_study([str(canned["comparison"])]))
+    row = table[
+        (table["arm"] == "attention_unet") & (table["reference"] == "unet")
+        & (table["metric"] == "ssim") & (table["point"] == "best")
+    ].iloc[0]  # fmt: skip
+    # Seeds 0-2 match (U-Net seed 3 errored): 0.63 - 0.60, 0.66 - 0.62, 0.67 - 0.64.
+    assert row["pairs"] == 3
+    assert row["mean_difference"] == pytest.approx((0.03 + 0.04 + 0.03) / 3)
+
+
+def test_problems_are_reported_not_raised(canned):
+    study = load_study([str(canned["comparison"]), str(canned["sweep"])])
+    text = "\n".join(study.problems)
+    assert "aa001_00003 errored" in text and "RuntimeError: worker died" in text
+    assert "aa001_00011 diverged" in text
+    assert "no value of psnr" in text  # the missing metric
+    assert "only 7 of 9 grid trials were started" in text  # the interrupted sweep
+    assert "unfinished" in text
+    statuses = dict(zip(study.trials["trial_id"], study.trials["status"], strict=True))
+    assert statuses["bb002_00006"] == "unfinished"  # started, reported nothing
+    assert statuses["bb002_00004"] == "stopped"
+
+    result = reconstructions.run(load_study([str(canned["sweep"])]), OutDir(str(canned["root"] / "recon")))
+    assert not result.artifacts
+    assert any("no-such-data" in p for p in result.problems)
+
+
+def test_gamma_curves_use_a_common_budget(canned):
+    study = load_study([str(canned["sweep"])])
+    points, budget = gamma_curves.trial_points(study)
+    assert budget == 1  # the stopped trial reached only epoch 1
+    at_budget = points[(points["point"] == "budget") & (points["gamma"] == 0.0)]
+    assert sorted(at_budget["ssim"]) == pytest.approx([0.50, 0.51, 0.52])
+    table = gamma_curves.curves_table(points, study.config_keys)
+    row = table[(table["point"] == "best") & (table["gamma"] == 1e-4)].iloc[0]
+    assert row["stopped"] == 1 and row["ssim_mean"] == pytest.approx((0.58 + 0.47) / 2)
+
+
+def test_a_failing_step_is_reported(canned):
+    def broken(study, out):
+        raise ValueError("boom")
+
+    result = _safe(broken, load_study([str(canned["sweep"])]), OutDir(str(canned["root"] / "x")))
+    assert isinstance(result, StepResult) and "boom" in result.problems[0]
+
+
+def test_cli_writes_report_referencing_every_file(cli_out):
+    process, out = cli_out
+    assert process.returncode == 0, process.stdout + process.stderr
+    report = (out / "report.md").read_text()
+    files = [p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != "report.md"]
+    assert len(files) >= 15
+    for name in files:
+        assert f"({name})" in report, f"report.md does not link {name}"
+    assert "## Problems" in report and "diverged" in report and "no value of psnr" in report
+    assert "no readable checkpoint for trial aa001_00002" in report  # the U-Net without checkpoints
+
+
+def test_every_figure_is_a_valid_png(cli_out):
+    _, out = cli_out
+    pngs = sorted(out.glob("*.png"))
+    names = {p.name for p in pngs}
+    assert {"mpand_curves.png", "gamma_curves.png", "sweep_parallel.png", "learning_curves.png"} <= names
+    assert sum(n.startswith("reconstructions_") for n in names) == 2
+    for png in pngs:
+        data = png.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png.name
+        image = mpimg.imread(png)
+        assert image.ndim == 3 and min(image.shape[:2]) > 100, png.name
+
+
+def test_reconstructions_use_each_arms_best_checkpoint(cli_out):
+    _, out = cli_out
+    table = pd.read_csv(out / "reconstructions.csv")
+    chosen = table.dropna(subset=["trial_id"]).drop_duplicates("arm").set_index("arm")
+    # Attention U-Net: seed 2 has the best SSIM (0.67 at epoch 2); its epoch-2 checkpoint, not the latest.
+    assert chosen.loc["attention_unet", "trial_id"] == "aa001_00006"
+    assert chosen.loc["attention_unet", "checkpoint"].endswith("checkpoint_2026-11-24_02-06-02.000000")
+    assert chosen.loc["attention_unet", "checkpoint_epoch"] == 2
+    # U-Net: the best trial (seed 2) kept no checkpoint, so the next best (seed 1) is shown.
+    assert chosen.loc["unet", "trial_id"] == "aa001_00001"
+    assert table["ssim"].between(-1, 1).all()
+
+
+def test_a_script_runs_alone_as_a_file(canned, tmp_path):
+    process = subprocess.run(
+        [sys.executable, str(REPO / "analysis" / "compare_models.py"), "--experiment", str(canned["sweep"]),
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )  # fmt: skip
+    assert process.returncode == 0, process.stdout + process.stderr
+    assert "problem: " in process.stdout  # the interrupted sweep is reported on the console too
+    table = pd.read_csv(tmp_path / "compare_models.csv")
+    # A gamma sweep: gamma = 0 is the Attention U-Net arm, each other gamma an arm of its own.
+    assert set(table["arm"]) == {
+        "attention_unet", "sparse_attention_unet (γ=0.0001)", "sparse_attention_unet (γ=0.01)"
+    }  # fmt: skip
+    assert "| attention_unet |" in (tmp_path / "compare_models.md").read_text()
+
+
+def test_experiments_with_the_legacy_asha_state_name_still_show_stopped_trials(canned, tmp_path):
+    import shutil
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(canned["sweep"], legacy, ignore=shutil.ignore_patterns("train_runs"))
+    (legacy / ASHA_STATE_FILE).rename(legacy / "asha_state.json")
+    study = load_study([str(legacy)])
+    assert "stopped" in set(study.trials["status"])
+    assert not any("trials stopped by ASHA look unfinished" in p for p in study.problems)
