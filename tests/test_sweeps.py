@@ -58,6 +58,16 @@ def test_smoke_gamma_sweep_submitted_as_a_job(ray_head, tmp_path):
     for trial_dir in (tmp_path / "job").glob("run_trial_*"):
         assert list(trial_dir.glob("events.out.tfevents.*")), f"no TensorBoard scalars in {trial_dir.name}"
 
+    # The analysis runs on the real sweep output without Ray and links every figure it made.
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "analysis", "--experiment", str(tmp_path / "job"), "--out", str(out)]
+    analysis = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert analysis.returncode == 0, analysis.stdout[-3000:] + analysis.stderr[-3000:]
+    report = (tmp_path / "out" / "report.md").read_text()
+    pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
+    assert {"gamma_curves.png", "mpand_curves.png", "sweep_parallel.png", "learning_curves.png"} <= set(pngs)
+    assert all(name in report for name in pngs)
+
 
 def _start_sweep(ray_head, storage: Path, *extra: str) -> subprocess.Popen:
     command = [
