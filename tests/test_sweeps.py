@@ -199,5 +199,5 @@ def test_more_workers_per_trial_than_the_cluster_fails_before_any_trial(ray_head
         GAMMA_CONFIG, ["--profile", "smoke", "--storage", str(tmp_path), "--workers-per-trial", "5"]
     )
     assert code == 2
-    assert "needs 2.85 CPUs but the cluster has 2" in capsys.readouterr().out
+    assert "needs 2.35 CPUs but the cluster has 2" in capsys.readouterr().out
     assert not any(tmp_path.iterdir())
