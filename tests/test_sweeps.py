@@ -196,7 +196,7 @@ def test_bad_sweep_configs_fail_before_any_trial(tmp_path, capsys, overrides, me
 @pytest.mark.slow
 def test_more_workers_per_trial_than_the_cluster_fails_before_any_trial(ray_head, tmp_path, capsys):
     code = sweep_main(
-        GAMMA_CONFIG, ["--profile", "smoke", "--storage", str(tmp_path), "--workers-per-trial", "5"]
+        GAMMA_CONFIG, ["--profile", "smoke", "--storage", str(tmp_path), "--workers-per-trial", "4"]
     )
     assert code == 2
     assert "needs 2.35 CPUs but the cluster has 2" in capsys.readouterr().out
