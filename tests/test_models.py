@@ -127,6 +127,52 @@ def test_attention_gate_follows_the_design_formula(chans: int) -> None:
     torch.testing.assert_close(gate(x, g), expected, rtol=0, atol=1e-6)
 
 
+def _reference_gate(gate: AttentionGate, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """The DESIGN formula written out with conv2d and instance_norm, using the gate's own weights."""
+    w_g, w_x, psi = gate.w_g[0].weight, gate.w_x[0].weight, gate.psi[0].weight
+    hidden = torch.relu(F.instance_norm(F.conv2d(g, w_g)) + F.instance_norm(F.conv2d(x, w_x)))
+    return torch.sigmoid(F.instance_norm(F.conv2d(hidden, psi)))
+
+
+@pytest.mark.parametrize("chans", [1, 8, 13])
+@pytest.mark.parametrize("shape", [(1, 16, 16), (1, 33, 37), (3, 9, 11)])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_fused_gate_matches_reference_outputs_and_gradients(
+    chans: int, shape: tuple, channels_last: bool
+) -> None:
+    # The gate computes its 1x1 convolutions as matrix products and its norms as direct batch-norm
+    # calls (batch 1 takes a separate 2-D mm path); values and gradients must equal the plain formula.
+    batch, height, width = shape
+    gate = seeded(AttentionGate(chans), seed=13).train()
+    generator = torch.Generator().manual_seed(14)
+    x, g = (torch.randn(batch, chans, height, width, generator=generator) for _ in range(2))
+    if channels_last:  # non-contiguous NCHW strides must still give the same result
+        x, g = x.to(memory_format=torch.channels_last), g.to(memory_format=torch.channels_last)
+    upstream = torch.randn(batch, 1, height, width, generator=generator)
+
+    def run(fn) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        leaves = [x.detach().clone().requires_grad_(), g.detach().clone().requires_grad_()]
+        gate.zero_grad(set_to_none=True)
+        alpha = fn(*leaves)
+        (alpha * upstream).sum().backward()
+        return alpha.detach(), [t.grad for t in leaves] + [p.grad.clone() for p in gate.parameters()]
+
+    actual, actual_grads = run(gate)
+    expected, expected_grads = run(lambda x_, g_: _reference_gate(gate, x_, g_))
+    # The module-by-module evaluation (w_g(g) etc.) is the same formula too.
+    with torch.no_grad():
+        modules = torch.sigmoid(gate.psi(torch.relu(gate.w_g(g) + gate.w_x(x))))
+    assert actual.shape == (batch, 1, height, width)
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(modules, expected, rtol=0, atol=1e-6)
+    # With one channel, IN(w * t) = sign(w) IN(t) up to eps, so the weight gradients are eps-sized
+    # differences of large terms: compare them on the scale of those terms, not their own.
+    weight_atol = 1e-3 if chans == 1 else 1e-5
+    for index, (ours, reference) in enumerate(zip(actual_grads, expected_grads, strict=True)):
+        atol = 1e-5 if index < 2 else weight_atol
+        torch.testing.assert_close(ours, reference, rtol=1e-4, atol=atol)
+
+
 def test_attention_gate_convs_have_no_bias_and_gate_parameter_count() -> None:
     # InstanceNorm after each conv removes a constant bias exactly, so the gates carry none.
     gate = AttentionGate(8)
@@ -209,9 +255,14 @@ def test_penalty_gradient_reaches_gates_and_encoder() -> None:
     result = model(torch.randn(2, 1, 24, 28), return_attention=True)
     attention_sparsity_penalty(result.attention_maps).backward()
     for level, gate in enumerate(model.attention_gates):
-        for name in ("w_g", "w_x", "psi"):
-            grad = getattr(gate, name)[0].weight.grad
-            assert grad is not None and grad.abs().sum() > 0, (level, name)
+        # Every gate parameter (the W_g, W_x and psi weights), whatever the gate's forward does with them.
+        assert [name for name, _ in gate.named_parameters()] == [
+            "w_g.0.weight",
+            "w_x.0.weight",
+            "psi.0.weight",
+        ]
+        for name, parameter in gate.named_parameters():
+            assert parameter.grad is not None and parameter.grad.abs().sum() > 0, (level, name)
     for layer in model.down_sample_layers:
         assert layer.layers[0].weight.grad.abs().sum() > 0
     # The last decoder block comes after every gate: the penalty must not reach it.

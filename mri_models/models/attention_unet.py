@@ -9,14 +9,64 @@ with ``W_g``, ``W_x`` 1x1 convolutions to ``max(1, C // 2)`` channels, ``psi`` a
 channel and IN = InstanceNorm2d (paper appendix, Figure 11). The skip input becomes ``alpha * x``
 (alpha broadcast over channels), concatenated as in U-Net. The Sparse Attention U-Net is this network
 trained with an L1 penalty on alpha (see :mod:`mri_models.losses`).
+
+The gate keeps the layers as modules (``w_g``, ``w_x``, ``psi``: a bias-free 1x1 convolution and an
+InstanceNorm2d each, so printing the model shows Figure 11 and checkpoints keep their keys) but its
+forward evaluates them functionally: the 1x1 convolutions as matrix products and the instance norms as
+one batch-norm kernel call each. The mathematics is unchanged; on CPU this roughly halves the gate's
+time (see ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 
 from mri_models.models.unet import Unet
+
+
+def _conv1x1(weight: Tensor, features: Tensor) -> Tensor:
+    """A bias-free 1x1 convolution as a matrix product over the flattened pixels.
+
+    A 1x1 convolution is ``weight (O, C) @ features (C, H*W)`` per example. The gates' convolutions are
+    thin (C/2 or one output channel) and cost ~2% of the network's FLOPs, and for such shapes oneDNN's
+    convolution, and above all its backward, spends far more time on set-up and layout than on arithmetic
+    (measured ~0.2 ms forward and ~0.6 ms backward per 1x1 convolution at 8 channels x 128 x 128 on 2
+    cores); a BLAS ``mm`` does the same work several times faster.
+
+    Args:
+        weight: Convolution weight of shape ``(O, C, 1, 1)``.
+        features: Tensor of shape ``(N, C, P)``: the ``(N, C, H, W)`` features flattened over pixels.
+
+    Returns:
+        ``conv2d`` of the features with ``weight``, shape ``(N, O, P)``.
+    """
+    matrix = weight.view(weight.shape[0], features.shape[1])
+    if features.shape[0] == 1:
+        # fastMRI trains with batch size 1: a plain 2-D mm, no broadcast weight or batched matmul (whose
+        # backward would expand the weight and copy).
+        return torch.mm(matrix, features[0]).unsqueeze(0)
+    return torch.matmul(matrix, features)
+
+
+def _instance_norm(flat: Tensor, eps: float) -> Tensor:
+    """InstanceNorm2d without affine parameters on ``(N, C, P)`` features flattened over the pixels P.
+
+    ``F.instance_norm`` does exactly this (it views the input as one batch of N*C channels and calls
+    batch norm in training mode), plus argument checks and repeats of absent running statistics; calling
+    the batch norm kernel on the view directly skips that per-call work.
+
+    Args:
+        flat: Tensor of shape ``(N, C, P)``.
+        eps: The InstanceNorm2d ``eps``.
+
+    Returns:
+        Each ``(n, c)`` row minus its mean, divided by ``sqrt(biased variance + eps)``, shape ``(N, C, P)``.
+    """
+    batch, chans, pixels = flat.shape
+    rows = flat.reshape(1, batch * chans, pixels)
+    return F.batch_norm(rows, None, None, training=True, eps=eps).view(batch, chans, pixels)
 
 
 def _conv1x1_in(in_chans: int, out_chans: int) -> nn.Sequential:
@@ -47,12 +97,15 @@ class AttentionGate(nn.Module):
         self.inter_chans = max(1, chans // 2)
         self.w_g = _conv1x1_in(chans, self.inter_chans)
         self.w_x = _conv1x1_in(chans, self.inter_chans)
-        # Not inplace: the sum is a fresh tensor anyway, and an inplace ReLU buys nothing here.
-        self.relu = nn.ReLU()
         self.psi = _conv1x1_in(self.inter_chans, 1)
 
     def forward(self, x: Tensor, g: Tensor) -> Tensor:
         """Compute the attention coefficients.
+
+        Equal to ``sigmoid(psi(relu(w_g(g) + w_x(x))))`` with the modules called in turn, within float32
+        rounding, but computed with the same parameters through :func:`_conv1x1` and
+        :func:`_instance_norm`: the gates are small, memory-bound work, where per-call set-up dominates.
+        Forward hooks on the submodules therefore do not fire.
 
         Args:
             x: Encoder skip features of shape ``(N, C, H, W)``.
@@ -61,7 +114,17 @@ class AttentionGate(nn.Module):
         Returns:
             alpha of shape ``(N, 1, H, W)`` with values in (0, 1).
         """
-        return torch.sigmoid(self.psi(self.relu(self.w_g(g) + self.w_x(x))))
+        batch, chans, height, width = x.shape
+        # Views for contiguous inputs (what the U-Net passes); reshape copies only otherwise.
+        x_flat, g_flat = x.reshape(batch, chans, -1), g.reshape(batch, chans, -1)
+        (conv_g, norm_g), (conv_x, norm_x), (conv_psi, norm_psi) = self.w_g, self.w_x, self.psi
+        hidden = _instance_norm(_conv1x1(conv_g.weight, g_flat), norm_g.eps) + _instance_norm(
+            _conv1x1(conv_x.weight, x_flat), norm_x.eps
+        )
+        # In place on the fresh sum (not a view, not saved by the add's backward): one buffer less.
+        hidden = torch.relu_(hidden)
+        logits = _instance_norm(_conv1x1(conv_psi.weight, hidden), norm_psi.eps)
+        return torch.sigmoid(logits).view(batch, 1, height, width)
 
 
 class AttentionUnet(Unet):
