@@ -24,6 +24,7 @@ fewer bytes at fastMRI's 640 x 368 -> 320 x 320), while the transform costs the 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import random
 import zlib
@@ -75,7 +76,9 @@ def ensure_synthetic_data(profile: str, seed: int = 0, base_dir: Path | None = N
             f"no synthetic dataset for profile {profile!r}; expected one of {sorted(SYNTHETIC_DATA)}"
         )
     spec = SYNTHETIC_DATA[profile]
-    root = (base_dir or default_data_dir()) / f"{profile}-seed{seed}"
+    # The name carries the generation parameters, so changing a profile's data never reuses a stale set.
+    digest = hashlib.sha1(repr(sorted(spec.items())).encode()).hexdigest()[:8]
+    root = (base_dir or default_data_dir()) / f"{profile}-seed{seed}-{digest}"
     marker = root / ".complete"
     if marker.exists():
         return root
