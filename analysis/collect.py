@@ -2,9 +2,11 @@
 
 Reads only files on disk (local path or s3:// through pyarrow), so it works on a laptop after the cluster is
 gone, on interrupted experiments, and on trials that errored or were stopped early. Per trial directory
-(the ones holding ``params.json``) it reads the configuration, ``result.json`` (one JSON object per
-reported epoch), and ``error.txt`` when the trial failed. The sweep's ASHA state (``asha_state.txt``, see
-``ray_jobs.tune``) says which trials the scheduler stopped early.
+(the ones holding ``params.json``, see :mod:`mri_models.experiment`) it reads the searched parameters,
+``result.json`` (one JSON object per reported epoch), and ``error.txt`` when the trial failed. The sweep's
+ASHA state (``asha_state.txt``) says which trials the scheduler stopped early. The metric columns follow
+the metric table (:func:`mri_models.metrics.metric_table`); the best epoch is the best by its primary
+metric (SSIM).
 
 Trial status:
 - ``completed``: reached the configured number of epochs;
@@ -22,23 +24,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import posixpath
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import pandas as pd
-import pyarrow.fs as pafs
 
-_TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})_")
-SWEEP_FILE = "sweep.json"  # written by ray_jobs.tune: the sweep's search keys, seeds and max epochs
-# Not ".json": Tune copies every *.json/*.pkl of the experiment root into its driver staging directory on
-# restore and syncs them back later, which would overwrite the records written since with the old copy.
-ASHA_STATE_FILE = "asha_state.txt"
-# Experiments written before the rename keep their state under the old name; read them too.
-LEGACY_ASHA_STATE_FILES = ("asha_state.json",)
-RESULTS_DIR = "results"
-METRICS = ("nmse", "psnr", "ssim", "val_loss", "train_loss", "mpand", "attention_l1")
+from mri_models import experiment as storage
+from mri_models.experiment import ExperimentLayout
+from mri_models.losses import penalty_terms
+from mri_models.metrics import PRIMARY_METRIC, metric_table
+
 # Tune's own bookkeeping keys in result.json that are not metrics of the study.
 _TUNE_KEYS = {
     "timestamp", "checkpoint_dir_name", "checkpoint_path", "done", "training_iteration", "trial_id", "date",
@@ -47,29 +42,9 @@ _TUNE_KEYS = {
 }  # fmt: skip
 
 
-def _filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    import os
-
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
-
-
-def _read(fs: pafs.FileSystem, path: str) -> str | None:
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read().decode()
-    except (FileNotFoundError, OSError):
-        return None
-
-
-def read_asha_state(fs: pafs.FileSystem, root: str) -> str | None:
-    """The text of the experiment's ASHA state file (current or legacy name), or None without one."""
-    for name in (ASHA_STATE_FILE, *LEGACY_ASHA_STATE_FILES):
-        text = _read(fs, posixpath.join(root, name))
-        if text is not None:
-            return text
-    return None
+def summarised_metrics() -> list[str]:
+    """The metrics with a ``last_`` column per trial: the metric table, losses, MPAND and the penalties."""
+    return [*metric_table(), "val_loss", "train_loss", "mpand", *penalty_terms()]
 
 
 @dataclass
@@ -101,37 +76,28 @@ def collect(path: str) -> Experiment:
     Returns:
         The tables, plus human-readable problems found on the way (missing metrics, unreadable files).
     """
-    fs, root = _filesystem(path)
-    if fs.get_file_info(root).type != pafs.FileType.Directory:
+    layout = ExperimentLayout(path)
+    if not storage.is_dir(path):
         raise FileNotFoundError(f"experiment directory {path} does not exist")
-    sweep = json.loads(_read(fs, posixpath.join(root, SWEEP_FILE)) or "{}")
-    asha = json.loads(read_asha_state(fs, root) or "{}")
-    stopped = set(asha.get("stopped_trials", []))
+    sweep = storage.read_json(layout.sweep_file) or {}
+    stopped = set((storage.read_json(layout.asha_state_file) or {}).get("stopped_trials", []))
     search_keys = sweep.get("search_keys")
     max_epochs = sweep.get("max_epochs")
     problems: list[str] = []
     trial_rows, epoch_rows = [], []
-    entries = fs.get_file_info(pafs.FileSelector(root))
-    for entry in sorted(entries, key=lambda e: e.path):
-        params_text = (
-            _read(fs, posixpath.join(entry.path, "params.json"))
-            if entry.type == pafs.FileType.Directory
-            else None
-        )
-        if params_text is None:
-            continue
-        config = json.loads(params_text)
-        results_text = _read(fs, posixpath.join(entry.path, "result.json")) or ""
+    for trial_dir in layout.trial_dirs():
+        config = storage.read_json(trial_dir.params_file) or {}
+        results_text = storage.read_text(trial_dir.result_file) or ""
         reports = []
         for line in results_text.splitlines():
             try:
                 reports.append(json.loads(line))
             except json.JSONDecodeError:
                 problems.append(
-                    f"{entry.base_name}: unreadable line in result.json (trial interrupted mid-write?)"
+                    f"{trial_dir.name}: unreadable line in result.json (trial interrupted mid-write?)"
                 )
-        trial_id = (reports[0].get("trial_id") if reports else None) or _trial_id_from_dir(entry.base_name)
-        error = _read(fs, posixpath.join(entry.path, "error.txt"))
+        trial_id = (reports[0].get("trial_id") if reports else None) or trial_dir.trial_id_from_name()
+        error = storage.read_text(trial_dir.error_file)
         keys = search_keys or sorted(config)
         config_columns = {key: config.get(key) for key in keys}
         for report in reports:
@@ -141,17 +107,19 @@ def collect(path: str) -> Experiment:
         epochs_run = int(max((r.get("epoch", 0) for r in reports), default=0))
         status = _status(error, epochs_run, max_epochs, trial_id in stopped)
         row = {"trial_id": trial_id, **config_columns, "status": status, "epochs_run": epochs_run}
-        for metric in METRICS:
+        for metric in summarised_metrics():
             values = [r.get(metric) for r in reports]
             values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
-            if reports and not values and metric in ("nmse", "psnr", "ssim"):
+            if reports and not values and metric in metric_table():
                 problems.append(f"trial {trial_id}: no value of {metric} in its results")
             row[f"last_{metric}"] = values[-1] if values else math.nan
-        best = max(reports, key=lambda r: _number(r.get("ssim")), default=None)
-        for metric in ("nmse", "psnr", "ssim", "epoch"):
+        # The best epoch is the best by the primary metric; every metric is reported at that epoch.
+        sign = 1.0 if metric_table()[PRIMARY_METRIC].higher_is_better else -1.0
+        best = max(reports, key=lambda r: sign * _number(r.get(PRIMARY_METRIC), sign), default=None)
+        for metric in (*metric_table(), "epoch"):
             row[f"best_{metric}"] = _number(best.get(metric)) if best else math.nan
         row["error"] = error.strip().splitlines()[-1][:300] if error else ""
-        row["trial_dir"] = entry.base_name
+        row["trial_dir"] = trial_dir.name
         trial_rows.append(row)
         if error:
             problems.append(f"trial {trial_id} {status}: {row['error']}")
@@ -162,19 +130,11 @@ def collect(path: str) -> Experiment:
     return Experiment(path, trials, epochs, problems)
 
 
-def _trial_id_from_dir(name: str) -> str:
-    """The trial id in a Tune trial directory name ``<trainable>_<id>_<index>_<params>_<date>``.
-
-    Needed for trials that reported nothing yet; Tune's ids are ``<5 hex>_<5 digits>``.
-    """
-    match = _TRIAL_ID.search(name)
-    return match.group(1) if match else name
-
-
-def _number(value) -> float:
+def _number(value, sign: float = 1.0) -> float:
+    """A finite reported value as float; a missing or NaN one ranks last (``-inf`` after ``sign``)."""
     if isinstance(value, (int, float)) and not math.isnan(value):
         return float(value)
-    return -math.inf
+    return -math.inf * sign
 
 
 def write_tables(path: str, out_dir: str | None = None) -> Experiment:
@@ -185,15 +145,39 @@ def write_tables(path: str, out_dir: str | None = None) -> Experiment:
         out_dir: where to write (default ``<path>/results``).
     """
     experiment = collect(path)
-    fs, root = _filesystem(out_dir or posixpath.join(path, RESULTS_DIR))
-    fs.create_dir(root, recursive=True)
+    out_dir = out_dir or ExperimentLayout(path).results_dir
     for name, table in (("trials", experiment.trials), ("epochs", experiment.epochs)):
-        with fs.open_output_stream(posixpath.join(root, f"{name}.csv")) as f:
-            f.write(table.to_csv(index=False).encode())
+        storage.write_text(storage.join(out_dir, f"{name}.csv"), table.to_csv(index=False))
         if not table.empty:
-            with fs.open_output_stream(posixpath.join(root, f"{name}.parquet")) as f:
-                table.to_parquet(f, index=False)
+            storage.write_bytes(storage.join(out_dir, f"{name}.parquet"), table.to_parquet(index=False))
     return experiment
+
+
+def summary(experiment: Experiment, search_keys: list[str], top: int = 5) -> str:
+    """Status counts and the best configurations by the primary metric's mean best value over seeds."""
+    trials = experiment.trials
+    if trials.empty:
+        return "\n".join(["0 trials", *(f"note: {problem}" for problem in experiment.problems)])
+    metric = metric_table()[PRIMARY_METRIC]
+    column = f"best_{PRIMARY_METRIC}"
+    counts = ", ".join(f"{n} {s}" for s, n in trials["status"].value_counts().items())
+    keys = [key for key in search_keys if key != "seed" and key in trials]
+    ranked = (
+        trials.groupby(keys, dropna=False)[column]
+        .agg(["mean", "std", "count"])
+        .sort_values("mean", ascending=not metric.higher_is_better)
+        if keys
+        else trials[[column]].describe().T
+    )
+    return "\n".join(
+        [
+            f"\n{len(trials)} trials: {counts}",
+            f"best configurations by validation {metric.label} (mean over seeds):",
+            ranked.head(top).to_string(),
+            f"tables: {ExperimentLayout(experiment.path).results_dir}/trials.csv and epochs.csv",
+            *(f"note: {problem}" for problem in experiment.problems),
+        ]
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -211,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     counts = experiment.trials["status"].value_counts().to_dict() if not experiment.trials.empty else {}
     print(
         f"{len(experiment.trials)} trials ({counts}), {len(experiment.epochs)} epoch rows written to "
-        f"{args.out or posixpath.join(args.experiment, RESULTS_DIR)}"
+        f"{args.out or ExperimentLayout(args.experiment).results_dir}"
     )
     return 0
 

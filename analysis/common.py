@@ -1,23 +1,23 @@
 """What every analysis script shares: loading experiments into one study, seed statistics, output files.
 
 A :class:`Study` is one or more experiment directories collected by :func:`analysis.collect.collect` and
-joined with each trial's resolved training configuration (profile defaults + the sweep's fixed values + the
-trial's parameters, exactly as ``ray_jobs.sweep_config.SweepSpec.trial_values`` builds them), so every trial
-has a ``model`` and a ``gamma`` even when neither was searched. Trials are grouped into *arms*: the
-architecture, with a Sparse Attention U-Net at gamma = 0 counted as the Attention U-Net it is.
+joined with each trial's training configuration, read from the file the trial recorded
+(``train_runs/<trial id>/train_config.json``, see :mod:`mri_models.experiment`), so every trial has a
+``model`` and its penalty weights (``gamma``) even when neither was searched. Trials are grouped into
+*arms* (:mod:`mri_models.arms`): the architecture and the penalties it trains with, so a Sparse Attention
+U-Net at gamma = 0 counts as the Attention U-Net it is. The metrics shown are the metric table's
+(:func:`mri_models.metrics.metric_table`), the primary one (SSIM) first.
 
-Nothing here needs Ray: ``ray_jobs.sweep_config`` is plain pydantic, and when it cannot read a sweep (an
-older or newer spec format) the configuration is merged by hand and the fallback is reported.
+Experiments written before trials recorded their configuration are merged from ``sweep.json`` and
+``params.json`` (reported as a problem: profile defaults are then unknown). Nothing here needs Ray.
 """
 
 from __future__ import annotations
 
 import io
 import itertools
-import json
 import math
-import posixpath
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,13 +28,17 @@ matplotlib.use("Agg")  # scripts run headless on clusters and in CI
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import pyarrow.fs as pafs
 from scipy import stats
 
-from analysis.collect import ASHA_STATE_FILE, SWEEP_FILE, _filesystem, _read, collect, read_asha_state
+from analysis.collect import collect
+from mri_models import experiment as storage
+from mri_models.arms import accepts_weight, arm_of
+from mri_models.experiment import ASHA_STATE_FILE, SWEEP_FILE, ExperimentLayout
+from mri_models.losses import penalty_by_weight_key
+from mri_models.metrics import PRIMARY_METRIC, Metric, metric_table
+from mri_models.models.registry import reserved_penalties
+from mri_models.plugins import load_plugins
 
-MODEL_ORDER = ("unet", "attention_unet", "sparse_attention_unet")
-SPARSE_MODEL = "sparse_attention_unet"
 # Trials whose numbers describe a (possibly partial) training run; failed ones are reported, not averaged.
 INCLUDED_STATUSES = ("completed", "stopped", "unfinished")
 STATUS_COLOURS = {
@@ -44,9 +48,17 @@ STATUS_COLOURS = {
     "errored": "tab:purple",
     "diverged": "tab:red",
 }
-IMAGE_METRICS = ("ssim", "psnr", "nmse")  # SSIM first: the paper's focus
-METRIC_LABELS = {"ssim": "SSIM", "psnr": "PSNR (dB)", "nmse": "NMSE", "mpand": "MPAND"}
-HIGHER_IS_BETTER = {"ssim": True, "psnr": True, "nmse": False}
+
+
+def image_metrics() -> dict[str, Metric]:
+    """The metric table with the primary metric (SSIM, the paper's focus) first."""
+    table = metric_table()
+    return {PRIMARY_METRIC: table[PRIMARY_METRIC], **table}
+
+
+def weight_keys() -> list[str]:
+    """The configuration keys of the penalty weights (``gamma``, ...)."""
+    return list(penalty_by_weight_key())
 
 
 @dataclass
@@ -125,22 +137,7 @@ class StepResult:
     markdown: str = ""  # a table to show inline in the report
 
 
-# ----------------------------------------------------------------------------------------- arms
-
-
-def arm_label(model: str, gamma: float) -> str:
-    """The arm of a trial: its architecture, or the sparse model with its gamma."""
-    if model == SPARSE_MODEL:
-        # gamma = 0 is exactly the Attention U-Net (DESIGN.md), so it is that arm, the reference.
-        return "attention_unet" if not gamma else f"sparse_attention_unet (γ={gamma:g})"
-    return str(model)
-
-
-def arm_rank(model: str, gamma: float) -> tuple[int, float]:
-    order = MODEL_ORDER.index(model) if model in MODEL_ORDER else len(MODEL_ORDER)
-    if model == SPARSE_MODEL and not gamma:
-        order = MODEL_ORDER.index("attention_unet")
-    return order, float(gamma or 0.0)
+# ----------------------------------------------------------------------------------------- names
 
 
 def slug(text: str) -> str:
@@ -153,39 +150,37 @@ def slug(text: str) -> str:
 
 
 def experiment_name(path: str) -> str:
-    return posixpath.basename(path.rstrip("/")) or path
+    return ExperimentLayout(path).name
 
 
-def resolve_config(sweep: dict[str, Any], params: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
-    """A trial's training configuration values, as the sweep built them.
+def trial_config(
+    layout: ExperimentLayout, trial_id: str, sweep: dict[str, Any], params: dict[str, Any]
+) -> tuple[dict[str, Any], str | None]:
+    """A trial's training configuration: the one it recorded, else merged from the sweep's files.
 
     Returns:
-        The values and, when the sweep spec could not be used as such, a note saying how they were merged.
+        The values and, when they had to be merged from ``sweep.json`` and ``params.json``, a note saying so.
     """
-    spec = sweep.get("spec")
-    if spec:
+    recorded = storage.read_json(layout.train_run(trial_id).config_file)
+    if recorded is not None:
         try:
-            from ray_jobs.sweep_config import SweepSpec
-
-            return SweepSpec(**spec).trial_values(params), None
-        except Exception as err:  # a spec of another version: fall back to the documented merge
-            note = f"sweep spec not readable by ray_jobs.sweep_config ({type(err).__name__}); merged by hand"
-    else:
-        note = "no sweep spec: configuration from params.json and TrainConfig defaults"
-    values: dict[str, Any] = {}
-    try:
-        from ray_jobs.config import profile_defaults
-
-        values.update(profile_defaults((spec or {}).get("profile", "cpu")))
-    except Exception:
-        pass
-    values.update((spec or {}).get("train") or {})
-    values.update(params)
-    if "model" not in values and "gamma" in params:
-        values["model"] = SPARSE_MODEL  # the only architecture that takes a gamma
-    values.setdefault("model", "unet")  # TrainConfig's default
-    if values.get("model") != SPARSE_MODEL and "gamma" not in params:
-        values.pop("gamma", None)
+            load_plugins(recorded.get("plugins") or ())  # their metrics and penalties join the tables
+        except ValueError as err:
+            return recorded, f"trial {trial_id}: {err}"
+        return recorded, None
+    values = {**((sweep.get("spec") or {}).get("train") or {}), **params}
+    reserved = reserved_penalties()
+    terms = penalty_by_weight_key()
+    if "model" not in values:  # a searched weight reserved to a variant names the model (gamma: sparse)
+        owners = [reserved[terms[k].name].name for k in params if k in terms and terms[k].name in reserved]
+        values["model"] = owners[0] if owners else "unet"
+    for key in terms:  # a fixed weight applies only to the models that take it, as the sweep applied it
+        if key in values and key not in params and not accepts_weight(values["model"], key):
+            values.pop(key)
+    note = (
+        "trials without train_config.json (written before trials recorded their configuration): "
+        "configuration merged from sweep.json and params.json, profile defaults unknown"
+    )
     return values, note
 
 
@@ -215,12 +210,13 @@ def load_study(paths: Sequence[str]) -> Study:
         except FileNotFoundError as err:
             problems.append(str(err))
             continue
-        fs, root = _filesystem(path)
-        sweep = json.loads(_read(fs, posixpath.join(root, SWEEP_FILE)) or "{}")
+        layout = ExperimentLayout(path)
+        sweep = storage.read_json(layout.sweep_file) or {}
         if not sweep:
             problems.append(f"{name}: no {SWEEP_FILE}; search keys and epoch budget unknown")
         spec = sweep.get("spec") or {}
-        if spec.get("scheduler", {}).get("type", "asha") == "asha" and read_asha_state(fs, root) is None:
+        asha = spec.get("scheduler", {}).get("type", "asha") == "asha"
+        if asha and not storage.exists(layout.asha_state_file):
             problems.append(f"{name}: no {ASHA_STATE_FILE}; trials stopped by ASHA look unfinished")
         search_keys = list(sweep.get("search_keys") or [])
         infos.append(ExperimentInfo(path, name, sweep, search_keys))
@@ -230,17 +226,22 @@ def load_study(paths: Sequence[str]) -> Study:
             continue
         rows = []
         for _, trial in trials.iterrows():
-            params = json.loads(_read(fs, posixpath.join(root, trial["trial_dir"], "params.json")) or "{}")
-            values, note = resolve_config(sweep, params)
+            params = storage.read_json(storage.join(layout.path, trial["trial_dir"], "params.json")) or {}
+            values, note = trial_config(layout, trial["trial_id"], sweep, params)
             if note:
                 notes.add(f"{name}: {note}")
             configs[(name, trial["trial_id"])] = values
             rows.append(values)
         for key in {k for values in rows for k in values} - set(trials.columns):
-            if key in search_keys or key in ("model", "gamma", "seed"):
+            if key in search_keys or key in ("model", "seed"):
                 trials[key] = [values.get(key) for values in rows]
         trials["model"] = [values.get("model", "unet") for values in rows]
-        trials["gamma"] = [float(values.get("gamma") or 0.0) for values in rows]
+        for key in weight_keys():  # every penalty weight, 0 where the trial has none
+            trials[key] = [float(values.get(key) or 0.0) for values in rows]
+        arms = [arm_of(values["model"], {k: values.get(k) or 0.0 for k in weight_keys()}) for values in rows]
+        trials["arm"] = [arm.name for arm in arms]
+        trials["arm_rank"] = [arm.rank for arm in arms]
+        trials["has_attention"] = [arm.has_attention for arm in arms]
         trials.insert(0, "experiment", name)
         expected = _expected_trials(sweep)
         if expected is not None and len(trials) < expected:
@@ -266,8 +267,6 @@ def load_study(paths: Sequence[str]) -> Study:
         for key in config_keys:
             if key not in trials:
                 trials[key] = None
-        trials["arm"] = [arm_label(m, g) for m, g in zip(trials["model"], trials["gamma"], strict=True)]
-        trials["arm_rank"] = [arm_rank(m, g) for m, g in zip(trials["model"], trials["gamma"], strict=True)]
         trials["included"] = trials["status"].isin(INCLUDED_STATUSES)
     epochs = _join_epochs(epoch_frames, trials, config_keys)
     return Study(infos, trials, epochs, config_keys, configs, problems)
@@ -286,7 +285,8 @@ def _unique_names(paths: Sequence[str]) -> list[str]:
 def _config_keys(infos: list[ExperimentInfo]) -> list[str]:
     keys: list[str] = []
     for info in infos:
-        keys += [k for k in info.search_keys if k not in ("seed", "model", "gamma") and k not in keys]
+        identifying = {"seed", "model", *weight_keys()}  # the arm already tells these apart
+        keys += [k for k in info.search_keys if k not in identifying and k not in keys]
     if len(infos) > 1:  # trials of different experiments are never seeds of one configuration
         keys.insert(0, "experiment")
     return keys
@@ -296,7 +296,8 @@ def _join_epochs(frames: list[pd.DataFrame], trials: pd.DataFrame, config_keys: 
     if not frames or trials.empty:
         return pd.DataFrame()
     epochs = pd.concat(frames, ignore_index=True)
-    meta = ["experiment", "trial_id", "model", "gamma", "seed", "arm", "arm_rank", "status", "included"]
+    meta = ["experiment", "trial_id", "model", *weight_keys(), "seed", "arm", "arm_rank", "has_attention"]
+    meta += ["status", "included"]
     meta += [k for k in config_keys if k not in meta]
     meta = [k for k in meta if k in trials]
     # The trial's identifying columns win over collect's copies of the search keys.
@@ -307,33 +308,22 @@ def _join_epochs(frames: list[pd.DataFrame], trials: pd.DataFrame, config_keys: 
 # ----------------------------------------------------------------------------------------- statistics
 
 
-def seed_stats(values: Iterable[float]) -> dict[str, float]:
-    """Mean, sample std (ddof 1; NaN for one seed), min, max and count of the finite values."""
-    array = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
-    n = array.size
-    return {
-        "mean": float(array.mean()) if n else math.nan,
-        "std": float(array.std(ddof=1)) if n > 1 else math.nan,
-        "min": float(array.min()) if n else math.nan,
-        "max": float(array.max()) if n else math.nan,
-        "n": int(n),
-    }
+SEED_STATS = {"mean": "mean", "std": "std", "min": "min", "max": "max", "n": "count"}
 
 
 def aggregate(table: pd.DataFrame, by: list[str], metrics: Sequence[str]) -> pd.DataFrame:
-    """Per group of ``by``: ``<metric>_mean``, ``_std``, ``_min``, ``_max`` and ``_n`` over rows (seeds)."""
-    rows = []
+    """Per group of ``by``: ``<metric>_mean``, ``_std`` (ddof 1), ``_min``, ``_max`` and ``_n`` over the rows
+    (seeds), counting only finite values; a metric absent from the table gets NaN statistics and n = 0."""
     if table.empty:
         return pd.DataFrame(columns=by)
-    for key, group in table.groupby(by, dropna=False, sort=False) if by else [((), table)]:
-        key = key if isinstance(key, tuple) else (key,)
-        row = dict(zip(by, key, strict=True))
-        for metric in metrics:
-            values = group[metric] if metric in group else []
-            for stat, value in seed_stats(values).items():
-                row[f"{metric}_{stat}"] = value
-        rows.append(row)
-    return pd.DataFrame(rows)
+    values = table[[*by]].copy()
+    for metric in metrics:
+        column = table[metric] if metric in table else pd.Series(np.nan, index=table.index)
+        values[metric] = pd.to_numeric(column, errors="coerce").replace([np.inf, -np.inf], np.nan)
+    keys = by or [values.assign(_all=0)["_all"]]
+    stats_table = values.groupby(keys, dropna=False, sort=False)[list(metrics)].agg(list(SEED_STATS.values()))
+    stats_table.columns = [f"{metric}_{name}" for metric in metrics for name in SEED_STATS]
+    return stats_table.reset_index(drop=not by)
 
 
 WILCOXON_MIN_N = 6  # below six pairs even perfectly consistent signs cannot reach p < 0.05 (two-sided)
@@ -360,11 +350,12 @@ def paired_test(differences: Sequence[float], confidence: float = 0.95) -> dict[
     if n < 2:
         return out
     sd = float(d.std(ddof=1))
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
-    out.update({"std": sd, "ci_low": out["mean"] - half, "ci_high": out["mean"] + half})
+    out.update({"std": sd, "ci_low": out["mean"], "ci_high": out["mean"]})  # no spread: a point
     if sd > 0:
         # ttest_rel(a, b) is the one-sample t-test of a - b against 0.
         result = stats.ttest_1samp(d, 0.0)
+        interval = result.confidence_interval(confidence)
+        out.update({"ci_low": float(interval.low), "ci_high": float(interval.high)})
         out.update({"t": float(result.statistic), "p_ttest": float(result.pvalue)})
     if n >= WILCOXON_MIN_N and np.any(d != 0):
         out["p_wilcoxon"] = float(stats.wilcoxon(d).pvalue)
@@ -394,21 +385,16 @@ def metric_at_epoch(epochs: pd.DataFrame, epoch: int, metrics: Sequence[str]) ->
 
 
 class OutDir:
-    """An output directory on a local path or a pyarrow filesystem URI."""
+    """The analysis output directory (local path or URI): files are named relative to it."""
 
     def __init__(self, uri: str):
         self.uri = uri
-        self.fs, self.root = _filesystem(uri)
-        self.fs.create_dir(self.root, recursive=True)
 
     def join(self, relative: str) -> str:
-        return posixpath.join(self.uri, relative)
+        return storage.join(self.uri, relative)
 
     def write_bytes(self, relative: str, data: bytes) -> str:
-        path = posixpath.join(self.root, relative)
-        self.fs.create_dir(posixpath.dirname(path), recursive=True)
-        with self.fs.open_output_stream(path) as f:
-            f.write(data)
+        storage.write_bytes(self.join(relative), data)
         return relative
 
     def write_text(self, relative: str, text: str) -> str:
@@ -427,26 +413,25 @@ class OutDir:
         return self.write_bytes(relative, buffer.getvalue())
 
     def exists(self, relative: str) -> bool:
-        return self.fs.get_file_info(posixpath.join(self.root, relative)).type != pafs.FileType.NotFound
+        return storage.exists(self.join(relative))
 
 
 def markdown_table(table: pd.DataFrame, formats: dict[str, str] | None = None) -> str:
-    """A GitHub Markdown table (no tabulate dependency); NaN shows as an en dash."""
+    """A GitHub Markdown table (``DataFrame.to_markdown``); numbers in ``formats``' specs, NaN as –."""
     if table.empty:
         return "_(no rows)_\n"
-    formats = formats or {}
-
-    def cell(column: str, value: Any) -> str:
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return "–"
-        if column in formats and isinstance(value, (int, float, np.number)):
-            return format(value, formats[column])
-        return str(value).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(map(str, table.columns)) + " |", "|" + "---|" * len(table.columns)]
-    for _, row in table.iterrows():
-        lines.append("| " + " | ".join(cell(c, row[c]) for c in table.columns) + " |")
-    return "\n".join(lines) + "\n"
+    shown = table.astype(object).copy()
+    for column in shown.columns:
+        spec = (formats or {}).get(column)
+        shown[column] = [
+            "–"
+            if value is None or (isinstance(value, float) and math.isnan(value))
+            else format(value, spec)
+            if spec and isinstance(value, (int, float, np.number))
+            else str(value).replace("|", "\\|")
+            for value in shown[column]
+        ]
+    return shown.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
 def mean_std_text(mean: float, std: float, fmt: str) -> str:
@@ -494,7 +479,7 @@ def add_common_arguments(parser) -> None:
 
 
 def default_out(experiments: Sequence[str]) -> str:
-    return posixpath.join(experiments[0].rstrip("/"), "analysis")
+    return ExperimentLayout(experiments[0]).analysis_dir
 
 
 def print_result(result: StepResult, out: OutDir) -> None:

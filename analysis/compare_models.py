@@ -23,23 +23,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd
 
 from analysis.common import (
-    IMAGE_METRICS,
-    METRIC_LABELS,
     Artifact,
     OutDir,
     StepResult,
     Study,
     aggregate,
     config_text,
+    image_metrics,
     markdown_table,
     mean_std_text,
     paired_test,
     pairs,
     run_step,
 )
+from mri_models.metrics import PRIMARY_METRIC, metric_table
 
-POINTS = {"best": "epoch of best validation SSIM", "last": "last epoch"}
-FORMATS = {"nmse": ".4f", "psnr": ".2f", "ssim": ".4f"}
+POINTS = {"best": f"epoch of best validation {PRIMARY_METRIC.upper()}", "last": "last epoch"}
 
 
 def _status_text(statuses: pd.Series) -> str:
@@ -52,11 +51,12 @@ def summary_table(study: Study) -> pd.DataFrame:
     if trials.empty:
         return pd.DataFrame()
     keys = ["arm", *study.config_keys]
-    columns = {f"{m}_{p}": trials[f"{p}_{m}"] for p in POINTS for m in IMAGE_METRICS if f"{p}_{m}" in trials}
+    metrics = image_metrics()
+    columns = {f"{m}_{p}": trials[f"{p}_{m}"] for p in POINTS for m in metrics if f"{p}_{m}" in trials}
     meta_columns = [*keys, "model", "gamma", "status", "included", "epochs_run"]
     values = pd.concat([trials[meta_columns], pd.DataFrame(columns)], axis=1)
     included = values[values["included"]]
-    table = aggregate(included, keys, [f"{m}_{p}" for p in POINTS for m in IMAGE_METRICS])
+    table = aggregate(included, keys, [f"{m}_{p}" for p in POINTS for m in metrics])
     if table.empty:
         return table
     meta = values.groupby(keys, dropna=False, sort=False).agg(
@@ -72,8 +72,10 @@ def summary_table(study: Study) -> pd.DataFrame:
         for lo, hi in epochs.reindex(meta.index).fillna(0).astype(int).to_numpy().tolist()
     ]
     table = meta.reset_index().merge(table, on=keys, how="right")
-    table.insert(len(keys) + 2, "seeds", table["ssim_best_n"])
-    return table.sort_values("ssim_best_mean", ascending=False, na_position="last").reset_index(drop=True)
+    table.insert(len(keys) + 2, "seeds", table[f"{PRIMARY_METRIC}_best_n"])
+    ascending = not metric_table()[PRIMARY_METRIC].higher_is_better
+    table = table.sort_values(f"{PRIMARY_METRIC}_best_mean", ascending=ascending, na_position="last")
+    return table.reset_index(drop=True)
 
 
 def paired_differences(study: Study) -> pd.DataFrame:
@@ -88,7 +90,7 @@ def paired_differences(study: Study) -> pd.DataFrame:
         b = trials[trials["arm"] == other]
         matched = a.merge(b, on=match, suffixes=("_a", "_b"))
         for point in POINTS:
-            for metric in IMAGE_METRICS:
+            for metric in image_metrics():
                 column = f"{point}_{metric}"
                 if f"{column}_a" not in matched:
                     continue
@@ -118,20 +120,25 @@ def paired_differences(study: Study) -> pd.DataFrame:
 
 def _markdown_summary(table: pd.DataFrame, study: Study, point: str) -> str:
     rows = []
-    for _, row in table.sort_values(f"ssim_{point}_mean", ascending=False, na_position="last").iterrows():
+    primary = metric_table()[PRIMARY_METRIC]
+    ordered = table.sort_values(
+        f"{PRIMARY_METRIC}_{point}_mean", ascending=not primary.higher_is_better, na_position="last"
+    )
+    for _, row in ordered.iterrows():
         out = {"Architecture": row["arm"], "Configuration": config_text(row, study.config_keys)}
-        out["Seeds"] = int(row[f"ssim_{point}_n"])
+        out["Seeds"] = int(row[f"{PRIMARY_METRIC}_{point}_n"])
         out["Epochs"] = row["epochs"]
-        for metric in ("nmse", "psnr", "ssim"):
-            out[METRIC_LABELS[metric]] = mean_std_text(
-                row[f"{metric}_{point}_mean"], row[f"{metric}_{point}_std"], FORMATS[metric]
+        for name, metric in metric_table().items():  # in the table's order (fastMRI's NMSE, PSNR, SSIM)
+            out[metric.label] = mean_std_text(
+                row[f"{name}_{point}_mean"], row[f"{name}_{point}_std"], metric.fmt
             )
         out["Trials"] = row["statuses"] + (" (failed ones excluded)" if row["failed"] else "")
         rows.append(out)
     return markdown_table(pd.DataFrame(rows))
 
 
-def _markdown_pairs(table: pd.DataFrame, metrics: Sequence[str] = IMAGE_METRICS) -> str:
+def _markdown_pairs(table: pd.DataFrame, metrics: Sequence[str] | None = None) -> str:
+    metrics = list(image_metrics()) if metrics is None else metrics
     shown = table[(table["point"] == "best") & table["metric"].isin(metrics)].copy() if len(table) else table
     if shown.empty:
         return "_(no matched pairs of arms)_\n"
@@ -169,15 +176,16 @@ def run(study: Study, out: OutDir) -> StepResult:
     result.markdown = "\n".join(
         [
             best_table,
-            "SSIM differences at the best epoch (arm − reference):\n",
-            _markdown_pairs(differences, ["ssim"]),
+            f"{metric_table()[PRIMARY_METRIC].label} differences at the best epoch (arm − reference):\n",
+            _markdown_pairs(differences, [PRIMARY_METRIC]),
         ]
     )
     result.artifacts += [
         Artifact(
             "compare_models.md",
-            "NMSE, PSNR and SSIM per architecture and configuration as mean ± std over seeds, at the best "
-            "and the last epoch, sorted by SSIM, with the paired differences between architectures.",
+            f"{', '.join(m.label for m in metric_table().values())} per architecture and configuration as "
+            "mean ± std over seeds, at the best and the last epoch, sorted by "
+            f"{metric_table()[PRIMARY_METRIC].label}, with the paired differences between architectures.",
         ),
         Artifact("compare_models.csv", "The same per-configuration statistics (mean, std, min, max, n)."),
         Artifact(

@@ -22,8 +22,6 @@ import numpy as np
 import pandas as pd
 
 from analysis.common import (
-    IMAGE_METRICS,
-    METRIC_LABELS,
     Artifact,
     OutDir,
     StepResult,
@@ -32,11 +30,10 @@ from analysis.common import (
     common_budget,
     config_groups,
     config_text,
+    image_metrics,
     metric_at_epoch,
     run_step,
 )
-
-ATTENTION_MODELS = ("attention_unet", "sparse_attention_unet")
 
 
 def trial_points(study: Study) -> tuple[pd.DataFrame, int | None]:
@@ -48,18 +45,18 @@ def trial_points(study: Study) -> tuple[pd.DataFrame, int | None]:
     trials = study.included_trials()
     if trials.empty:
         return pd.DataFrame(), None
-    trials = trials[trials["model"].isin(ATTENTION_MODELS)]
+    trials = trials[trials["has_attention"]]
     budget = common_budget(trials)
     keys = ["experiment", "trial_id", "gamma", "seed", "status", *study.config_keys]
     keys = list(dict.fromkeys(k for k in keys if k in trials))
     best = trials[keys].copy()
-    for metric in IMAGE_METRICS:
+    for metric in image_metrics():
         best[metric] = trials.get(f"best_{metric}", np.nan)
     best["epoch"] = trials["best_epoch"]
     best.insert(0, "point", "best")
     frames = [best]
     if budget is not None:
-        at = metric_at_epoch(study.epochs, budget, IMAGE_METRICS)
+        at = metric_at_epoch(study.epochs, budget, list(image_metrics()))
         at = trials[keys].merge(at, on=["experiment", "trial_id"], how="inner")
         at["epoch"] = budget
         at.insert(0, "point", "budget")
@@ -70,7 +67,7 @@ def trial_points(study: Study) -> tuple[pd.DataFrame, int | None]:
 def curves_table(points: pd.DataFrame, config_keys: list[str]) -> pd.DataFrame:
     """Per configuration, point and gamma: mean/std/min/max/n of each metric, and the stopped count."""
     by = ["point", *[k for k in config_keys if k in points], "gamma"]
-    table = aggregate(points, by, IMAGE_METRICS)
+    table = aggregate(points, by, list(image_metrics()))
     stopped = points.groupby(by, dropna=False)["status"].apply(lambda s: int((s == "stopped").sum()))
     table = table.merge(stopped.rename("stopped").reset_index(), on=by, how="left")
     return table.sort_values(by).reset_index(drop=True)
@@ -78,7 +75,7 @@ def curves_table(points: pd.DataFrame, config_keys: list[str]) -> pd.DataFrame:
 
 def _unet_reference(study: Study, metric: str) -> float:
     trials = study.included_trials()
-    values = trials.loc[trials["model"] == "unet", f"best_{metric}"] if not trials.empty else []
+    values = trials.loc[trials["arm"] == "unet", f"best_{metric}"] if not trials.empty else []
     return float(np.nanmean(values)) if len(values) and np.isfinite(values).any() else np.nan
 
 
@@ -86,14 +83,15 @@ def plot(study: Study, points: pd.DataFrame, table: pd.DataFrame, budget: int | 
     """One panel per metric: the curves over gamma, the gamma = 0 reference lines, the trials."""
     gammas = sorted(points["gamma"].unique())
     nonzero = [g for g in gammas if g > 0]
-    figure, axes = plt.subplots(1, len(IMAGE_METRICS), figsize=(5.2 * len(IMAGE_METRICS), 4.2), squeeze=False)
+    metrics = image_metrics()
+    figure, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.2), squeeze=False)
     styles = {
         "best": {"linestyle": "-", "marker": "o", "label": "best epoch of the run"},
         "budget": {"linestyle": "--", "marker": "s", "label": f"at epoch {budget} (common budget)"},
     }
     colours = plt.get_cmap("tab10")
     groups = config_groups(table, study.config_keys)
-    for ax, metric in zip(axes[0], IMAGE_METRICS, strict=True):
+    for ax, (metric, spec) in zip(axes[0], metrics.items(), strict=True):
         for k, (config, rows) in enumerate(groups):
             suffix = f" [{config_text(config, list(config))}]" if config else ""
             for j, (point, style) in enumerate(styles.items()):
@@ -147,8 +145,8 @@ def plot(study: Study, points: pd.DataFrame, table: pd.DataFrame, budget: int | 
         ax.set_xticks(gammas)
         ax.set_xticklabels([f"{g:g}" for g in gammas], rotation=30)
         ax.set_xlabel("γ (attention sparsity weight, symlog)")
-        ax.set_ylabel(METRIC_LABELS[metric] + (" (lower is better)" if metric == "nmse" else ""))
-        ax.set_title(f"{METRIC_LABELS[metric]} against γ")
+        ax.set_ylabel(spec.label + ("" if spec.higher_is_better else " (lower is better)"))
+        ax.set_title(f"{spec.label} against γ")
         ax.grid(alpha=0.3)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
@@ -174,7 +172,8 @@ def run(study: Study, out: OutDir) -> StepResult:
     result.artifacts += [
         Artifact(
             "gamma_curves.png",
-            f"SSIM, PSNR and NMSE against γ (mean ± std over seeds) at each trial's best epoch and at the "
+            f"{', '.join(m.label for m in image_metrics().values())} against γ (mean ± std over seeds) at "
+            "each trial's best epoch and at the "
             f"common budget of epoch {budget}, with γ=0 (Attention U-Net) as reference line; "
             f"{stopped} trial(s) stopped early by ASHA are crosses.",
         ),

@@ -1,10 +1,10 @@
 """MPAND against epoch per architecture or gamma, mean ± std over seeds (the paper's Figure 6).
 
-MPAND (Mean Post Attention Norm Difference, DESIGN.md) and its per-level values ``mpand_level_k`` (decoder
-order: level 1 is the deepest up-sampling level) are averaged over seeds per epoch; the band is ± one
-standard deviation, and the CSV also has the min and max. When an arm was run at several configurations the
-curve is that of its best configuration by mean best SSIM, as the paper shows the best configuration of each
-model. The plain U-Net has no attention (MPAND is NaN) and is skipped.
+MPAND (Mean Post Attention Norm Difference, ``docs/architecture.md``) and its per-level values
+``mpand_level_k`` (decoder order: level 1 is the deepest up-sampling level) are averaged over seeds per
+epoch; the band is ± one standard deviation, and the CSV also has the min and max. When an arm was run at
+several configurations the curve is that of its best configuration by mean best SSIM, as the paper shows the
+best configuration of each model. The plain U-Net has no attention (MPAND is NaN) and is skipped.
 
 Run ``python analysis/mpand_curves.py --experiment PATH [--out DIR]``.
 """

@@ -14,8 +14,6 @@ Run ``python analysis/reconstructions.py --experiment PATH [--out DIR]``.
 from __future__ import annotations
 
 import io
-import json
-import posixpath
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,14 +25,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
-import pyarrow.fs as pafs
 
-from analysis.collect import _filesystem, _read
 from analysis.common import Artifact, OutDir, StepResult, Study, run_step, slug
+from mri_models import experiment as storage
+from mri_models.experiment import CHECKPOINT_FILE, HISTORY_FILE, ExperimentLayout
+from mri_models.metrics import PRIMARY_METRIC, metric_table
 
-TRAIN_RUNS_DIR = "train_runs"  # ray_jobs.tune names each trial's Train run after its id under here
-CHECKPOINT_FILE = "checkpoint.pt"
-HISTORY_FILE = "history.json"
 NUM_SLICES = 2
 
 
@@ -47,39 +43,28 @@ class LoadedModel:
     trial_id: str
     checkpoint: str
     epoch: int
-    ssim: float
+    score: float  # the primary metric (SSIM) of the checkpoint's last validation
     network: Any
     config: dict[str, Any]
 
 
 def choose_checkpoint(experiment_path: str, trial_id: str) -> tuple[str, list[dict]] | None:
-    """The trial's checkpoint directory (as a path or URI) whose history ends with the best SSIM, and that
-    history; None when the trial kept no readable checkpoint."""
-    fs, root = _filesystem(experiment_path)
-    run_dir = posixpath.join(root, TRAIN_RUNS_DIR, trial_id)
-    try:
-        entries = fs.get_file_info(pafs.FileSelector(run_dir))
-    except (FileNotFoundError, OSError):
-        return None
+    """The trial's checkpoint directory (as a path or URI) whose history ends with the best primary metric,
+    and that history; None when the trial kept no readable checkpoint."""
+    sign = 1.0 if metric_table()[PRIMARY_METRIC].higher_is_better else -1.0
     best: tuple[float, str, list[dict]] | None = None
-    for entry in entries:
-        if entry.type != pafs.FileType.Directory or not entry.base_name.startswith("checkpoint_"):
-            continue
-        text = _read(fs, posixpath.join(entry.path, HISTORY_FILE))
+    for checkpoint in ExperimentLayout(experiment_path).train_run(trial_id).checkpoints():
         try:
-            history = json.loads(text) if text else []
-        except json.JSONDecodeError:
+            history = storage.read_json(storage.join(checkpoint, HISTORY_FILE)) or []
+        except ValueError:  # a half-written history
             continue
-        if not history or fs.get_file_info(posixpath.join(entry.path, CHECKPOINT_FILE)).type.name != "File":
+        if not history or not storage.exists(storage.join(checkpoint, CHECKPOINT_FILE)):
             continue
-        ssim = history[-1].get("ssim")
-        score = float(ssim) if isinstance(ssim, (int, float)) and np.isfinite(ssim) else -np.inf
+        value = history[-1].get(PRIMARY_METRIC)
+        score = sign * float(value) if isinstance(value, (int, float)) and np.isfinite(value) else -np.inf
         if best is None or score > best[0]:
-            best = (score, entry.path, history)
-    if best is None:
-        return None
-    name = posixpath.basename(best[1])
-    return posixpath.join(experiment_path.rstrip("/"), TRAIN_RUNS_DIR, trial_id, name), best[2]
+            best = (score, checkpoint, history)
+    return None if best is None else (best[1], best[2])
 
 
 def load_network(path: str, config: dict[str, Any]):
@@ -88,9 +73,10 @@ def load_network(path: str, config: dict[str, Any]):
 
     from mri_models.models import build_model
 
-    fs, local = _filesystem(path)
-    with fs.open_input_stream(posixpath.join(local, CHECKPOINT_FILE)) as f:
-        state = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    data = storage.read_bytes(storage.join(path, CHECKPOINT_FILE))
+    if data is None:
+        raise FileNotFoundError(f"{path}: no {CHECKPOINT_FILE}")
+    state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     hparams = {k: config[k] for k in ("chans", "num_pool_layers", "drop_prob") if k in config}
     network = build_model(config.get("model", "unet"), **hparams)
     network.load_state_dict(state["model"])
@@ -104,7 +90,9 @@ def best_models(study: Study, problems: list[str]) -> list[LoadedModel]:
     models = []
     for arm in study.arms():
         candidates = trials[trials["arm"] == arm].sort_values(
-            "best_ssim", ascending=False, na_position="last"
+            f"best_{PRIMARY_METRIC}",
+            ascending=not metric_table()[PRIMARY_METRIC].higher_is_better,
+            na_position="last",
         )
         for _, trial in candidates.iterrows():
             info = study.experiment(trial["experiment"])
@@ -121,9 +109,9 @@ def best_models(study: Study, problems: list[str]) -> list[LoadedModel]:
             except Exception as err:  # a corrupt file or a configuration that does not match the weights
                 problems.append(f"reconstructions: cannot load {path}: {type(err).__name__}: {err}")
                 continue
-            ssim = float(history[-1].get("ssim", np.nan))
+            score = float(history[-1].get(PRIMARY_METRIC, np.nan))
             models.append(
-                LoadedModel(arm, trial["experiment"], trial["trial_id"], path, epoch, ssim, network, config)
+                LoadedModel(arm, trial["experiment"], trial["trial_id"], path, epoch, score, network, config)
             )
             break
         else:
@@ -178,11 +166,22 @@ def reconstruct(model: LoadedModel, sample) -> dict[str, Any]:
 
 
 def slice_scores(target: np.ndarray, image: np.ndarray, max_value: float) -> dict[str, float]:
-    from mri_models.metrics import nmse, psnr, ssim
+    """Every metric of the table for one slice, as a one-slice volume."""
+    from mri_models.metrics import VolumeMetricAccumulator, slice_metrics
 
-    gt, pred = target[None].astype(np.float64), image[None].astype(np.float64)
+    gt, pred = target.astype(np.float64), image.astype(np.float64)
     maxval = max_value or float(target.max())
-    return {"ssim": ssim(gt, pred, maxval), "psnr": psnr(gt, pred, maxval), "nmse": nmse(gt, pred)}
+    accumulator = VolumeMetricAccumulator()
+    accumulator.add("slice", 0, slice_metrics(pred, gt, maxval), maxval)
+    scores = accumulator.compute()
+    return {name: scores[name] for name in metric_table()}
+
+
+def score_text(scores: dict[str, float]) -> str:
+    """``SSIM 0.712, PSNR 31.2``: the primary metric first, then the others that rise with quality."""
+    table = metric_table()
+    names = [PRIMARY_METRIC, *(n for n, m in table.items() if m.higher_is_better and n != PRIMARY_METRIC)]
+    return ", ".join(f"{table[n].label.split(' (')[0]} {format(scores[n], table[n].fmt)}" for n in names)
 
 
 def plot_slice(sample, models: list[LoadedModel], outputs: list[dict], rows_out: list[dict]) -> plt.Figure:
@@ -219,7 +218,7 @@ def plot_slice(sample, models: list[LoadedModel], outputs: list[dict], rows_out:
     show(
         axes[0, 0],
         zero_filled,
-        f"zero-filled input\nSSIM {scores['ssim']:.3f}, PSNR {scores['psnr']:.1f}",
+        f"zero-filled input\n{score_text(scores)}",
         **grey,
     )
     error_handle = show(axes[0, 1], errors[0], "|zero-filled − target|", **heat)
@@ -230,7 +229,7 @@ def plot_slice(sample, models: list[LoadedModel], outputs: list[dict], rows_out:
         rows_out.append(
             {"arm": model.arm, "trial_id": model.trial_id, "checkpoint_epoch": model.epoch, **scores}
         )
-        title = f"{model.arm}\nSSIM {scores['ssim']:.3f}, PSNR {scores['psnr']:.1f}"
+        title = f"{model.arm}\n{score_text(scores)}"
         show(axes[row, 0], output["output"], title, **grey)
         show(axes[row, 1], errors[row], "|reconstruction − target|", **heat)
         if not output["maps"]:
@@ -290,7 +289,7 @@ def run(study: Study, out: OutDir) -> StepResult:
         sources = pd.DataFrame(
             [
                 {"arm": m.arm, "experiment": m.experiment, "trial_id": m.trial_id, "checkpoint": m.checkpoint,
-                 "checkpoint_epoch": m.epoch, "checkpoint_val_ssim": m.ssim}
+                 "checkpoint_epoch": m.epoch, f"checkpoint_val_{PRIMARY_METRIC}": m.score}
                 for m in models
             ]
         )  # fmt: skip
@@ -301,7 +300,8 @@ def run(study: Study, out: OutDir) -> StepResult:
         result.artifacts.append(
             Artifact(
                 "reconstructions.csv",
-                "Per shown slice and architecture: the checkpoint used and the slice's SSIM, PSNR and NMSE.",
+                "Per shown slice and architecture: the checkpoint used and the slice's "
+                f"{', '.join(m.label for m in metric_table().values())}.",
             )
         )
     return result

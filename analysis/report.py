@@ -69,7 +69,7 @@ def tables_step(study: Study, out: OutDir) -> StepResult:
     return result
 
 
-def _safe(step: Callable[[Study, OutDir], StepResult], study: Study, out: OutDir) -> StepResult:
+def run_safely(step: Callable[[Study, OutDir], StepResult], study: Study, out: OutDir) -> StepResult:
     try:
         return step(study, out)
     except Exception as err:  # reported, never fatal: the other analyses still run
@@ -122,7 +122,7 @@ def run_all(experiments: Sequence[str], out_uri: str | None = None) -> tuple[Out
     """Every analysis of the experiments into ``out_uri`` (default ``<first experiment>/analysis``)."""
     study = load_study(experiments)
     out = OutDir(out_uri or default_out(experiments))
-    results = [_safe(step, study, out) for step in [tables_step, *STEPS]]
+    results = [run_safely(step, study, out) for step in [tables_step, *STEPS]]
     out.write_text(REPORT_FILE, render(study, results))
     return out, results, study
 

@@ -23,7 +23,8 @@ import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from analysis.common import MODEL_ORDER, STATUS_COLOURS, Artifact, OutDir, StepResult, Study, run_step
+from analysis.common import STATUS_COLOURS, Artifact, OutDir, StepResult, Study, run_step
+from mri_models.models import model_names
 
 MAX_CATEGORIES = 12  # axes with at most this many distinct values are drawn as evenly spaced categories
 
@@ -43,8 +44,9 @@ def hyperparameter_axes(study: Study) -> list[str]:
 
 
 def _sort_key(value) -> tuple:
-    if isinstance(value, str) and value in MODEL_ORDER:
-        return (0, MODEL_ORDER.index(value), "")
+    names = model_names()
+    if isinstance(value, str) and value in names:
+        return (0, names.index(value), "")
     if isinstance(value, (int, float, np.number)) and not pd.isna(value):
         return (1, float(value), "")
     return (2, 0.0, str(value))

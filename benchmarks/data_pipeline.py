@@ -9,7 +9,7 @@ Everything is measured in this run on the same synthetic files (written by
 - ours, in process: ``ray_jobs.data.read_and_transform`` over the epoch's read tasks, no Ray (the transform
   cost without any pipeline overhead);
 - ours, Ray Data: ``slice_dataset(train_read_tasks(...), cfg, training=True, epoch=e).iter_batches(...)``
-  on a local ``ray.init(num_cpus=N)``, exactly as ``ray_jobs.train`` builds it every epoch. The first
+  on a local ``ray.init(num_cpus=N)``, exactly as ``ray_jobs.worker`` builds it every epoch. The first
   epoch (cold: Ray starts its worker processes and imports torch in them) is reported apart from the
   steady-state epochs.
 
@@ -53,7 +53,7 @@ from mri_models.data.transforms import (
 )
 from mri_models.data.volume import KSPACE_KEY, TARGET_KEY
 from ray_jobs.config import TrainConfig
-from ray_jobs.data import _mask_seed, iter_rows_locally, slice_dataset, train_read_tasks
+from ray_jobs.data import iter_rows_locally, slice_dataset, train_read_tasks, training_mask_seed
 
 # name -> (recon size, k-space size)
 SIZES: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
@@ -145,7 +145,7 @@ def ours_in_process(slices: list[tuple[str, int]], cfg: TrainConfig):
 def ours_ray(
     slices: list[tuple[str, int]], cfg: TrainConfig, batch_size: int, shuffle_buffer: int, reservation: bool
 ):
-    """The per-epoch Ray Dataset exactly as ``ray_jobs.train._train_epoch`` iterates it.
+    """The per-epoch Ray Dataset exactly as ``ray_jobs.worker.train_epoch`` iterates it.
 
     ``reservation=False`` measures the proposed patch without editing ``ray_jobs/data.py``: Ray Data's
     per-operator resource reservation is switched off in the DataContext that ``slice_dataset`` captures.
@@ -214,7 +214,7 @@ def profile_slices(
                 t1 = time.perf_counter()
                 data = to_tensor(kspace)
                 t2 = time.perf_counter()
-                data = apply_mask(data, mask_func, seed=_mask_seed(cfg.seed, 0, fname, slice_num))[0]
+                data = apply_mask(data, mask_func, seed=training_mask_seed(cfg.seed, 0, fname, slice_num))[0]
                 t3 = time.perf_counter()
                 image = ifft2c(data)
                 t4 = time.perf_counter()
@@ -232,7 +232,7 @@ def profile_slices(
                     fname,
                     slice_num,
                     mask_func,
-                    _mask_seed(cfg.seed, 0, fname, slice_num),
+                    training_mask_seed(cfg.seed, 0, fname, slice_num),
                 )
                 t7 = time.perf_counter()
                 for key, seconds in zip(
@@ -310,7 +310,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--shuffle-buffer",
         type=int,
         default=4,
-        help="local_shuffle_buffer_size as ray_jobs.train uses (0: none)",
+        help="local_shuffle_buffer_size as ray_jobs.worker uses (0: none)",
     )
     parser.add_argument(
         "--ray-variants",

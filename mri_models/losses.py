@@ -1,4 +1,4 @@
-"""Training losses: fastMRI's L1 reconstruction loss and the attention-sparsity penalty.
+"""Training losses: fastMRI's L1 reconstruction loss plus registered penalty terms.
 
 The paper writes the Sparse Attention U-Net loss as::
 
@@ -8,32 +8,25 @@ We implement ``||v - v_hat||_1`` as fastMRI's UnetModule trains it, ``F.l1_loss`
 (the L1 norm divided by the number of pixels), so gamma = 0 reproduces the Attention U-Net and the
 U-Net training exactly. m is the batch size, L the set of up-sampling levels and i runs over every
 attention coefficient of the batch at level l.
+
+A penalty term is one :class:`PenaltyTerm` entry (:func:`register_penalty`): a function of the network's
+output, the configuration key of its weight, and the output protocol it needs. The paper's penalty is
+``attention_l1`` with weight ``gamma``; the model name ``sparse_attention_unet`` binds it to the Attention
+U-Net (:mod:`mri_models.models.sparse_attention_unet`). :func:`training_loss` adds every active term.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-
-class LossParts(NamedTuple):
-    """The loss and its parts.
-
-    Attributes:
-        total: The scalar to back-propagate.
-        reconstruction: Mean L1 reconstruction loss (attached to the graph).
-        attention_l1: The sparsity penalty, detached, for logging; NaN when there are no attention maps.
-            Kept as a tensor so logging it does not force a device sync every step.
-    """
-
-    total: Tensor
-    reconstruction: Tensor
-    attention_l1: Tensor
+from mri_models.models.registry import AttentionOutput
 
 
 def reconstruction_loss(output: Tensor, target: Tensor) -> Tensor:
@@ -76,41 +69,134 @@ def attention_sparsity_penalty(attention_maps: Sequence[Tensor]) -> Tensor:
     return total / (batch_size * len(attention_maps))
 
 
-def sparse_attention_loss(
-    output: Tensor,
-    target: Tensor,
-    attention_maps: Sequence[Tensor] = (),
-    gamma: float = 0.0,
-) -> LossParts:
-    """The Sparse Attention U-Net loss ``reconstruction + gamma * penalty``.
+def _check_weight(key: str, weight: float) -> float:
+    weight = float(weight)
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"{key} must be a finite number >= 0, got {weight}")
+    return weight
 
-    With ``gamma == 0`` the total *is* the reconstruction loss (no ``0 * penalty`` term is added, so the
-    result and its gradients are exactly the Attention U-Net's, and the penalty costs no backward work).
-    The penalty is still reported, detached, whenever maps are given.
+
+# --- registered penalty terms --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PenaltyTerm:
+    """A term added to the reconstruction loss, ``weight * fn(network output)``.
+
+    Attributes:
+        name: Its column in every report (the detached value, logged at validation).
+        weight_key: The configuration key of its weight (``gamma`` for the paper's term); 0 turns it off.
+        fn: Computes the scalar penalty from the network's output (attached to the graph).
+        label: Display name.
+        symbol: How plots write the weight (``γ``).
+        requires: The output protocol the term reads (see :mod:`mri_models.models.registry`).
+    """
+
+    name: str
+    weight_key: str
+    fn: Callable[[Any], Tensor]
+    label: str
+    symbol: str = ""
+    requires: type = AttentionOutput
+
+    def applies_to(self, provides: type) -> bool:
+        """Whether a network whose output follows ``provides`` gives this term what it reads."""
+        return self.requires in getattr(provides, "__mro__", ())
+
+
+_PENALTIES: dict[str, PenaltyTerm] = {}
+
+
+def register_penalty(term: PenaltyTerm) -> PenaltyTerm:
+    """Add a penalty term; its weight becomes a configuration key (``--set <weight_key>=...``)."""
+    existing = _PENALTIES.get(term.name)
+    if existing is not None and existing != term:
+        raise ValueError(f"penalty {term.name!r} is already registered ({existing})")
+    clash = [t.name for t in _PENALTIES.values() if t.weight_key == term.weight_key and t.name != term.name]
+    if clash:
+        raise ValueError(f"penalty {term.name!r}: weight key {term.weight_key!r} is taken by {clash[0]!r}")
+    _PENALTIES[term.name] = term
+    return term
+
+
+def unregister_penalty(name: str) -> None:
+    """Remove a penalty term (tests and interactive sessions)."""
+    _PENALTIES.pop(name, None)
+
+
+def penalty_terms() -> dict[str, PenaltyTerm]:
+    """Every registered penalty term by name, in registration order."""
+    return dict(_PENALTIES)
+
+
+def penalty_by_weight_key() -> dict[str, PenaltyTerm]:
+    """Every registered penalty term by the configuration key of its weight."""
+    return {term.weight_key: term for term in _PENALTIES.values()}
+
+
+def _attention_l1(result: AttentionOutput) -> Tensor:
+    return attention_sparsity_penalty(result.attention_maps)
+
+
+register_penalty(
+    PenaltyTerm(
+        name="attention_l1",
+        weight_key="gamma",
+        fn=_attention_l1,
+        label="L1 on attention coefficients",
+        symbol="γ",
+    )
+)
+
+
+class TrainingLoss(NamedTuple):
+    """The loss of one batch.
+
+    Attributes:
+        total: The scalar to back-propagate.
+        reconstruction: Mean L1 reconstruction loss (attached to the graph).
+        penalties: Per penalty term name, its detached value (only the terms that were computed).
+    """
+
+    total: Tensor
+    reconstruction: Tensor
+    penalties: dict[str, Tensor]
+
+
+def training_loss(
+    result: Any,
+    target: Tensor,
+    weights: Mapping[str, float],
+    provides: type,
+    log_inactive: bool = False,
+) -> TrainingLoss:
+    """Reconstruction loss plus ``weight * term`` for every penalty with a positive weight.
+
+    A term with weight 0 adds nothing (no ``0 * term``: the gradients are exactly the unpenalised
+    network's). With ``log_inactive`` every term the output supports is also computed, without gradient,
+    for logging (validation).
 
     Args:
-        output: Network output.
-        target: Target of the same shape.
-        attention_maps: The attention maps of :class:`~mri_models.models.UnetOutput` (empty for U-Net).
-        gamma: Sparsity weight, ``>= 0``.
-
-    Returns:
-        :class:`LossParts` with the total, the reconstruction loss and the detached penalty.
+        result: The network's ``forward(image, return_attention=True)`` output.
+        target: Target of the output's shape.
+        weights: Penalty name -> weight (missing names weigh 0).
+        provides: The output protocol the architecture declares.
+        log_inactive: Also compute the terms with weight 0.
 
     Raises:
-        ValueError: If ``gamma`` is negative or not finite, or ``gamma > 0`` without attention maps.
+        ValueError: A positive weight for a term the output cannot feed, or a bad weight.
     """
-    gamma = float(gamma)
-    if not math.isfinite(gamma) or gamma < 0:
-        raise ValueError(f"gamma must be a finite number >= 0, got {gamma}")
-    if gamma > 0 and len(attention_maps) == 0:
-        raise ValueError("gamma > 0 needs attention maps; is the model an attention U-Net?")
-    reconstruction = reconstruction_loss(output, target)
-    if len(attention_maps) == 0:
-        return LossParts(reconstruction, reconstruction, torch.full_like(reconstruction.detach(), math.nan))
-    if gamma == 0:
-        with torch.no_grad():
-            penalty = attention_sparsity_penalty(attention_maps)
-        return LossParts(reconstruction, reconstruction, penalty)
-    penalty = attention_sparsity_penalty(attention_maps)
-    return LossParts(reconstruction + gamma * penalty, reconstruction, penalty.detach())
+    reconstruction = reconstruction_loss(result.output, target)
+    total, logged = reconstruction, {}
+    for name, term in _PENALTIES.items():
+        weight = _check_weight(term.weight_key, weights.get(name, 0.0))
+        if weight > 0:
+            if not term.applies_to(provides):
+                raise ValueError(f"{term.weight_key} > 0 needs {term.requires.__name__} from the model")
+            value = term.fn(result)
+            total = total + weight * value
+            logged[name] = value.detach()
+        elif log_inactive and term.applies_to(provides):
+            with torch.no_grad():
+                logged[name] = term.fn(result)
+    return TrainingLoss(total, reconstruction, logged)

@@ -1,16 +1,19 @@
-"""Evaluation metrics: NMSE, PSNR and SSIM exactly as fastMRI defines them, and MPAND.
+"""Evaluation metrics: NMSE, PSNR and SSIM exactly as fastMRI defines them, the metric table, and MPAND.
 
 Two ways to compute the image metrics:
 
 - whole volumes (:func:`nmse`, :func:`psnr`, :func:`ssim`), the definitions of ``fastmri.evaluate``;
 - per slice (:func:`slice_metrics`) gathered in a :class:`VolumeMetricAccumulator`, for distributed
   validation where the slices of one volume are spread over workers. Per volume it combines them as
-  fastMRI's MriModule does (mean slice MSE over mean squared target, PSNR from the mean MSE and the
-  volume max, mean slice SSIM), which equals the whole-volume definitions because all slices of a volume
-  have the same size; the volume values are then averaged over volumes.
+  fastMRI's MriModule does, which equals the whole-volume definitions; the volume values are then averaged
+  over volumes.
+
+The table of :class:`Metric` entries (:func:`metric_table`, like fastMRI's ``METRIC_FUNCS``) is what the
+trainer reports every epoch and what the analysis tabulates and plots: adding a metric is one
+:func:`register_metric` entry.
 
 MPAND (Mean Post Attention Norm Difference): per up-sampling level l and example b,
-``||alpha_b^l * x_b^l||_F - ||x_b^l||_F``, averaged over examples and levels (see DESIGN.md).
+``||alpha_b^l * x_b^l||_F - ||x_b^l||_F``, averaged over examples and levels (``docs/architecture.md``).
 
 Everything here works on NumPy arrays or CPU/GPU tensors and returns plain Python floats.
 """
@@ -18,7 +21,8 @@ Everything here works on NumPy arrays or CPU/GPU tensors and returns plain Pytho
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -89,21 +93,105 @@ def ssim(gt: ArrayLike, pred: ArrayLike, maxval: float | None = None) -> float:
     return float(np.mean(values))
 
 
-# --- per slice, for distributed validation ------------------------------------------------------------
+# --- the metric table -----------------------------------------------------------------------------------
+
+SliceStats = dict[str, float]
 
 
-class SliceMetrics(NamedTuple):
-    """Per-slice sufficient statistics for the volume metrics.
+@dataclass(frozen=True)
+class Metric:
+    """One image-quality metric, as fastMRI's ``METRIC_FUNCS`` entry plus what reports need.
+
+    A volume metric is computed from per-slice sufficient statistics, so slices may be spread over
+    processes: ``slice_stats`` maps one slice to named floats, ``volume`` combines the statistics of all
+    slices of a volume (arrays in slice order) and the volume's max into the volume's value; the epoch
+    value is the mean over volumes, as ``fastmri.evaluate``.
 
     Attributes:
-        mse: Mean squared error of the slice.
-        target_sq: Mean of the squared target (the slice's contribution to ``||gt||^2``).
-        ssim: SSIM of the slice with the volume's max as data range.
+        name: Its column in every report and table.
+        slice_stats: ``(target, output, max_value) -> {statistic: value}`` of one un-normalised slice.
+        volume: ``(statistics as arrays, max_value) -> value`` of one volume.
+        label: Display name (axis labels, table headers).
+        fmt: Format spec for tables (``".4f"``).
+        higher_is_better: The direction of improvement.
     """
 
-    mse: float
-    target_sq: float
-    ssim: float
+    name: str
+    slice_stats: Callable[[np.ndarray, np.ndarray, float], SliceStats]
+    volume: Callable[[Mapping[str, np.ndarray], float], float]
+    label: str
+    fmt: str
+    higher_is_better: bool
+
+
+_METRICS: dict[str, Metric] = {}
+
+
+def register_metric(metric: Metric) -> Metric:
+    """Add a metric to the table; every report, table and curve then carries it."""
+    existing = _METRICS.get(metric.name)
+    if existing is not None and existing != metric:
+        raise ValueError(f"metric {metric.name!r} is already registered ({existing})")
+    _METRICS[metric.name] = metric
+    return metric
+
+
+def unregister_metric(name: str) -> None:
+    """Remove a metric (tests and interactive sessions)."""
+    _METRICS.pop(name, None)
+
+
+def metric_table() -> dict[str, Metric]:
+    """The registered metrics by name, in registration order (fastMRI's: NMSE, PSNR, SSIM)."""
+    return dict(_METRICS)
+
+
+# The metric the study is judged by: ASHA's objective, the "best epoch" and the sort order of tables.
+PRIMARY_METRIC = "ssim"
+
+
+def _squared_error(target: np.ndarray, output: np.ndarray, max_value: float) -> SliceStats:
+    del max_value
+    target64, output64 = target.astype(np.float64), output.astype(np.float64)
+    return {"mse": float(np.mean((target64 - output64) ** 2)), "target_sq": float(np.mean(target64**2))}
+
+
+def _structural_similarity(target: np.ndarray, output: np.ndarray, max_value: float) -> SliceStats:
+    # On the arrays in their own dtype, exactly as fastMRI's MriModule passes them to evaluate.ssim.
+    return {"ssim": float(structural_similarity(target, output, data_range=float(max_value)))}
+
+
+def _volume_psnr(stats: Mapping[str, np.ndarray], max_value: float) -> float:
+    mse = float(np.mean(stats["mse"]))
+    return math.inf if mse == 0 else 20 * math.log10(max_value) - 10 * math.log10(mse)
+
+
+# Per volume these equal the whole-volume definitions above (mean slice MSE over mean squared target, PSNR
+# from the mean MSE and the volume max, mean slice SSIM) because all slices of a volume have the same size.
+register_metric(
+    Metric(
+        "nmse",
+        _squared_error,
+        lambda stats, max_value: float(np.mean(stats["mse"]) / np.mean(stats["target_sq"])),
+        label="NMSE",
+        fmt=".4f",
+        higher_is_better=False,
+    )
+)
+register_metric(Metric("psnr", _squared_error, _volume_psnr, "PSNR (dB)", ".2f", higher_is_better=True))
+register_metric(
+    Metric(
+        "ssim",
+        _structural_similarity,
+        lambda stats, max_value: float(np.mean(stats["ssim"])),
+        label="SSIM",
+        fmt=".4f",
+        higher_is_better=True,
+    )
+)
+
+
+# --- per slice, for distributed validation ------------------------------------------------------------
 
 
 def _as_slice(array: ArrayLike, name: str) -> np.ndarray:
@@ -115,8 +203,8 @@ def _as_slice(array: ArrayLike, name: str) -> np.ndarray:
     return image
 
 
-def slice_metrics(output: ArrayLike, target: ArrayLike, max_value: float) -> SliceMetrics:
-    """Metrics of one un-normalised slice.
+def slice_metrics(output: ArrayLike, target: ArrayLike, max_value: float) -> SliceStats:
+    """The sufficient statistics of every registered metric for one un-normalised slice.
 
     Args:
         output: Reconstruction ``(H, W)`` (leading singleton dimensions are dropped).
@@ -124,43 +212,39 @@ def slice_metrics(output: ArrayLike, target: ArrayLike, max_value: float) -> Sli
         max_value: The volume's maximum (``attrs["max"]``), the data range of PSNR and SSIM.
 
     Returns:
-        :class:`SliceMetrics` of plain floats.
+        Statistic name -> float (``mse``, ``target_sq``, ``ssim`` for fastMRI's metrics).
     """
     out, tgt = _as_slice(output, "output"), _as_slice(target, "target")
     if out.shape != tgt.shape:
         raise ValueError(f"output shape {out.shape} != target shape {tgt.shape}")
-    out64, tgt64 = out.astype(np.float64), tgt.astype(np.float64)
-    # SSIM on the arrays in their own dtype, exactly as fastMRI's MriModule passes them to evaluate.ssim.
-    slice_ssim = structural_similarity(tgt, out, data_range=float(max_value))
-    return SliceMetrics(
-        mse=float(np.mean((tgt64 - out64) ** 2)),
-        target_sq=float(np.mean(tgt64**2)),
-        ssim=float(slice_ssim),
-    )
+    stats: SliceStats = {}
+    for function in dict.fromkeys(metric.slice_stats for metric in _METRICS.values()):
+        stats.update(function(tgt, out, float(max_value)))
+    return stats
 
 
 class VolumeMetricAccumulator:
-    """Gathers per-slice metrics from any number of processes and computes fastMRI's volume metrics.
+    """Gathers per-slice statistics from any number of processes and computes the volume metrics.
 
     Slices may arrive in any order. A repeated ``(fname, slice_num)`` counts once (the later value
     replaces the earlier), because distributed samplers pad the last batch with duplicate slices.
     """
 
     def __init__(self) -> None:
-        self._slices: dict[str, dict[int, tuple[float, float, float]]] = {}
+        self._slices: dict[str, dict[int, SliceStats]] = {}
         self._max_values: dict[str, float] = {}
 
     def __len__(self) -> int:
         """Number of distinct slices gathered."""
         return sum(len(slices) for slices in self._slices.values())
 
-    def add(self, fname: str, slice_num: int, metrics: SliceMetrics, max_value: float) -> None:
+    def add(self, fname: str, slice_num: int, stats: Mapping[str, float], max_value: float) -> None:
         """Record one slice.
 
         Args:
             fname: Volume file name (the key that groups slices into volumes).
             slice_num: Index of the slice in its volume.
-            metrics: The slice's :class:`SliceMetrics`.
+            stats: The slice's :func:`slice_metrics`.
             max_value: The volume's maximum (``attrs["max"]``).
 
         Raises:
@@ -172,11 +256,7 @@ class VolumeMetricAccumulator:
         if known is not None and not math.isclose(known, max_value, rel_tol=1e-6):
             raise ValueError(f"volume {fname!r} has max value {known} and now {max_value}")
         self._max_values.setdefault(fname, max_value)
-        self._slices.setdefault(fname, {})[int(slice_num)] = (
-            float(metrics.mse),
-            float(metrics.target_sq),
-            float(metrics.ssim),
-        )
+        self._slices.setdefault(fname, {})[int(slice_num)] = {k: float(v) for k, v in stats.items()}
 
     def state(self) -> dict[str, Any]:
         """A picklable plain-Python snapshot, to gather from other processes and :meth:`merge`."""
@@ -195,8 +275,8 @@ class VolumeMetricAccumulator:
             other_state = other_state.state()
         for fname, slices in other_state["slices"].items():
             max_value = other_state["max_values"][fname]
-            for slice_num, values in slices.items():
-                self.add(fname, slice_num, SliceMetrics(*values), max_value)
+            for slice_num, stats in slices.items():
+                self.add(fname, slice_num, stats, max_value)
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any]) -> VolumeMetricAccumulator:
@@ -206,31 +286,25 @@ class VolumeMetricAccumulator:
         return accumulator
 
     def per_volume(self) -> dict[str, dict[str, float]]:
-        """NMSE, PSNR and SSIM of every volume gathered so far."""
+        """Every registered metric of every volume gathered so far."""
         results = {}
         for fname, slices in self._slices.items():
-            columns = zip(*slices.values(), strict=True)
-            mse_values, target_sq, ssim_values = (np.array(c, dtype=np.float64) for c in columns)
-            mse = float(np.mean(mse_values))
+            ordered = [slices[index] for index in sorted(slices)]
+            stats = {key: np.array([s[key] for s in ordered], dtype=np.float64) for key in ordered[0]}
             max_value = self._max_values[fname]
-            results[fname] = {
-                "nmse": mse / float(np.mean(target_sq)),
-                "psnr": math.inf if mse == 0 else 20 * math.log10(max_value) - 10 * math.log10(mse),
-                "ssim": float(np.mean(ssim_values)),
-            }
+            results[fname] = {name: metric.volume(stats, max_value) for name, metric in _METRICS.items()}
         return results
 
     def compute(self) -> dict[str, float]:
         """The volume metrics averaged over volumes.
 
         Returns:
-            ``{"nmse", "psnr", "ssim", "num_volumes"}``; the metrics are NaN when nothing was added.
+            Every metric of :func:`metric_table` and ``num_volumes``; NaN metrics when nothing was added.
         """
         volumes = self.per_volume()
-        if not volumes:
-            return {"nmse": math.nan, "psnr": math.nan, "ssim": math.nan, "num_volumes": 0}
         result: dict[str, float] = {
-            key: float(np.mean([v[key] for v in volumes.values()])) for key in ("nmse", "psnr", "ssim")
+            name: float(np.mean([v[name] for v in volumes.values()])) if volumes else math.nan
+            for name in _METRICS
         }
         result["num_volumes"] = len(volumes)
         return result

@@ -8,16 +8,27 @@ any Ray work starts.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-from mri_models.models import MODEL_NAMES, uses_attention
+from mri_models.arms import active_penalties, arm_of, shown_weights
+from mri_models.losses import penalty_by_weight_key
+from mri_models.models import get_architecture, model_names
+from mri_models.plugins import load_plugins
 
-ModelName = Literal["unet", "attention_unet", "sparse_attention_unet"]
-assert set(ModelName.__args__) == set(MODEL_NAMES)  # the registry is the source of truth
-ProfileName = Literal["smoke", "cpu", "paper"]
+PenaltyWeight = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 
 
 class ConfigError(ValueError):
@@ -25,16 +36,20 @@ class ConfigError(ValueError):
 
 
 class TrainConfig(BaseModel):
-    """One training configuration: model, optimisation, data and resources.
+    """One training configuration: model, penalty weights, optimisation, data and resources.
 
-    Defaults are fastMRI's U-Net baseline (RMSprop, lr 1e-3, StepLR 40 / 0.1, 4x with 8% centre).
+    Defaults are fastMRI's U-Net baseline (RMSprop, lr 1e-3, StepLR 40 / 0.1, 4x with 8% centre). The
+    weight of every registered penalty term is a top-level key (``gamma`` for the paper's L1 penalty on
+    the attention coefficients), held in :attr:`penalty_weights` and written back flat by ``model_dump``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    # Modules that register extra architectures, penalties or metrics (mri_models.plugins).
+    plugins: tuple[str, ...] = ()
     # Model.
-    model: ModelName = "unet"
-    gamma: float = Field(0.0, ge=0.0, description="weight of the attention-sparsity penalty")
+    model: str = "unet"
+    penalty_weights: dict[str, PenaltyWeight] = Field(default_factory=dict)
     chans: int = Field(32, ge=1)
     num_pool_layers: int = Field(4, ge=1)
     drop_prob: float = Field(0.0, ge=0.0, lt=1.0)
@@ -62,13 +77,34 @@ class TrainConfig(BaseModel):
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
     max_failures: int = Field(2, ge=0)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _gather_penalty_weights(cls, values: Any) -> Any:
+        """Load the plugins, then move every registered penalty weight key into ``penalty_weights``."""
+        if not isinstance(values, Mapping):
+            return values
+        values = dict(values)
+        load_plugins(values.get("plugins") or ())
+        weights = dict.fromkeys(penalty_by_weight_key(), 0.0)
+        weights.update(values.pop("penalty_weights", None) or {})
+        for key in penalty_by_weight_key():
+            if key in values:
+                weights[key] = values.pop(key)
+        values["penalty_weights"] = weights
+        return values
+
+    @field_validator("model")
+    @classmethod
+    def _registered_model(cls, name: str) -> str:
+        names = model_names()
+        if name not in names:
+            expected = ", ".join(repr(n) for n in names[:-1]) + f" or {names[-1]!r}"
+            raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
+        return name
+
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
-        if self.gamma > 0 and self.model != "sparse_attention_unet":
-            raise ValueError(
-                f"gamma={self.gamma} only applies to sparse_attention_unet (model is {self.model!r}; "
-                "attention_unet is the gamma=0 case)"
-            )
+        active_penalties(self.model, self.penalty_weights)  # raises naming the weight and the model
         if self.sample_rate is not None and self.volume_sample_rate is not None:
             raise ValueError("set sample_rate (by slice) or volume_sample_rate (by volume), not both")
         if len(self.center_fractions) != len(self.accelerations) or not self.accelerations:
@@ -78,26 +114,57 @@ class TrainConfig(BaseModel):
             )
         return self
 
+    @model_serializer(mode="wrap")
+    def _flat_weights(self, handler) -> dict[str, Any]:
+        # Users write weights as top-level keys (gamma: 1e-4); dumps keep that shape.
+        values = handler(self)
+        weights = values.pop("penalty_weights", {})
+        return {**values, **weights}
+
+    @property
+    def gamma(self) -> float:
+        """The weight of the paper's attention-sparsity penalty."""
+        return self.penalty_weights.get("gamma", 0.0)
+
     @property
     def uses_attention(self) -> bool:
-        return uses_attention(self.model)
+        return get_architecture(self.model).has_attention
+
+    @property
+    def active_penalties(self) -> dict[str, float]:
+        """Penalty term name -> weight, for the terms this run trains with."""
+        return active_penalties(self.model, self.penalty_weights)
+
+    @property
+    def arm(self):
+        """The study arm this configuration trains (:mod:`mri_models.arms`)."""
+        return arm_of(self.model, self.penalty_weights)
+
+    def identifying_weights(self) -> dict[str, float]:
+        """The weights that tell this configuration apart (for run names)."""
+        return shown_weights(self.model, self.penalty_weights)
 
     def model_hparams(self) -> dict[str, Any]:
         """Constructor arguments for :func:`mri_models.models.build_model`."""
         return {"chans": self.chans, "num_pool_layers": self.num_pool_layers, "drop_prob": self.drop_prob}
 
 
-def make_train_config(values: dict[str, Any]) -> TrainConfig:
+def make_train_config(values: Mapping[str, Any]) -> TrainConfig:
     """Build a TrainConfig, turning pydantic's errors into one readable ConfigError."""
     try:
         return TrainConfig(**values)
     except ValidationError as err:
         problems = []
         for error in err.errors():
-            key = ".".join(str(part) for part in error["loc"]) or "config"
+            location = [str(part) for part in error["loc"]]
+            if location[:1] == ["penalty_weights"]:
+                location = location[1:]  # users wrote the weight as a top-level key
+            key = ".".join(location) or "config"
             value = f" (got {error['input']!r})" if key != "config" and "input" in error else ""
             problems.append(f"{key}: {error['msg']}{value}")
         raise ConfigError("invalid training configuration: " + "; ".join(problems)) from None
+    except ValueError as err:  # a plugin that cannot be loaded
+        raise ConfigError(f"invalid training configuration: plugins: {err}") from None
 
 
 # Synthetic dataset per profile, in the arguments of mri_models.data.synthetic.generate_dataset.

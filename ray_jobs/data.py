@@ -23,7 +23,6 @@ fewer bytes at fastMRI's 640 x 368 -> 320 x 320), while the transform costs the 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import os
 import random
@@ -36,6 +35,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+from filelock import FileLock
 
 from mri_models.data.slice_dataset import RawSample, list_volumes, subsample_slices
 from mri_models.data.subsample import create_mask_func
@@ -83,8 +83,7 @@ def ensure_synthetic_data(profile: str, seed: int = 0, base_dir: Path | None = N
     if marker.exists():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with FileLock(root.parent / f".{root.name}.lock"):
         if not marker.exists():
             generate_dataset(root, seed=seed, **spec)
             marker.write_text(repr(spec))
@@ -188,7 +187,8 @@ def val_read_tasks(
 # ----------------------------------------------------------------------------------------- rows
 
 
-def _mask_seed(seed: int, epoch: int, fname: str, slice_num: int) -> tuple[int, ...]:
+def training_mask_seed(seed: int, epoch: int, fname: str, slice_num: int) -> tuple[int, ...]:
+    """The mask seed of a training slice: new every epoch, different per slice, the same on resume."""
     return (seed, epoch, zlib.crc32(fname.encode()), slice_num)
 
 
@@ -213,7 +213,9 @@ def read_and_transform(
             target = hf[TARGET_KEY][indices]
             attrs = dict(hf.attrs)
         for k, slice_num in enumerate(indices):
-            mask_seed = _mask_seed(seed, epoch, fname, slice_num) if training else volume_mask_seed(fname)
+            mask_seed = (
+                training_mask_seed(seed, epoch, fname, slice_num) if training else volume_mask_seed(fname)
+            )
             sample = unet_sample(kspace[k], target[k], attrs, fname, slice_num, mask_func, mask_seed)
             columns["image"].append(sample.image.numpy())
             columns["target"].append(sample.target.numpy())

@@ -16,9 +16,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from mri_models.arms import accepts_weight
+from mri_models.losses import penalty_by_weight_key
+from mri_models.plugins import load_plugins
 from ray_jobs.config import ConfigError, TrainConfig, make_train_config, profile_defaults
 
-SPARSE_MODEL = "sparse_attention_unet"
 _MERGED_KEYWISE = ("train", "search", "scheduler")
 
 
@@ -57,12 +59,16 @@ class SweepSpec(BaseModel):
     def trial_values(self, point: dict[str, Any]) -> dict[str, Any]:
         """TrainConfig values of one grid point (including ``seed``).
 
-        A fixed ``train.gamma`` applies to sparse_attention_unet trials only, so one regularisation sweep
-        can cover the three architectures; a gamma on the grid always applies.
+        A fixed penalty weight (``train.gamma``) applies only to the trials whose model takes it (gamma:
+        sparse_attention_unet), so one regularisation sweep can cover the three architectures; a weight on
+        the grid always applies (and an invalid combination is reported).
         """
         values = {**self.base_values(), **point}
-        if "gamma" not in point and values.get("model") != SPARSE_MODEL:
-            values.pop("gamma", None)
+        load_plugins(values.get("plugins") or ())  # their penalty weights are keys like gamma
+        model = values.get("model", TrainConfig.model_fields["model"].default)
+        for key in penalty_by_weight_key():
+            if key in values and key not in point and not accepts_weight(model, key):
+                values.pop(key)
         return values
 
     def grid_points(self) -> list[dict[str, Any]]:

@@ -13,7 +13,12 @@ from pathlib import Path
 # The job's working directory is the repository: make its packages importable without installing them.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ray_jobs.tune import sweep_main
+from sweeps.run import CONFIG_DIR, sweep_main
+
+
+def main(argv: list[str] | None = None) -> int:
+    return sweep_main(CONFIG_DIR / "model_comparison.yaml", argv)
+
 
 if __name__ == "__main__":
-    raise SystemExit(sweep_main(Path(__file__).with_name("configs") / "model_comparison.yaml"))
+    raise SystemExit(main())

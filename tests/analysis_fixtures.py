@@ -4,8 +4,10 @@ Each trial directory ``run_trial_<id>_<index>_<params>_<date>/`` holds ``params.
 (one JSON object per epoch with the trainer's metric keys and Tune's bookkeeping keys), ``progress.csv`` and,
 for failed trials, ``error.txt``. ``train_runs/<trial_id>/checkpoint_<date>/`` holds ``checkpoint.pt``
 (``torch.save`` of a real tiny model's state with the trainer's keys) and ``history.json``: the best-by-SSIM
-and the latest checkpoint, as the trainer keeps them. ``sweep.json`` and the ASHA state file are written as
-``ray_jobs.tune`` writes them. The metric values are chosen here so the tests can check the analysis by hand.
+and the latest checkpoint, as the trainer keeps them, and ``train_config.json``, the trial's resolved
+configuration as ``ray_jobs.tune.run_trial`` records it. ``sweep.json`` and the ASHA state file are written
+as ``ray_jobs.tune`` writes them. The metric values are chosen here so the tests can check the analysis by
+hand.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ from typing import Any
 
 import torch
 
-from analysis.collect import ASHA_STATE_FILE
+from mri_models.experiment import ASHA_STATE_FILE
+from ray_jobs.config import make_train_config
+from ray_jobs.sweep_config import SweepSpec
 from tests.conftest import make_fastmri_volume
 
 TUNE_KEYS_AFTER = ("timestamp", "checkpoint_dir_name", "done", "training_iteration", "trial_id", "date")
@@ -130,6 +134,9 @@ def write_experiment(
         (trial_dir / "params.pkl").write_bytes(b"\x80\x04N.")
         model = plan.params.get("model") or spec["train"].get("model", "unet")
         run_dir = path / "train_runs" / plan.trial_id
+        run_dir.mkdir(parents=True)
+        config = make_train_config(SweepSpec(**spec).trial_values(plan.params)).model_dump(mode="json")
+        (run_dir / "train_config.json").write_text(json.dumps(config, indent=2))
         lines, history = [], []
         for epoch, ssim in enumerate(plan.ssim, start=1):
             metrics = epoch_metrics(model, epoch, ssim)

@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ray import tune
 
-from ray_jobs.tune import ASHA_STATE_FILE, PersistentASHAScheduler
+from mri_models.experiment import ASHA_STATE_FILE
+from ray_jobs.asha import PersistentASHAScheduler
 
 
 def trainable(config: dict) -> None:

@@ -13,14 +13,13 @@ from fastmri import evaluate
 from torch.nn import functional as F
 
 from mri_models.losses import (
-    LossParts,
+    TrainingLoss,
     attention_sparsity_penalty,
     reconstruction_loss,
-    sparse_attention_loss,
+    training_loss,
 )
 from mri_models.metrics import (
     MpandAccumulator,
-    SliceMetrics,
     VolumeMetricAccumulator,
     mpand,
     nmse,
@@ -28,7 +27,7 @@ from mri_models.metrics import (
     slice_metrics,
     ssim,
 )
-from mri_models.models import AttentionUnet
+from mri_models.models import AttentionOutput, AttentionUnet, ImageOutput, UnetOutput
 
 REL = 1e-6
 
@@ -72,14 +71,14 @@ def _attention_batch(seed: int = 0) -> tuple[AttentionUnet, torch.Tensor, torch.
 def test_gamma_zero_is_exactly_the_attention_unet_loss() -> None:
     model, image, target = _attention_batch()
     result = model(image, return_attention=True)
-    parts = sparse_attention_loss(result.output, target, result.attention_maps, gamma=0.0)
-    assert isinstance(parts, LossParts)
+    parts = training_loss(result, target, {"attention_l1": 0.0}, AttentionOutput, log_inactive=True)
+    assert isinstance(parts, TrainingLoss)
     assert torch.equal(parts.total, F.l1_loss(result.output, target))
     assert torch.equal(parts.reconstruction, parts.total)
     # The penalty is still reported, detached, for logging.
-    assert not parts.attention_l1.requires_grad
+    assert not parts.penalties["attention_l1"].requires_grad
     expected_penalty = attention_sparsity_penalty(result.attention_maps).item()
-    assert parts.attention_l1.item() == pytest.approx(expected_penalty)
+    assert parts.penalties["attention_l1"].item() == pytest.approx(expected_penalty)
 
     parts.total.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -93,12 +92,12 @@ def test_gamma_positive_adds_the_weighted_penalty_and_trains_the_gates() -> None
     model, image, target = _attention_batch(seed=1)
     result = model(image, return_attention=True)
     gamma = 0.3
-    parts = sparse_attention_loss(result.output, target, result.attention_maps, gamma=gamma)
+    parts = training_loss(result, target, {"attention_l1": gamma}, AttentionOutput)
     penalty = attention_sparsity_penalty(result.attention_maps)
     torch.testing.assert_close(parts.total, F.l1_loss(result.output, target) + gamma * penalty)
     assert torch.equal(parts.reconstruction, F.l1_loss(result.output, target))
-    assert parts.attention_l1.item() == pytest.approx(penalty.item())
-    assert not parts.attention_l1.requires_grad
+    assert parts.penalties["attention_l1"].item() == pytest.approx(penalty.item())
+    assert not parts.penalties["attention_l1"].requires_grad
 
     # The penalty's share of the gradient on the gates is gamma * d(penalty).
     parts.total.backward()
@@ -116,18 +115,19 @@ def test_gamma_positive_adds_the_weighted_penalty_and_trains_the_gates() -> None
 
 def test_loss_without_attention_maps() -> None:
     output, target = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
-    parts = sparse_attention_loss(output, target)
+    result = UnetOutput(output, (), (), ())  # the plain U-Net's output: no attention maps
+    parts = training_loss(result, target, {}, ImageOutput, log_inactive=True)
     assert torch.equal(parts.total, F.l1_loss(output, target))
-    assert math.isnan(parts.attention_l1.item())
-    with pytest.raises(ValueError, match="attention maps"):
-        sparse_attention_loss(output, target, (), gamma=0.1)
+    assert "attention_l1" not in parts.penalties  # nothing to compute: reported as NaN by the trainer
+    with pytest.raises(ValueError, match="AttentionOutput"):
+        training_loss(result, target, {"attention_l1": 0.1}, ImageOutput)
 
 
 @pytest.mark.parametrize("gamma", [-0.1, math.nan, math.inf])
 def test_invalid_gamma_is_rejected(gamma: float) -> None:
-    maps = (torch.full((2, 1, 4, 4), 0.5),)
+    result = UnetOutput(torch.zeros(2, 1, 4, 4), (torch.full((2, 1, 4, 4), 0.5),), (), ())
     with pytest.raises(ValueError, match="gamma"):
-        sparse_attention_loss(torch.zeros(2, 1, 4, 4), torch.zeros(2, 1, 4, 4), maps, gamma=gamma)
+        training_loss(result, torch.zeros(2, 1, 4, 4), {"attention_l1": gamma}, AttentionOutput)
 
 
 # --- fastMRI metrics -------------------------------------------------------------------------------------
@@ -248,9 +248,9 @@ def test_slice_metrics_values_and_shapes() -> None:
     target = np.full((1, 8, 8), 2.0, dtype=np.float32)
     output = np.full((8, 8), 1.0, dtype=np.float32)
     metrics = slice_metrics(output, target, max_value=2.0)
-    assert isinstance(metrics, SliceMetrics)
-    assert metrics.mse == pytest.approx(1.0) and metrics.target_sq == pytest.approx(4.0)
-    assert all(isinstance(v, float) for v in metrics)
+    assert set(metrics) == {"mse", "target_sq", "ssim"}  # the statistics of fastMRI's three metrics
+    assert metrics["mse"] == pytest.approx(1.0) and metrics["target_sq"] == pytest.approx(4.0)
+    assert all(isinstance(v, float) for v in metrics.values())
     with pytest.raises(ValueError, match="one slice"):
         slice_metrics(np.zeros((2, 8, 8)), np.zeros((2, 8, 8)), 1.0)
 
@@ -259,10 +259,10 @@ def test_accumulator_edge_cases() -> None:
     accumulator = VolumeMetricAccumulator()
     result = accumulator.compute()
     assert result["num_volumes"] == 0 and math.isnan(result["nmse"])
-    accumulator.add("a.h5", 0, SliceMetrics(0.0, 1.0, 1.0), 1.0)
+    accumulator.add("a.h5", 0, {"mse": 0.0, "target_sq": 1.0, "ssim": 1.0}, 1.0)
     assert accumulator.compute()["psnr"] == math.inf  # perfect reconstruction, as log10(0) in fastMRI
     with pytest.raises(ValueError, match="max value"):
-        accumulator.add("a.h5", 1, SliceMetrics(0.1, 1.0, 0.9), 2.0)
+        accumulator.add("a.h5", 1, {"mse": 0.1, "target_sq": 1.0, "ssim": 0.9}, 2.0)
 
 
 # --- MPAND -----------------------------------------------------------------------------------------------

@@ -10,12 +10,12 @@ from torch.nn import functional as F
 
 from mri_models.losses import attention_sparsity_penalty
 from mri_models.models import (
-    MODEL_NAMES,
     AttentionGate,
     AttentionUnet,
     Unet,
     UnetOutput,
     build_model,
+    model_names,
     uses_attention,
 )
 
@@ -282,7 +282,7 @@ def _module_snapshot(model: nn.Module) -> dict:
     return snapshot
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", model_names())
 def test_forward_sets_no_attributes(name: str) -> None:
     model = build_model(name, chans=4, num_pool_layers=2)
     before = _module_snapshot(model)
@@ -325,8 +325,8 @@ def test_torch_compile_traces_the_whole_graph() -> None:
 
 
 def test_registry_names_and_classes() -> None:
-    assert MODEL_NAMES == ("unet", "attention_unet", "sparse_attention_unet")
-    assert [uses_attention(n) for n in MODEL_NAMES] == [False, True, True]
+    assert model_names() == ("unet", "attention_unet", "sparse_attention_unet")
+    assert [uses_attention(n) for n in model_names()] == [False, True, True]
     assert type(build_model("unet", **SMALL)) is Unet
     assert type(build_model("attention_unet", **SMALL)) is AttentionUnet
     assert type(build_model("sparse_attention_unet", **SMALL)) is AttentionUnet
@@ -350,7 +350,7 @@ def test_registry_unknown_name_lists_valid_names() -> None:
     with pytest.raises(ValueError) as info:
         build_model("transformer")
     assert "transformer" in str(info.value)
-    assert all(name in str(info.value) for name in MODEL_NAMES)
+    assert all(name in str(info.value) for name in model_names())
     with pytest.raises(ValueError, match="attention_unet"):
         uses_attention("Unet")
 

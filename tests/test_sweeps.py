@@ -13,7 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ray_jobs.tune import ASHA_STATE_FILE, sweep_main
+from mri_models.experiment import ASHA_STATE_FILE
+from sweeps.run import sweep_main
 
 REPO = Path(__file__).resolve().parents[1]
 GAMMA_SWEEP = REPO / "sweeps" / "gamma_sweep.py"

@@ -15,9 +15,11 @@ from fastmri import evaluate as ref_evaluate
 
 from mri_models.data import RandomMaskFunc, SliceDataset, UnetDataTransform
 from mri_models.models import build_model
+from ray_jobs.checkpoints import history_from_checkpoint
 from ray_jobs.config import make_train_config
 from ray_jobs.data import VAL_SPLIT, prepare_data
-from ray_jobs.train import build_trainer, history_from_checkpoint, metric_keys
+from ray_jobs.run import build_trainer
+from ray_jobs.worker import metric_keys
 
 pytestmark = pytest.mark.slow
 
@@ -76,12 +78,12 @@ def _validate_fixed_weights(config):
     import ray.train.torch
 
     from ray_jobs.config import TrainConfig
-    from ray_jobs.train import _validate
+    from ray_jobs.worker import validate
 
     cfg = TrainConfig(**config["train"])
     torch.manual_seed(123)
     model = ray.train.torch.prepare_model(build_model(cfg.model, **cfg.model_hparams()))
-    return _validate(model, cfg, config["data"], ray.train.torch.get_device())
+    return validate(model, cfg, config["data"], ray.train.torch.get_device())
 
 
 def test_validation_metrics_equal_for_one_and_two_workers_and_fastmri(ray_local, tiny_root, tmp_path):

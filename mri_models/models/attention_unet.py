@@ -8,7 +8,7 @@ after the transpose convolution and padding (same size, C channels)::
 with ``W_g``, ``W_x`` 1x1 convolutions to ``max(1, C // 2)`` channels, ``psi`` a 1x1 convolution to one
 channel and IN = InstanceNorm2d (paper appendix, Figure 11). The skip input becomes ``alpha * x``
 (alpha broadcast over channels), concatenated as in U-Net. The Sparse Attention U-Net is this network
-trained with an L1 penalty on alpha (see :mod:`mri_models.losses`).
+trained with an L1 penalty on alpha (:mod:`mri_models.models.sparse_attention_unet`).
 
 The gate keeps the layers as modules (``w_g``, ``w_x``, ``psi``: a bias-free 1x1 convolution and an
 InstanceNorm2d each, so printing the model shows Figure 11 and checkpoints keep their keys) but its
@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from mri_models.models.registry import AttentionOutput, register_model
 from mri_models.models.unet import Unet
 
 
@@ -127,6 +128,7 @@ class AttentionGate(nn.Module):
         return torch.sigmoid(logits).view(batch, 1, height, width)
 
 
+@register_model("attention_unet", label="Attention U-Net", provides=AttentionOutput)
 class AttentionUnet(Unet):
     """fastMRI's U-Net with an :class:`AttentionGate` on every skip connection.
 

@@ -17,6 +17,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from mri_models.models.registry import ImageOutput, register_model
+
 
 class UnetOutput(NamedTuple):
     """What ``forward(image, return_attention=True)`` returns.
@@ -130,6 +132,7 @@ def pad_to_skip(upsampled: Tensor, skip: Tensor) -> Tensor:
     return upsampled
 
 
+@register_model("unet", label="U-Net", provides=ImageOutput)
 class Unet(nn.Module):
     """fastMRI's U-Net (Ronneberger et al., 2015, with instance norm and transpose-conv up-sampling)."""
 

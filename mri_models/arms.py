@@ -1,0 +1,134 @@
+"""The arms of the study: which network, trained with which penalty terms, and how results name them.
+
+A training configuration names a model (:func:`mri_models.models.model_names`) and a weight per penalty
+term (:func:`mri_models.losses.penalty_terms`). Its *arm* is what it really trains: the architecture plus
+the terms whose weight is positive. So ``sparse_attention_unet`` at ``gamma = 0`` is the Attention U-Net
+arm, exactly as the paper defines it, and tables, curves and reconstructions group trials by arm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from mri_models.losses import penalty_by_weight_key
+from mri_models.models.registry import (
+    architecture_rank,
+    get_architecture,
+    get_variant,
+    reserved_penalties,
+    variant_for,
+)
+
+
+def active_penalties(model: str, weights: Mapping[str, float]) -> dict[str, float]:
+    """The penalty terms a configuration trains with, checked against its model.
+
+    Args:
+        model: A registered model name.
+        weights: Weight per penalty weight key (``{"gamma": 1e-4}``); missing keys weigh 0.
+
+    Returns:
+        Penalty name -> weight, for the positive weights.
+
+    Raises:
+        ValueError: A weight key that is not registered, a term reserved to another model name (``gamma``
+            belongs to ``sparse_attention_unet``), or a term the network cannot feed.
+    """
+    architecture = get_architecture(model)
+    terms, reserved = penalty_by_weight_key(), reserved_penalties()
+    active = {}
+    for key, weight in weights.items():
+        if key not in terms:
+            raise ValueError(f"{key!r} is not the weight of a registered penalty term ({', '.join(terms)})")
+        if not weight:
+            continue
+        term = terms[key]
+        owner = reserved.get(term.name)
+        if owner is not None and owner.name != model:
+            raise ValueError(
+                f"{key}={weight:g} only applies to {owner.name} (model is {model!r}; {owner.architecture} "
+                f"is the {key}=0 case)"
+            )
+        if not term.applies_to(architecture.provides):
+            raise ValueError(
+                f"{key}={weight:g} weights {term.label}, which needs {term.requires.__name__}; model "
+                f"{model!r} provides {architecture.provides.__name__}"
+            )
+        active[term.name] = float(weight)
+    return active
+
+
+def accepts_weight(model: str, key: str) -> bool:
+    """Whether a positive value of the penalty weight ``key`` is valid for ``model``."""
+    try:
+        active_penalties(model, {key: 1.0})
+    except ValueError:
+        return False
+    return True
+
+
+def shown_weights(model: str, weights: Mapping[str, float]) -> dict[str, float]:
+    """The weights that identify a configuration: the active ones, and a variant's own even at 0."""
+    terms = penalty_by_weight_key()
+    variant = get_variant(model)
+    return {
+        key: float(weight)
+        for key, weight in weights.items()
+        if key in terms and (weight or (variant is not None and terms[key].name == variant.penalty))
+    }
+
+
+@dataclass(frozen=True)
+class Arm:
+    """What a trial trains, for grouping and display.
+
+    Attributes:
+        name: Stable identifier in tables (``unet``, ``attention_unet``, ``sparse_attention_unet (γ=1e-05)``).
+        label: Display name (``Sparse Attention U-Net (γ=1e-05)``).
+        architecture: The architecture's name.
+        has_attention: Whether the network has attention maps (and MPAND).
+        rank: Sort key: architecture registration order, unpenalised first, then by weight.
+    """
+
+    name: str
+    label: str
+    architecture: str
+    has_attention: bool
+    rank: tuple
+
+
+def arm_of(model: str, weights: Mapping[str, float]) -> Arm:
+    """The arm of a configuration; unknown model names (an experiment from elsewhere) get their own arm.
+
+    Args:
+        model: The configuration's model name.
+        weights: Weight per penalty weight key; terms that do not apply to the model are ignored.
+    """
+    try:
+        architecture = get_architecture(model)
+    except ValueError:
+        return Arm(str(model), str(model), str(model), False, (architecture_rank(str(model)), 0, str(model)))
+    terms = penalty_by_weight_key()
+    active = [
+        (terms[key], float(weight))
+        for key, weight in weights.items()
+        if key in terms and weight and terms[key].applies_to(architecture.provides)
+    ]
+    rank = (architecture_rank(architecture.name), len(active), tuple(weight for _, weight in active))
+    if not active:
+        return Arm(architecture.name, architecture.label, architecture.name, architecture.has_attention, rank)
+    if len(active) == 1 and (variant := variant_for(architecture.name, active[0][0].name)):
+        term, weight = active[0]
+        suffix = f" ({term.symbol or term.weight_key}={weight:g})"
+        return Arm(
+            variant.name + suffix, variant.label + suffix, architecture.name, architecture.has_attention, rank
+        )
+    parts = ", ".join(f"{term.weight_key}={weight:g}" for term, weight in active)
+    return Arm(
+        f"{architecture.name} ({parts})",
+        f"{architecture.label} ({parts})",
+        architecture.name,
+        architecture.has_attention,
+        rank,
+    )

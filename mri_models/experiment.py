@@ -1,0 +1,228 @@
+"""The experiment directory: its file and folder names, and reading and writing them on any storage.
+
+Both sides use this module and nothing else to find their files: ``ray_jobs`` writes runs and sweeps, and
+``analysis`` reads them, possibly on a laptop after the cluster is gone. Paths are local paths or URIs
+(``s3://bucket/prefix``, ``gs://...``) and go through ``pyarrow.fs``, as Ray's own storage does.
+
+A training run (``python -m ray_jobs.train --name NAME``, or one sweep trial) under its storage path::
+
+    <run>/train_config.json          the resolved TrainConfig the run was started with
+    <run>/metrics.csv                per-epoch metrics (single runs, written at the end)
+    <run>/checkpoint_<date>/         Ray Train checkpoints: checkpoint.pt (weights only) + history.json
+
+A sweep (a Ray Tune experiment)::
+
+    <experiment>/sweep.json                       the sweep spec, search keys, epoch budget, data root
+    <experiment>/asha_state.txt                   ASHA's rung records (ray_jobs.asha)
+    <experiment>/<Tune trial dir>/                params.json, result.json, error.txt (Tune's own)
+    <experiment>/train_runs/<trial id>/           the trial's training run, laid out as above
+    <experiment>/results/                         trials.csv, epochs.csv (+ Parquet)
+    <experiment>/analysis/                        report.md, tables and figures
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow.fs as pafs
+
+SWEEP_FILE = "sweep.json"
+# Not ".json": Tune copies every *.json/*.pkl of the experiment root into its driver staging directory on
+# restore and syncs them back later, which would overwrite the records written since with the old copy.
+ASHA_STATE_FILE = "asha_state.txt"
+TRAIN_RUNS_DIR = "train_runs"
+RESULTS_DIR = "results"
+ANALYSIS_DIR = "analysis"
+RUN_CONFIG_FILE = "train_config.json"
+METRICS_CSV = "metrics.csv"
+CHECKPOINT_PREFIX = "checkpoint_"
+CHECKPOINT_FILE = "checkpoint.pt"
+HISTORY_FILE = "history.json"
+# Written by Ray Tune into each trial directory.
+TRIAL_PARAMS_FILE = "params.json"
+TRIAL_RESULT_FILE = "result.json"
+TRIAL_ERROR_FILE = "error.txt"
+
+_TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})_")
+
+
+# ----------------------------------------------------------------------------------------- storage
+
+
+def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem of a local path or URI, and the path within it."""
+    if "://" in uri:
+        return pafs.FileSystem.from_uri(uri)
+    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def join(base: str, *parts: str) -> str:
+    """Join path parts onto a local path (made absolute) or a URI."""
+    if "://" in base:
+        return posixpath.join(base.rstrip("/"), *parts)
+    return os.path.join(os.path.abspath(os.path.expanduser(base)), *parts)
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.get_file_info(path).type == pafs.FileType.Directory
+
+
+def read_bytes(uri: str) -> bytes | None:
+    """A whole file, or None when it does not exist or cannot be read."""
+    fs, path = filesystem(uri)
+    try:
+        with fs.open_input_stream(path) as f:
+            return f.read()
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def read_text(uri: str) -> str | None:
+    data = read_bytes(uri)
+    return None if data is None else data.decode()
+
+
+def read_json(uri: str) -> Any:
+    """A JSON file's content, or None when the file does not exist."""
+    text = read_text(uri)
+    return None if text is None else json.loads(text)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write a whole file; on a local disk via a temporary file and a rename, so readers never see half."""
+    fs, path = filesystem(uri)
+    fs.create_dir(posixpath.dirname(path), recursive=True)
+    local = isinstance(fs, pafs.LocalFileSystem)
+    tmp = f"{path}.tmp{os.getpid()}" if local else path
+    with fs.open_output_stream(tmp) as f:
+        f.write(data)
+    if local:
+        os.replace(tmp, path)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode())
+
+
+def write_json(uri: str, value: Any) -> None:
+    write_text(uri, json.dumps(value, indent=2))
+
+
+def subdirectories(uri: str) -> list[tuple[str, str]]:
+    """``(name, uri)`` of the directories directly under ``uri``, sorted by name; empty when missing."""
+    fs, path = filesystem(uri)
+    try:
+        entries = fs.get_file_info(pafs.FileSelector(path))
+    except (FileNotFoundError, OSError):
+        return []
+    names = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory)
+    return [(name, join(uri, name)) for name in names]
+
+
+# ----------------------------------------------------------------------------------------- layout
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The files of one training run."""
+
+    path: str
+
+    @property
+    def config_file(self) -> str:
+        return join(self.path, RUN_CONFIG_FILE)
+
+    @property
+    def metrics_csv(self) -> str:
+        return join(self.path, METRICS_CSV)
+
+    def checkpoints(self) -> list[str]:
+        """The run's checkpoint directories (the trainer keeps the best by SSIM and the latest)."""
+        return [uri for name, uri in subdirectories(self.path) if name.startswith(CHECKPOINT_PREFIX)]
+
+
+@dataclass(frozen=True)
+class TrialDir:
+    """One Tune trial directory of a sweep."""
+
+    name: str
+    path: str
+
+    @property
+    def params_file(self) -> str:
+        return join(self.path, TRIAL_PARAMS_FILE)
+
+    @property
+    def result_file(self) -> str:
+        return join(self.path, TRIAL_RESULT_FILE)
+
+    @property
+    def error_file(self) -> str:
+        return join(self.path, TRIAL_ERROR_FILE)
+
+    def trial_id_from_name(self) -> str:
+        """The id in Tune's directory name ``<trainable>_<id>_<index>_<params>_<date>``.
+
+        Needed for trials that reported nothing yet; Tune's ids are ``<5 hex>_<5 digits>``.
+        """
+        match = _TRIAL_ID.search(self.name)
+        return match.group(1) if match else self.name
+
+
+@dataclass(frozen=True)
+class ExperimentLayout:
+    """The files of one sweep (Ray Tune experiment) directory."""
+
+    path: str
+
+    @classmethod
+    def under(cls, storage: str, name: str) -> ExperimentLayout:
+        return cls(join(storage, name))
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path.rstrip("/")) or self.path
+
+    @property
+    def sweep_file(self) -> str:
+        return join(self.path, SWEEP_FILE)
+
+    @property
+    def asha_state_file(self) -> str:
+        return join(self.path, ASHA_STATE_FILE)
+
+    @property
+    def train_runs(self) -> str:
+        """Where each trial's training run lives (named after the trial id)."""
+        return join(self.path, TRAIN_RUNS_DIR)
+
+    def train_run(self, trial_id: str) -> RunLayout:
+        return RunLayout(join(self.train_runs, trial_id))
+
+    @property
+    def results_dir(self) -> str:
+        return join(self.path, RESULTS_DIR)
+
+    @property
+    def analysis_dir(self) -> str:
+        return join(self.path, ANALYSIS_DIR)
+
+    def trial_dirs(self) -> list[TrialDir]:
+        """Tune's trial directories (those holding ``params.json``), sorted by name."""
+        return [
+            TrialDir(name, uri)
+            for name, uri in subdirectories(self.path)
+            if name not in (TRAIN_RUNS_DIR, RESULTS_DIR, ANALYSIS_DIR)
+            and exists(join(uri, TRIAL_PARAMS_FILE))
+        ]

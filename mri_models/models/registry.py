@@ -1,0 +1,233 @@
+"""The architecture registry: every network declares itself once, in its own module.
+
+An architecture is registered with :func:`register_model` (a decorator on its class or factory, as timm's
+``@register_model``) under the name users type, with a display label and the protocol of what its
+``forward(image, return_attention=True)`` returns: :class:`ImageOutput` (a reconstruction) or
+:class:`AttentionOutput` (a reconstruction, attention maps and skip-connection norms, which the attention
+penalties and MPAND need). What a network provides is that declaration, never a base class.
+
+A *variant* (:func:`register_variant`) is a name for an architecture trained with a penalty term of
+:mod:`mri_models.losses`: the paper's ``sparse_attention_unet`` is ``attention_unet`` trained with the
+``attention_l1`` penalty. A penalty bound to a variant is active only under that name, which keeps the
+paper's arms apart (the Attention U-Net is the network *without* the penalty).
+
+Every other place (configuration checks, command-line choices, run names, plot order and labels, analysis
+grouping) reads this registry; adding an architecture is one new module that registers itself.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar
+
+from torch import Tensor, nn
+
+__all__ = [
+    "Architecture",
+    "AttentionOutput",
+    "ImageOutput",
+    "Variant",
+    "build_model",
+    "get_architecture",
+    "get_variant",
+    "model_names",
+    "register_model",
+    "register_variant",
+    "unregister",
+    "uses_attention",
+]
+
+
+class ImageOutput(Protocol):
+    """What every network's ``forward(image, return_attention=True)`` returns: at least the image."""
+
+    output: Tensor
+
+
+class AttentionOutput(ImageOutput, Protocol):
+    """The output of a gated network; every tuple is per up-sampling level, deepest first.
+
+    Attributes:
+        output: Reconstruction ``(N, out_chans, H, W)``.
+        attention_maps: Attention coefficients ``(N, 1, H_l, W_l)``, attached to the graph (penalties).
+        skip_norms_before: ``(N,)`` Frobenius norms of the skip features before attention (MPAND).
+        skip_norms_after: ``(N,)`` the same norms after attention.
+    """
+
+    attention_maps: Sequence[Tensor]
+    skip_norms_before: Sequence[Tensor]
+    skip_norms_after: Sequence[Tensor]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """A registered network.
+
+    Attributes:
+        name: The name users type (``--model``, sweep YAML, results).
+        label: Display name in tables and plots.
+        constructor: Builds the network from keyword hyper-parameters (the uniform signature
+            ``in_chans, out_chans, chans, num_pool_layers, drop_prob`` with the study's defaults).
+        provides: The protocol of ``forward(image, return_attention=True)``'s result.
+    """
+
+    name: str
+    label: str
+    constructor: Callable[..., nn.Module]
+    provides: type = ImageOutput
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """The constructor's hyper-parameters and their defaults, read from its signature."""
+        parameters = inspect.signature(self.constructor).parameters.values()
+        return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+    @property
+    def has_attention(self) -> bool:
+        """Whether the network declares attention maps and skip norms in its output."""
+        return AttentionOutput in getattr(self.provides, "__mro__", ())
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A name for an architecture trained with one penalty term (which is then reserved to this name).
+
+    Attributes:
+        name: The name users type.
+        label: Display name.
+        architecture: The registered architecture it trains.
+        penalty: The name of the :mod:`mri_models.losses` penalty term it adds.
+    """
+
+    name: str
+    label: str
+    architecture: str
+    penalty: str
+
+
+_ARCHITECTURES: dict[str, Architecture] = {}
+_VARIANTS: dict[str, Variant] = {}
+
+T = TypeVar("T", bound=Callable[..., nn.Module])
+
+
+def _check_free(name: str, entry: object) -> None:
+    existing = _ARCHITECTURES.get(name) or _VARIANTS.get(name)
+    # Registering the same thing again is harmless (a plugin module imported in several processes).
+    if existing is not None and existing != entry:
+        raise ValueError(f"model name {name!r} is already registered ({existing})")
+
+
+def register_model(name: str, *, label: str, provides: type = ImageOutput) -> Callable[[T], T]:
+    """Class (or factory) decorator that registers an architecture under ``name``.
+
+    Args:
+        name: The name users type.
+        label: Display name in tables and plots.
+        provides: :class:`ImageOutput`, :class:`AttentionOutput` or a protocol extending one of them.
+    """
+
+    def decorate(constructor: T) -> T:
+        entry = Architecture(name, label, constructor, provides)
+        _check_free(name, entry)
+        _ARCHITECTURES[name] = entry
+        return constructor
+
+    return decorate
+
+
+def register_variant(name: str, *, architecture: str, penalty: str, label: str) -> Variant:
+    """Register ``name`` as ``architecture`` trained with the penalty term ``penalty``."""
+    if architecture not in _ARCHITECTURES:
+        raise ValueError(f"variant {name!r}: unknown architecture {architecture!r}")
+    entry = Variant(name, label, architecture, penalty)
+    _check_free(name, entry)
+    _VARIANTS[name] = entry
+    return entry
+
+
+def unregister(name: str) -> None:
+    """Remove an architecture or variant (tests and interactive sessions)."""
+    _ARCHITECTURES.pop(name, None)
+    _VARIANTS.pop(name, None)
+
+
+def model_names() -> tuple[str, ...]:
+    """Every name a configuration may use: architectures, then variants, in registration order."""
+    return (*_ARCHITECTURES, *_VARIANTS)
+
+
+def _unknown(name: str) -> ValueError:
+    return ValueError(f"unknown model name {name!r}; valid names: {', '.join(model_names())}")
+
+
+def get_variant(name: str) -> Variant | None:
+    """The variant called ``name``, or None when ``name`` is a plain architecture."""
+    if name not in _VARIANTS and name not in _ARCHITECTURES:
+        raise _unknown(name)
+    return _VARIANTS.get(name)
+
+
+def get_architecture(name: str) -> Architecture:
+    """The architecture behind a model name (a variant's architecture for a variant).
+
+    Raises:
+        ValueError: If ``name`` is not registered; the message lists the valid names.
+    """
+    variant = get_variant(name)
+    return _ARCHITECTURES[variant.architecture if variant else name]
+
+
+def variant_for(architecture: str, penalty: str) -> Variant | None:
+    """The variant that binds ``penalty`` to ``architecture``, if one is registered."""
+    return next(
+        (v for v in _VARIANTS.values() if v.architecture == architecture and v.penalty == penalty), None
+    )
+
+
+def reserved_penalties() -> dict[str, Variant]:
+    """Penalty name -> the variant it is reserved to."""
+    return {variant.penalty: variant for variant in _VARIANTS.values()}
+
+
+def architecture_rank(name: str) -> int:
+    """Display order of an architecture (registration order; unknown names last)."""
+    names = list(_ARCHITECTURES)
+    return names.index(name) if name in names else len(names)
+
+
+def uses_attention(name: str) -> bool:
+    """Whether the named model's network returns attention maps (and so has MPAND).
+
+    Raises:
+        ValueError: If ``name`` is not registered.
+    """
+    return get_architecture(name).has_attention
+
+
+def build_model(name: str, **hparams: Any) -> nn.Module:
+    """Build a network by model name.
+
+    Args:
+        name: A name of :func:`model_names`.
+        **hparams: Constructor arguments; missing ones take the architecture's defaults.
+
+    Returns:
+        The freshly initialised network.
+
+    Raises:
+        ValueError: If ``name`` is unknown or a value is out of range.
+        TypeError: If a hyper-parameter name is not accepted (checked before any construction, so a typo
+            in a sweep config fails loudly instead of silently using a default).
+    """
+    architecture = get_architecture(name)
+    accepted = architecture.hparams
+    unknown = sorted(set(hparams) - set(accepted))
+    if unknown:
+        raise TypeError(
+            f"unknown hyper-parameter(s) for model {name!r}: {', '.join(unknown)}; "
+            f"accepted: {', '.join(accepted)}"
+        )
+    return architecture.constructor(**hparams)

@@ -1,0 +1,61 @@
+"""Checkpoint files of a training run: weights, optimiser state and the metric history so far.
+
+A checkpoint directory holds ``checkpoint.pt`` (plain tensors, dicts and numbers only, so
+``torch.load(weights_only=True)`` reads it) and ``history.json`` (every epoch's metrics up to it). The names
+come from :mod:`mri_models.experiment`, which the analysis reads them by.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pandas as pd
+import torch
+
+from mri_models.experiment import CHECKPOINT_FILE, HISTORY_FILE
+
+
+def _bare(model: torch.nn.Module) -> torch.nn.Module:
+    """The network inside a DDP wrapper (checkpoints hold the bare network's keys)."""
+    return getattr(model, "module", model)
+
+
+def save_checkpoint(directory: str, model, optimizer, scheduler, epoch: int, history: list[dict]) -> None:
+    """Write the run's state after ``epoch`` (0-based) into ``directory``."""
+    state = {
+        "model": _bare(model).state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "epoch": epoch,
+        "torch_rng": torch.get_rng_state(),
+    }
+    torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
+    with open(os.path.join(directory, HISTORY_FILE), "w") as f:
+        json.dump(history, f)
+
+
+def load_checkpoint(checkpoint, model, optimizer, scheduler) -> tuple[int, list[dict[str, Any]]]:
+    """Restore a run from a Ray Train checkpoint; returns the next epoch and the metric history so far."""
+    with checkpoint.as_directory() as directory:
+        state = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
+        with open(os.path.join(directory, HISTORY_FILE)) as f:
+            history = json.load(f)
+    _bare(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["epoch"]) + 1, history
+
+
+def history_from_checkpoint(checkpoint) -> list[dict[str, Any]]:
+    """The per-epoch metrics stored with a Ray Train checkpoint."""
+    with checkpoint.as_directory() as directory:
+        with open(os.path.join(directory, HISTORY_FILE)) as f:
+            return json.load(f)
+
+
+def history_csv(history: list[dict[str, Any]]) -> str:
+    """Per-epoch metrics as CSV text (columns in report order)."""
+    return pd.DataFrame(history).to_csv(index=False)

@@ -1,0 +1,57 @@
+"""What the command lines share: ``--set key=value`` overrides, logging to the terminal, user errors.
+
+The command lines are :mod:`ray_jobs.train` (one run) and the sweep scripts in ``sweeps/``; library
+messages reach them through ``logging`` (:func:`ray_jobs.log_to_stdout`). A user mistake
+(bad configuration, data or cluster size) ends as one ``error: ...`` line and exit code 2, before any
+training starts; library code raises, only these entry points print.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mri_models.data.validate import DataValidationError
+from ray_jobs.config import PROFILES, ConfigError
+
+# The exceptions that mean "the user's input is wrong", as opposed to a bug or a failed run.
+USER_ERRORS = (ConfigError, DataValidationError, FileNotFoundError)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` strings to a dict, values parsed as YAML (``lr=1e-3``, ``accelerations=[4,8]``)."""
+    values = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        try:
+            values[key.strip().replace("-", "_")] = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({err.problem})") from None
+    return values
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, set_help: str) -> None:
+    """The flags every entry point has: profile, data root, storage, name and ``--set``."""
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument(
+        "--data-root", type=Path, help="fastMRI data root (default: the profile's synthetic set)"
+    )
+    parser.add_argument("--storage", help="results directory or s3:// URI (default ~/ray_results)")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help=set_help
+    )
+
+
+def exit_on_user_error(action: Callable[[], Any]) -> tuple[int, Any]:
+    """Run ``action``; a user error prints one line and gives exit code 2, anything else propagates."""
+    try:
+        return 0, action()
+    except USER_ERRORS as err:
+        print(f"error: {err}", flush=True)
+        return 2, None

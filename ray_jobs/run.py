@@ -1,0 +1,154 @@
+"""Building and checking one training run: cluster fit, the TorchTrainer, the run's name and its record.
+
+Shared by the single-run command line (:mod:`ray_jobs.train`) and the Tune trials (:mod:`ray_jobs.tune`).
+A run lives under ``<storage>/<name>`` (:class:`mri_models.experiment.RunLayout`); the same storage and name
+resume it, so names are deterministic per configuration and a name is never reused for another one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
+from mri_models import experiment
+from ray_jobs.config import ConfigError, TrainConfig, make_train_config
+from ray_jobs.data import PreparedData
+from ray_jobs.worker import train_loop_per_worker
+
+logger = logging.getLogger(__name__)
+
+# Keys a rerun of the same run name may change: it extends or re-resources the same experiment.
+RESUMABLE_CHANGES = {
+    "epochs",
+    "num_workers",
+    "cpus_per_worker",
+    "data_cpus_per_task",
+    "use_gpu",
+    "max_failures",
+}
+
+
+def default_storage() -> str:
+    """Where runs and experiments go unless told: ``$MRI_SWEEPS_STORAGE``, else ``~/ray_results``."""
+    return os.environ.get("MRI_SWEEPS_STORAGE", str(Path.home() / "ray_results"))
+
+
+def default_run_name(cfg: TrainConfig, profile: str) -> str:
+    """``<model>[-<weight key><value>...]-<profile>-seed<seed>``.
+
+    For example ``sparse_attention_unet-gamma0.0001-cpu-seed0``: the weights shown are the active ones and
+    a variant's own (gamma, even at 0), so every configuration that trains differently has its own name.
+    """
+    weights = "".join(f"-{key}{value:g}" for key, value in cfg.identifying_weights().items())
+    return f"{cfg.model}{weights}-{profile}-seed{cfg.seed}"
+
+
+def resolve_use_gpu(cfg: TrainConfig) -> bool:
+    """``cfg.use_gpu``, or whether the connected cluster has GPUs when it is None."""
+    if cfg.use_gpu is not None:
+        return cfg.use_gpu
+    return ray.cluster_resources().get("GPU", 0) > 0
+
+
+def check_cluster_fits(cfg: TrainConfig, concurrent_runs: int = 1, extra_cpus: float = 0.0) -> None:
+    """Fail early when the workers would not fit or would leave no CPU for the Ray Data tasks.
+
+    Args:
+        cfg: the run configuration.
+        concurrent_runs: how many such runs share the cluster at once (Tune trials).
+        extra_cpus: CPUs held besides the workers (for example the Tune trial functions).
+
+    Raises:
+        ConfigError: with the arithmetic, when the cluster is too small.
+    """
+    resources = ray.cluster_resources()
+    cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
+    workers = concurrent_runs * cfg.num_workers
+    if cfg.use_gpu and workers > gpus:
+        # GPUs requested explicitly (the paper profile) on a cluster that has too few right now: an
+        # autoscaling cluster (cluster.yaml, min_workers 0) adds GPU nodes when the trials ask for them.
+        logger.info(
+            "note: %d GPU worker(s) requested, the cluster has %g GPU(s) now; waiting for the autoscaler to "
+            "add GPU nodes",
+            workers,
+            gpus,
+        )
+        return
+    needed = workers * cfg.cpus_per_worker + extra_cpus + cfg.data_cpus_per_task
+    if needed > cpus + 1e-9:
+        raise ConfigError(
+            f"{concurrent_runs} run(s) x {cfg.num_workers} worker(s) x {cfg.cpus_per_worker} CPU"
+            f"{f' + {extra_cpus} CPU for trials' if extra_cpus else ''} + {cfg.data_cpus_per_task} CPU for "
+            f"Ray Data needs {needed:g} CPUs but the cluster has {cpus:g}: lower num_workers or "
+            "cpus_per_worker (Ray Data starves and training hangs when the workers hold every CPU)"
+        )
+    if resolve_use_gpu(cfg) and workers > gpus:
+        raise ConfigError(f"use_gpu with {workers} worker(s) needs as many GPUs; the cluster has {gpus:g}")
+
+
+def build_trainer(
+    cfg: TrainConfig, data: PreparedData, name: str, storage_path: str, callbacks: list | None = None
+) -> TorchTrainer:
+    """A TorchTrainer for one configuration; the same (storage_path, name) resumes that run.
+
+    Args:
+        cfg: the validated configuration.
+        data: the prepared (validated, indexed) data.
+        name: run name; deterministic per configuration so a retried run resumes its own checkpoints.
+        storage_path: local path, NFS or s3:// URI shared by all nodes.
+        callbacks: Ray Train callbacks (Tune's report callback in a sweep).
+    """
+    use_gpu = resolve_use_gpu(cfg)
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": cfg.model_dump(mode="json"), "data": data},
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources
+        ),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            # The best (by SSIM) and, always, the latest checkpoint, which resuming needs.
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute="ssim", checkpoint_score_order="max"
+            ),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
+            callbacks=callbacks or [],
+        ),
+    )
+
+
+def claim_run_name(cfg: TrainConfig, storage_path: str, name: str) -> bool:
+    """Record the run's resolved configuration, or check an existing run of that name has the same one.
+
+    The record (``train_config.json`` in the run's directory) is also what the analysis reads to know a
+    trial's configuration.
+
+    Returns:
+        True when the run already existed (the trainer will resume it).
+
+    Raises:
+        ConfigError: the name belongs to a run with a different configuration.
+    """
+    run = experiment.RunLayout(experiment.join(storage_path, name))
+    current = cfg.model_dump(mode="json")
+    previous = experiment.read_json(run.config_file)
+    if previous is not None:
+        # Through TrainConfig, so keys registered since (a new penalty weight) take their defaults.
+        previous = make_train_config(previous).model_dump(mode="json")
+        changed = {k for k in set(previous) | set(current) if previous.get(k) != current.get(k)}
+        if changed - RESUMABLE_CHANGES:
+            details = ", ".join(f"{k}: {previous.get(k)!r} -> {current.get(k)!r}" for k in sorted(changed))
+            raise ConfigError(
+                f"run {name!r} under {storage_path} was started with a different configuration ({details}); "
+                "choose another --name"
+            )
+    experiment.write_text(run.config_file, json.dumps(current, indent=2))
+    return previous is not None

@@ -1,0 +1,275 @@
+"""The Ray Train worker loop: one epoch of DDP training over the rank's rows, validation, one report.
+
+:func:`train_loop_per_worker` runs on every worker: the network from the registry wrapped for DDP, fastMRI's
+optimiser (RMSprop + StepLR) or Adam, the reconstruction loss plus the configuration's penalty terms, then
+validation with every metric of :func:`mri_models.metrics.metric_table` gathered across ranks, and one
+``ray.train.report`` per epoch with a checkpoint from rank 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+
+from mri_models.losses import penalty_terms, training_loss
+from mri_models.metrics import MpandAccumulator, VolumeMetricAccumulator, metric_table, slice_metrics
+from mri_models.models import build_model, get_architecture
+from ray_jobs import log_to_stdout
+from ray_jobs.checkpoints import load_checkpoint, save_checkpoint
+from ray_jobs.config import TrainConfig
+from ray_jobs.data import PreparedData, slice_dataset, train_read_tasks, val_read_tasks
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or Inf."""
+
+
+def metric_keys(num_pool_layers: int) -> list[str]:
+    """Every key of every epoch's report, in order (the same for all models: NaN where undefined)."""
+    levels = [f"mpand_level_{level}" for level in range(1, num_pool_layers + 1)]
+    return [
+        "epoch",
+        "train_loss",
+        "train_reconstruction_loss",
+        "val_loss",
+        *metric_table(),
+        "mpand",
+        *levels,
+        *penalty_terms(),
+        "lr",
+        "epoch_seconds",
+        "train_slices_per_second",
+        "train_slices",
+        "val_volumes",
+    ]
+
+
+def format_progress(metrics: dict[str, float], epochs: int) -> str:
+    """One line per epoch for the job log."""
+    line = (
+        f"epoch {metrics['epoch']}/{epochs}  train_loss {metrics['train_loss']:.4f}  "
+        f"val_loss {metrics['val_loss']:.4f}"
+    )
+    for name, metric in metric_table().items():
+        line += f"  {name.upper()} {format(metrics[name], metric.fmt)}"
+    if not math.isnan(metrics["mpand"]):
+        line += f"  MPAND {metrics['mpand']:.3f}"
+    return line + f"  ({metrics['epoch_seconds']:.1f} s, {metrics['train_slices_per_second']:.1f} slices/s)"
+
+
+# ----------------------------------------------------------------------------------------- collectives
+
+
+def _world() -> tuple[int, int]:
+    context = ray.train.get_context()
+    return context.get_world_rank(), context.get_world_size()
+
+
+def _all_gather(obj: Any, world_size: int) -> list[Any]:
+    if world_size == 1:
+        return [obj]
+    gathered: list[Any] = [None] * world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _all_reduce_sum(values: list[float], device: torch.device, world_size: int) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# ----------------------------------------------------------------------------------------- one epoch
+
+
+def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
+    optimizer_class = torch.optim.RMSprop if cfg.optimizer == "rmsprop" else torch.optim.Adam
+    optimizer = optimizer_class(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, cfg.lr_step_size, cfg.lr_gamma)
+    return optimizer, scheduler
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # Ray hands out read-only arrays; torch.tensor copies, which torch requires before any in-place use.
+    image = torch.tensor(batch["image"]).unsqueeze(1).to(device)
+    target = torch.tensor(batch["target"]).unsqueeze(1).to(device)
+    return image, target
+
+
+def train_epoch(model, optimizer, cfg: TrainConfig, data: PreparedData, epoch: int, device) -> dict:
+    rank, world_size = _world()
+    provides = get_architecture(cfg.model).provides
+    weights = cfg.active_penalties
+    tasks = train_read_tasks(data.train_slices, epoch, rank, world_size, cfg.seed, cfg.slices_per_read)
+    rows = slice_dataset(tasks, cfg, training=True, epoch=epoch)
+    model.train()
+    loss_sum = reconstruction_sum = 0.0
+    slices = 0
+    for step, batch in enumerate(
+        rows.iter_batches(
+            batch_size=cfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * cfg.batch_size
+        )
+    ):
+        image, target = _to_device(batch, device)
+        parts = training_loss(model(image, return_attention=True), target, weights, provides)
+        # Every rank must agree to stop, or the others would wait forever in the next all-reduce.
+        finite = _all_reduce_sum([float(torch.isfinite(parts.total).item())], device, world_size)[0]
+        if finite < world_size:
+            weights_text = ", ".join(f"{k}={v:g}" for k, v in cfg.identifying_weights().items())
+            raise TrainingDivergedError(
+                f"training diverged at epoch {epoch + 1} step {step + 1}: loss is {parts.total.item()} "
+                f"on rank {rank} (lr={cfg.lr}{', ' + weights_text if weights_text else ''}); lower the "
+                "learning rate or the penalty weights"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        parts.total.backward()
+        optimizer.step()
+        n = image.shape[0]
+        loss_sum += parts.total.item() * n
+        reconstruction_sum += parts.reconstruction.item() * n
+        slices += n
+    loss_sum, reconstruction_sum, slices = _all_reduce_sum(
+        [loss_sum, reconstruction_sum, slices], device, world_size
+    )
+    return {
+        "train_loss": loss_sum / slices,
+        "train_reconstruction_loss": reconstruction_sum / slices,
+        "train_slices": int(slices),
+    }
+
+
+@torch.no_grad()
+def validate(model, cfg: TrainConfig, data: PreparedData, device) -> dict[str, float]:
+    """Validation over whole volumes per rank; per-slice results gathered so any world size agrees."""
+    rank, world_size = _world()
+    architecture = get_architecture(cfg.model)
+    tasks = val_read_tasks(data.val_slices, rank, world_size, cfg.slices_per_read)
+    # The bare module: validation load differs between ranks, and DDP's forward may synchronise.
+    network = getattr(model, "module", model)
+    network.eval()
+    volumes, mpand = VolumeMetricAccumulator(), MpandAccumulator()
+    loss_sum, slices = 0.0, 0
+    penalty_sums: dict[str, float] = {}
+    for batch in slice_dataset(tasks, cfg, training=False).iter_batches(
+        batch_size=cfg.batch_size, batch_format="numpy"
+    ):
+        image, target = _to_device(batch, device)
+        result = network(image, return_attention=True)
+        # Every penalty the network supports, unweighted, for the report; val_loss is the reconstruction.
+        loss = training_loss(result, target, {}, architecture.provides, log_inactive=True)
+        n = image.shape[0]
+        loss_sum += loss.reconstruction.item() * n
+        for name, value in loss.penalties.items():
+            penalty_sums[name] = penalty_sums.get(name, 0.0) + value.item() * n
+        if architecture.has_attention:
+            mpand.add([t.cpu() for t in result.skip_norms_before], [t.cpu() for t in result.skip_norms_after])
+        # Metrics on un-normalised images, as fastMRI evaluates.
+        mean = torch.as_tensor(batch["mean"]).view(-1, 1, 1).to(device)
+        std = torch.as_tensor(batch["std"]).view(-1, 1, 1).to(device)
+        outputs = (result.output[:, 0] * std + mean).cpu().numpy()
+        targets = (target[:, 0] * std + mean).cpu().numpy()
+        for i in range(n):
+            max_value = float(batch["max_value"][i])
+            volumes.add(
+                batch["fname"][i],
+                int(batch["slice_num"][i]),
+                slice_metrics(outputs[i], targets[i], max_value),
+                max_value,
+            )
+        slices += n
+    merged_volumes, merged_mpand, loss_total, merged_penalties = (
+        VolumeMetricAccumulator(),
+        MpandAccumulator(),
+        np.zeros(2),
+        {},
+    )
+    gathered = _all_gather((volumes.state(), mpand.state(), [loss_sum, slices], penalty_sums), world_size)
+    for volume_state, mpand_state, counts, penalties in gathered:
+        merged_volumes.merge(volume_state)
+        merged_mpand.merge(mpand_state)
+        loss_total += counts
+        for name, value in penalties.items():
+            merged_penalties[name] = merged_penalties.get(name, 0.0) + value
+    loss_sum, slices = loss_total
+    metrics = merged_volumes.compute()
+    mpand_result = merged_mpand.compute()
+    out = {
+        "val_loss": loss_sum / slices,
+        **{name: metrics[name] for name in metric_table()},
+        "val_volumes": int(metrics["num_volumes"]),
+        "mpand": mpand_result.mean,
+    }
+    for name in penalty_terms():
+        out[name] = merged_penalties[name] / slices if name in merged_penalties else math.nan
+    for level in range(cfg.num_pool_layers):
+        out[f"mpand_level_{level + 1}"] = (
+            mpand_result.per_level[level] if level < len(mpand_result.per_level) else math.nan
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------------------- the loop
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The Ray Train worker function.
+
+    Args:
+        config: ``{"train": TrainConfig as a dict, "data": PreparedData}``.
+    """
+    log_to_stdout()
+    cfg = TrainConfig(**config["train"])  # also loads the configuration's plugins in this process
+    data: PreparedData = config["data"]
+    rank, _ = _world()
+    # Ray sets OMP_NUM_THREADS to the reserved CPUs; match torch's pool to it deliberately.
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
+    model = build_model(cfg.model, **cfg.model_hparams())
+    torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank dropout streams
+    model = ray.train.torch.prepare_model(model)
+    device = ray.train.torch.get_device()
+    optimizer, scheduler = _make_optimizer(model, cfg)
+
+    start_epoch, history = 0, []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        start_epoch, history = load_checkpoint(checkpoint, model, optimizer, scheduler)
+
+    keys = metric_keys(cfg.num_pool_layers)
+    for epoch in range(start_epoch, cfg.epochs):
+        started = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_metrics = train_epoch(model, optimizer, cfg, data, epoch, device)
+        train_seconds = time.perf_counter() - started
+        scheduler.step()
+        val_metrics = validate(model, cfg, data, device)
+        metrics = {
+            "epoch": epoch + 1,  # epochs completed; ASHA's time attribute
+            "lr": lr,
+            "epoch_seconds": time.perf_counter() - started,
+            "train_slices_per_second": train_metrics["train_slices"] / train_seconds,
+            **train_metrics,
+            **val_metrics,
+        }
+        metrics = {key: metrics[key] for key in keys}
+        history.append(metrics)
+        if rank == 0:
+            logger.info(format_progress(metrics, cfg.epochs))
+        with tempfile.TemporaryDirectory() as directory:
+            if rank == 0:
+                save_checkpoint(directory, model, optimizer, scheduler, epoch, history)
+            ray.train.report(
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
+            )

@@ -1,0 +1,54 @@
+"""The command line every sweep script shares: run the sweep on the cluster, then tabulate its trials.
+
+``python sweeps/<sweep>.py [--profile smoke|cpu|paper] [--set key=value ...] [--resume]``: the sweep YAML
+(``sweeps/configs/``) for the profile, validated for every trial before the first one starts; the Tune
+experiment runs on the connected cluster (:mod:`ray_jobs.tune`); at the end ``results/trials.csv`` and
+``epochs.csv`` are written (:mod:`analysis.collect`) and the best configurations printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from analysis.collect import summary, write_tables
+from ray_jobs import log_to_stdout
+from ray_jobs.cli import add_common_arguments, exit_on_user_error, parse_overrides
+from ray_jobs.run import default_storage
+from ray_jobs.sweep_config import load_sweep_spec
+from ray_jobs.tune import run_sweep
+
+CONFIG_DIR = Path(__file__).resolve().with_name("configs")
+
+
+def _parse_args(config: Path, argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=f"Run the sweep of {config.name} on the Ray cluster.")
+    parser.add_argument("--config", type=Path, default=config, help="sweep YAML")
+    parser.add_argument("--name", help="experiment name (default: from the config and profile)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
+    parser.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial")
+    add_common_arguments(
+        parser, "a TrainConfig field (lr=3e-4) or a sweep field (seeds=[0], search.gamma=[0,1e-3])"
+    )
+    return parser.parse_args(argv)
+
+
+def sweep_main(config: Path, argv: list[str] | None = None) -> int:
+    """Run the sweep of ``config``; exit code 2 for a user error before any trial."""
+    log_to_stdout()
+    args = _parse_args(config, argv)
+
+    def sweep():
+        overrides = parse_overrides(args.overrides)
+        if args.workers_per_trial is not None:
+            overrides["workers_per_trial"] = args.workers_per_trial
+        spec = load_sweep_spec(args.config, args.profile, overrides)
+        name = args.name or f"{spec.experiment}-{spec.profile}"
+        return spec, run_sweep(spec, name, args.storage or default_storage(), args.data_root, args.resume)
+
+    code, result = exit_on_user_error(sweep)
+    if code:
+        return code
+    spec, experiment_path = result
+    print(summary(write_tables(experiment_path), [*spec.search, "seed"]), flush=True)
+    return 0
