@@ -14,6 +14,7 @@ Experiments written before trials recorded their configuration are merged from `
 
 from __future__ import annotations
 
+import argparse
 import io
 import itertools
 import math
@@ -493,8 +494,6 @@ def print_result(result: StepResult, out: OutDir) -> None:
 
 def run_step(step, argv: Sequence[str] | None, description: str) -> int:
     """The command line of one analysis script: load the experiments, run ``step(study, out)``, print."""
-    import argparse
-
     parser = argparse.ArgumentParser(description=description)
     add_common_arguments(parser)
     args = parser.parse_args(argv)

@@ -25,11 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
+import torch
 
 from analysis.common import Artifact, OutDir, StepResult, Study, run_step, slug
 from mri_models import experiment as storage
+from mri_models.data import SliceDataset, UnetDataTransform, create_mask_func
 from mri_models.experiment import CHECKPOINT_FILE, HISTORY_FILE, ExperimentLayout
-from mri_models.metrics import PRIMARY_METRIC, metric_table
+from mri_models.metrics import PRIMARY_METRIC, VolumeMetricAccumulator, metric_table, slice_metrics
+from mri_models.models import build_model
 
 NUM_SLICES = 2
 
@@ -69,10 +72,6 @@ def choose_checkpoint(experiment_path: str, trial_id: str) -> tuple[str, list[di
 
 def load_network(path: str, config: dict[str, Any]):
     """Rebuild the trial's network and load a checkpoint's weights (weights only: plain tensors)."""
-    import torch
-
-    from mri_models.models import build_model
-
     data = storage.read_bytes(storage.join(path, CHECKPOINT_FILE))
     if data is None:
         raise FileNotFoundError(f"{path}: no {CHECKPOINT_FILE}")
@@ -138,8 +137,6 @@ def find_val_dir(study: Study, problems: list[str]) -> Path | None:
 
 def validation_samples(val_dir: Path, config: dict[str, Any], count: int = NUM_SLICES) -> list:
     """The middle slice of the first ``count`` volumes, transformed exactly as validation does."""
-    from mri_models.data import SliceDataset, UnetDataTransform, create_mask_func
-
     mask = create_mask_func(
         config.get("mask_type", "random"),
         config.get("center_fractions", (0.08,)),
@@ -156,8 +153,6 @@ def validation_samples(val_dir: Path, config: dict[str, Any], count: int = NUM_S
 
 def reconstruct(model: LoadedModel, sample) -> dict[str, Any]:
     """Un-normalised reconstruction and attention maps (decoder order, deepest first) of one slice."""
-    import torch
-
     with torch.no_grad():
         result = model.network(sample.image[None, None].float(), return_attention=True)
     output = result.output[0, 0] * sample.std + sample.mean
@@ -167,8 +162,6 @@ def reconstruct(model: LoadedModel, sample) -> dict[str, Any]:
 
 def slice_scores(target: np.ndarray, image: np.ndarray, max_value: float) -> dict[str, float]:
     """Every metric of the table for one slice, as a one-slice volume."""
-    from mri_models.metrics import VolumeMetricAccumulator, slice_metrics
-
     gt, pred = target.astype(np.float64), image.astype(np.float64)
     maxval = max_value or float(target.max())
     accumulator = VolumeMetricAccumulator()

@@ -24,6 +24,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from mri_models.arms import active_penalties, arm_of, shown_weights
+from mri_models.data.slice_dataset import default_cache_dir
 from mri_models.losses import penalty_by_weight_key
 from mri_models.models import get_architecture, model_names
 from mri_models.plugins import load_plugins
@@ -228,6 +229,4 @@ def profile_defaults(profile: str) -> dict[str, Any]:
 
 def default_data_dir() -> Path:
     """Where generated synthetic datasets are cached (shared by every run on this machine)."""
-    from mri_models.data.slice_dataset import default_cache_dir
-
     return default_cache_dir() / "synthetic"

@@ -35,10 +35,12 @@ from typing import Any
 
 import h5py
 import numpy as np
+import ray.data
 from filelock import FileLock
 
 from mri_models.data.slice_dataset import RawSample, list_volumes, subsample_slices
 from mri_models.data.subsample import create_mask_func
+from mri_models.data.synthetic import generate_dataset
 from mri_models.data.transforms import unet_sample, volume_mask_seed
 from mri_models.data.validate import check_root
 from mri_models.data.volume import KSPACE_KEY, TARGET_KEY
@@ -69,8 +71,6 @@ def ensure_synthetic_data(profile: str, seed: int = 0, base_dir: Path | None = N
     A lock file serialises concurrent jobs; a marker written last means a half-written dataset (killed
     generator) is completed on the next call instead of being used.
     """
-    from mri_models.data.synthetic import generate_dataset
-
     if profile not in SYNTHETIC_DATA:
         raise ConfigError(
             f"no synthetic dataset for profile {profile!r}; expected one of {sorted(SYNTHETIC_DATA)}"
@@ -237,8 +237,6 @@ def read_and_transform(
 
 def slice_dataset(tasks: list[dict[str, Any]], cfg: TrainConfig, *, training: bool, epoch: int = 0):
     """A streaming Ray Dataset of rows for the given read tasks (one block per task)."""
-    import ray.data
-
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the per-epoch datasets would flood the job log
     context.print_on_execution_start = False

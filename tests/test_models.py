@@ -128,7 +128,7 @@ def test_attention_gate_follows_the_design_formula(chans: int) -> None:
 
 
 def _reference_gate(gate: AttentionGate, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """The DESIGN formula written out with conv2d and instance_norm, using the gate's own weights."""
+    """The gate formula (docs/architecture.md) with conv2d and instance_norm and the gate's own weights."""
     w_g, w_x, psi = gate.w_g[0].weight, gate.w_x[0].weight, gate.psi[0].weight
     hidden = torch.relu(F.instance_norm(F.conv2d(g, w_g)) + F.instance_norm(F.conv2d(x, w_x)))
     return torch.sigmoid(F.instance_norm(F.conv2d(hidden, psi)))

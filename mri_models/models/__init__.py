@@ -1,13 +1,15 @@
 """Reconstruction networks, each registering itself in its own module, and the registry that builds them.
 
 ``build_model(name, **hparams)`` builds any registered name; ``model_names()`` lists them. See
-:mod:`mri_models.models.registry` for how an architecture declares itself.
+:mod:`mri_models.models.registry` for how an architecture declares itself. Every module of this package is
+imported here, so a new architecture is one new module and nothing else.
 """
 
 from __future__ import annotations
 
-# Importing the modules registers their architectures, in display order.
-from mri_models.models import attention_unet, sparse_attention_unet, unet  # noqa: F401
+import importlib
+import pkgutil
+
 from mri_models.models.attention_unet import AttentionGate, AttentionUnet
 from mri_models.models.registry import (
     Architecture,
@@ -24,6 +26,10 @@ from mri_models.models.registry import (
     uses_attention,
 )
 from mri_models.models.unet import ConvBlock, TransposeConvBlock, Unet, UnetOutput
+
+# Registration order is display order: unet (imported by attention_unet), attention_unet, then the rest.
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "Architecture",
