@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from mri_models.models.registry import AttentionOutput
+from mri_models.registries import Registry
 
 
 def reconstruction_loss(output: Tensor, target: Tensor) -> Tensor:
@@ -104,34 +105,30 @@ class PenaltyTerm:
         return self.requires in getattr(provides, "__mro__", ())
 
 
-_PENALTIES: dict[str, PenaltyTerm] = {}
+_PENALTIES: Registry[PenaltyTerm] = Registry("penalty")
 
 
 def register_penalty(term: PenaltyTerm) -> PenaltyTerm:
     """Add a penalty term; its weight becomes a configuration key (``--set <weight_key>=...``)."""
-    existing = _PENALTIES.get(term.name)
-    if existing is not None and existing != term:
-        raise ValueError(f"penalty {term.name!r} is already registered ({existing})")
-    clash = [t.name for t in _PENALTIES.values() if t.weight_key == term.weight_key and t.name != term.name]
-    if clash:
-        raise ValueError(f"penalty {term.name!r}: weight key {term.weight_key!r} is taken by {clash[0]!r}")
-    _PENALTIES[term.name] = term
-    return term
+    owner = penalty_by_weight_key().get(term.weight_key)
+    if owner is not None and owner.name != term.name:
+        raise ValueError(f"penalty {term.name!r}: weight key {term.weight_key!r} is taken by {owner.name!r}")
+    return _PENALTIES.add(term.name, term)
 
 
 def unregister_penalty(name: str) -> None:
     """Remove a penalty term (tests and interactive sessions)."""
-    _PENALTIES.pop(name, None)
+    _PENALTIES.remove(name)
 
 
 def penalty_terms() -> dict[str, PenaltyTerm]:
     """Every registered penalty term by name, in registration order."""
-    return dict(_PENALTIES)
+    return _PENALTIES.as_dict()
 
 
 def penalty_by_weight_key() -> dict[str, PenaltyTerm]:
     """Every registered penalty term by the configuration key of its weight."""
-    return {term.weight_key: term for term in _PENALTIES.values()}
+    return {term.weight_key: term for term in _PENALTIES.as_dict().values()}
 
 
 def _attention_l1(result: AttentionOutput) -> Tensor:
@@ -188,7 +185,7 @@ def training_loss(
     """
     reconstruction = reconstruction_loss(result.output, target)
     total, logged = reconstruction, {}
-    for name, term in _PENALTIES.items():
+    for name, term in penalty_terms().items():
         weight = _check_weight(term.weight_key, weights.get(name, 0.0))
         if weight > 0:
             if not term.applies_to(provides):

@@ -29,6 +29,8 @@ import numpy as np
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
+from mri_models.registries import Registry
+
 ArrayLike = np.ndarray | torch.Tensor
 
 
@@ -124,26 +126,22 @@ class Metric:
     higher_is_better: bool
 
 
-_METRICS: dict[str, Metric] = {}
+_METRICS: Registry[Metric] = Registry("metric")
 
 
 def register_metric(metric: Metric) -> Metric:
     """Add a metric to the table; every report, table and curve then carries it."""
-    existing = _METRICS.get(metric.name)
-    if existing is not None and existing != metric:
-        raise ValueError(f"metric {metric.name!r} is already registered ({existing})")
-    _METRICS[metric.name] = metric
-    return metric
+    return _METRICS.add(metric.name, metric)
 
 
 def unregister_metric(name: str) -> None:
     """Remove a metric (tests and interactive sessions)."""
-    _METRICS.pop(name, None)
+    _METRICS.remove(name)
 
 
 def metric_table() -> dict[str, Metric]:
     """The registered metrics by name, in registration order (fastMRI's: NMSE, PSNR, SSIM)."""
-    return dict(_METRICS)
+    return _METRICS.as_dict()
 
 
 # The metric the study is judged by: ASHA's objective, the "best epoch" and the sort order of tables.
@@ -218,7 +216,7 @@ def slice_metrics(output: ArrayLike, target: ArrayLike, max_value: float) -> Sli
     if out.shape != tgt.shape:
         raise ValueError(f"output shape {out.shape} != target shape {tgt.shape}")
     stats: SliceStats = {}
-    for function in dict.fromkeys(metric.slice_stats for metric in _METRICS.values()):
+    for function in dict.fromkeys(metric.slice_stats for metric in metric_table().values()):
         stats.update(function(tgt, out, float(max_value)))
     return stats
 
@@ -288,11 +286,14 @@ class VolumeMetricAccumulator:
     def per_volume(self) -> dict[str, dict[str, float]]:
         """Every registered metric of every volume gathered so far."""
         results = {}
+        metrics = metric_table()
         for fname, slices in self._slices.items():
             ordered = [slices[index] for index in sorted(slices)]
             stats = {key: np.array([s[key] for s in ordered], dtype=np.float64) for key in ordered[0]}
             max_value = self._max_values[fname]
-            results[fname] = {name: metric.volume(stats, max_value) for name, metric in _METRICS.items()}
+            results[fname] = {
+                name: metric.volume(stats, max_value) for name, metric in metric_table().items()
+            }
         return results
 
     def compute(self) -> dict[str, float]:
@@ -304,7 +305,7 @@ class VolumeMetricAccumulator:
         volumes = self.per_volume()
         result: dict[str, float] = {
             name: float(np.mean([v[name] for v in volumes.values()])) if volumes else math.nan
-            for name in _METRICS
+            for name in metric_table()
         }
         result["num_volumes"] = len(volumes)
         return result

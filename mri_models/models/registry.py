@@ -24,6 +24,8 @@ from typing import Any, Protocol, TypeVar
 
 from torch import Tensor, nn
 
+from mri_models.registries import Registry
+
 __all__ = [
     "Architecture",
     "AttentionOutput",
@@ -107,17 +109,16 @@ class Variant:
     penalty: str
 
 
-_ARCHITECTURES: dict[str, Architecture] = {}
-_VARIANTS: dict[str, Variant] = {}
+_ARCHITECTURES: Registry[Architecture] = Registry("model name")
+_VARIANTS: Registry[Variant] = Registry("model name")
 
 T = TypeVar("T", bound=Callable[..., nn.Module])
 
 
-def _check_free(name: str, entry: object) -> None:
-    existing = _ARCHITECTURES.get(name) or _VARIANTS.get(name)
-    # Registering the same thing again is harmless (a plugin module imported in several processes).
-    if existing is not None and existing != entry:
-        raise ValueError(f"model name {name!r} is already registered ({existing})")
+def _check_free(name: str, other: Registry) -> None:
+    """Architectures and variants share one namespace: the names users type."""
+    if name in other:
+        raise ValueError(f"model name {name!r} is already registered ({other.get(name)})")
 
 
 def register_model(name: str, *, label: str, provides: type = ImageOutput) -> Callable[[T], T]:
@@ -130,9 +131,8 @@ def register_model(name: str, *, label: str, provides: type = ImageOutput) -> Ca
     """
 
     def decorate(constructor: T) -> T:
-        entry = Architecture(name, label, constructor, provides)
-        _check_free(name, entry)
-        _ARCHITECTURES[name] = entry
+        _check_free(name, _VARIANTS)
+        _ARCHITECTURES.add(name, Architecture(name, label, constructor, provides))
         return constructor
 
     return decorate
@@ -142,16 +142,14 @@ def register_variant(name: str, *, architecture: str, penalty: str, label: str) 
     """Register ``name`` as ``architecture`` trained with the penalty term ``penalty``."""
     if architecture not in _ARCHITECTURES:
         raise ValueError(f"variant {name!r}: unknown architecture {architecture!r}")
-    entry = Variant(name, label, architecture, penalty)
-    _check_free(name, entry)
-    _VARIANTS[name] = entry
-    return entry
+    _check_free(name, _ARCHITECTURES)
+    return _VARIANTS.add(name, Variant(name, label, architecture, penalty))
 
 
 def unregister(name: str) -> None:
     """Remove an architecture or variant (tests and interactive sessions)."""
-    _ARCHITECTURES.pop(name, None)
-    _VARIANTS.pop(name, None)
+    _ARCHITECTURES.remove(name)
+    _VARIANTS.remove(name)
 
 
 def model_names() -> tuple[str, ...]:
@@ -177,19 +175,20 @@ def get_architecture(name: str) -> Architecture:
         ValueError: If ``name`` is not registered; the message lists the valid names.
     """
     variant = get_variant(name)
-    return _ARCHITECTURES[variant.architecture if variant else name]
+    return _ARCHITECTURES.as_dict()[variant.architecture if variant else name]
 
 
 def variant_for(architecture: str, penalty: str) -> Variant | None:
     """The variant that binds ``penalty`` to ``architecture``, if one is registered."""
     return next(
-        (v for v in _VARIANTS.values() if v.architecture == architecture and v.penalty == penalty), None
+        (v for v in _VARIANTS.as_dict().values() if v.architecture == architecture and v.penalty == penalty),
+        None,
     )
 
 
 def reserved_penalties() -> dict[str, Variant]:
     """Penalty name -> the variant it is reserved to."""
-    return {variant.penalty: variant for variant in _VARIANTS.values()}
+    return {variant.penalty: variant for variant in _VARIANTS.as_dict().values()}
 
 
 def architecture_rank(name: str) -> int:
