@@ -291,9 +291,7 @@ class VolumeMetricAccumulator:
             ordered = [slices[index] for index in sorted(slices)]
             stats = {key: np.array([s[key] for s in ordered], dtype=np.float64) for key in ordered[0]}
             max_value = self._max_values[fname]
-            results[fname] = {
-                name: metric.volume(stats, max_value) for name, metric in metric_table().items()
-            }
+            results[fname] = {name: metric.volume(stats, max_value) for name, metric in metrics.items()}
         return results
 
     def compute(self) -> dict[str, float]:
