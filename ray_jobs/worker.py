@@ -176,8 +176,8 @@ def validate(model, cfg: TrainConfig, data: PreparedData, device) -> dict[str, f
         if architecture.has_attention:
             mpand.add([t.cpu() for t in result.skip_norms_before], [t.cpu() for t in result.skip_norms_after])
         # Metrics on un-normalised images, as fastMRI evaluates.
-        mean = torch.as_tensor(batch["mean"]).view(-1, 1, 1).to(device)
-        std = torch.as_tensor(batch["std"]).view(-1, 1, 1).to(device)
+        mean = torch.tensor(batch["mean"]).view(-1, 1, 1).to(device)
+        std = torch.tensor(batch["std"]).view(-1, 1, 1).to(device)
         outputs = (result.output[:, 0] * std + mean).cpu().numpy()
         targets = (target[:, 0] * std + mean).cpu().numpy()
         for i in range(n):
