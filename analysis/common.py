@@ -34,7 +34,7 @@ from scipy import stats
 from analysis.collect import collect
 from mri_models import experiment as storage
 from mri_models.arms import accepts_weight, arm_of
-from mri_models.experiment import ASHA_STATE_FILE, SWEEP_FILE, ExperimentLayout
+from mri_models.experiment import ASHA_STATE_FILE, BASELINE_FILE, SWEEP_FILE, ExperimentLayout
 from mri_models.losses import penalty_by_weight_key
 from mri_models.metrics import PRIMARY_METRIC, Metric, metric_table
 from mri_models.models.registry import reserved_penalties
@@ -88,6 +88,9 @@ class Study:
         config_keys: the columns that tell configurations of one arm apart (search keys other than seed,
             model and gamma, plus ``experiment`` when several experiments are analysed together).
         configs: resolved training configuration per ``(experiment, trial_id)``.
+        baselines: the zero-filled baselines (``baseline.json``) of the experiments, one per distinct mask
+            setting: ``{"metrics": {...}, "mask": {...}}``; trials carry their own as ``zero_filled_<metric>``
+            columns and the primary metric's ``gain_best_<metric>`` (best epoch minus zero-filled).
         problems: everything found wrong while loading.
     """
 
@@ -96,6 +99,7 @@ class Study:
     epochs: pd.DataFrame
     config_keys: list[str]
     configs: dict[tuple[str, str], dict[str, Any]]
+    baselines: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
     def included_trials(self) -> pd.DataFrame:
@@ -203,6 +207,7 @@ def load_study(paths: Sequence[str]) -> Study:
     infos: list[ExperimentInfo] = []
     trial_frames, epoch_frames = [], []
     configs: dict[tuple[str, str], dict[str, Any]] = {}
+    baselines: list[dict[str, Any]] = []
     notes: set[str] = set()
     names = _unique_names(paths)
     for path, name in zip(paths, names, strict=True):
@@ -221,6 +226,13 @@ def load_study(paths: Sequence[str]) -> Study:
             problems.append(f"{name}: no {ASHA_STATE_FILE}; trials stopped by ASHA look unfinished")
         search_keys = list(sweep.get("search_keys") or [])
         infos.append(ExperimentInfo(path, name, sweep, search_keys))
+        recorded = (storage.read_json(layout.baseline_file) or {}).get("baselines", [])
+        if not recorded:
+            problems.append(
+                f"{name}: no {BASELINE_FILE} (written before baselines were recorded): results are not set "
+                "against the zero-filled input"
+            )
+        baselines += [b for b in recorded if b not in baselines]
         problems.extend(f"{name}: {p}" for p in experiment.problems)
         trials = experiment.trials.copy()
         if trials.empty:
@@ -243,6 +255,7 @@ def load_study(paths: Sequence[str]) -> Study:
         trials["arm"] = [arm.name for arm in arms]
         trials["arm_rank"] = [arm.rank for arm in arms]
         trials["has_attention"] = [arm.has_attention for arm in arms]
+        _add_baseline_columns(trials, rows, recorded)
         trials.insert(0, "experiment", name)
         expected = _expected_trials(sweep)
         if expected is not None and len(trials) < expected:
@@ -270,7 +283,45 @@ def load_study(paths: Sequence[str]) -> Study:
                 trials[key] = None
         trials["included"] = trials["status"].isin(INCLUDED_STATUSES)
     epochs = _join_epochs(epoch_frames, trials, config_keys)
-    return Study(infos, trials, epochs, config_keys, configs, problems)
+    return Study(infos, trials, epochs, config_keys, configs, baselines, problems)
+
+
+def matching_baseline(config: dict[str, Any], baselines: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The baseline of a trial's mask settings (the only one, when its configuration does not say)."""
+    for baseline in baselines:
+        if all(config.get(key) == value for key, value in baseline["mask"].items()):
+            return baseline
+    return (
+        baselines[0] if len(baselines) == 1 and not any(k in config for k in baselines[0]["mask"]) else None
+    )
+
+
+def _add_baseline_columns(trials: pd.DataFrame, configs: list[dict], baselines: list[dict]) -> None:
+    """``zero_filled_<metric>`` of each trial's own baseline and ``gain_best_<metric>`` over it."""
+    matched = [matching_baseline(config, baselines) for config in configs]
+    for metric, spec in metric_table().items():
+        zero_filled = [b["metrics"].get(metric, math.nan) if b else math.nan for b in matched]
+        trials[f"zero_filled_{metric}"] = zero_filled
+        sign = 1.0 if spec.higher_is_better else -1.0  # a gain is always "better than zero-filled"
+        best = pd.to_numeric(trials.get(f"best_{metric}"), errors="coerce")
+        trials[f"gain_best_{metric}"] = sign * (best - np.asarray(zero_filled, dtype=float))
+
+
+def baseline_label(baseline: dict[str, Any], baselines: list[dict[str, Any]]) -> str:
+    """``zero-filled input``, with its mask settings when the study has several."""
+    if len(baselines) < 2:
+        return "zero-filled input"
+    mask = baseline["mask"]
+    return f"zero-filled input ({mask['mask_type']}, {'/'.join(f'{a}x' for a in mask['accelerations'])})"
+
+
+def draw_baselines(ax, study: Study, metric: str) -> None:
+    """The zero-filled input's value of ``metric`` as a horizontal reference line (one per baseline)."""
+    for baseline in study.baselines:
+        value = baseline["metrics"].get(metric)
+        if value is not None and np.isfinite(value):
+            label = baseline_label(baseline, study.baselines)
+            ax.axhline(value, color="tab:red", linestyle="-.", linewidth=1.2, label=label, gid="zero-filled")
 
 
 def _unique_names(paths: Sequence[str]) -> list[str]:

@@ -20,7 +20,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np
 import pandas as pd
+from scipy import stats
 
 from analysis.common import (
     Artifact,
@@ -28,6 +30,7 @@ from analysis.common import (
     StepResult,
     Study,
     aggregate,
+    baseline_label,
     config_text,
     image_metrics,
     markdown_table,
@@ -53,12 +56,17 @@ def summary_table(study: Study) -> pd.DataFrame:
     keys = ["arm", *study.config_keys]
     metrics = image_metrics()
     columns = {f"{m}_{p}": trials[f"{p}_{m}"] for p in POINTS for m in metrics if f"{p}_{m}" in trials}
+    columns |= {f"gain_{m}": trials[f"gain_best_{m}"] for m in metrics}  # at the best epoch
     meta_columns = [*keys, "model", "gamma", "status", "included", "epochs_run"]
     values = pd.concat([trials[meta_columns], pd.DataFrame(columns)], axis=1)
     included = values[values["included"]]
-    table = aggregate(included, keys, [f"{m}_{p}" for p in POINTS for m in metrics])
+    table = aggregate(included, keys, [*(f"{m}_{p}" for p in POINTS for m in metrics), *columns_of_gains()])
     if table.empty:
         return table
+    gain = f"gain_{PRIMARY_METRIC}"
+    table[f"{gain}_ci95_low"], table[f"{gain}_ci95_high"] = t_interval(
+        table[f"{gain}_mean"], table[f"{gain}_std"], table[f"{gain}_n"]
+    )
     meta = values.groupby(keys, dropna=False, sort=False).agg(
         model=("model", "first"),
         gamma=("gamma", "first"),
@@ -73,9 +81,33 @@ def summary_table(study: Study) -> pd.DataFrame:
     ]
     table = meta.reset_index().merge(table, on=keys, how="right")
     table.insert(len(keys) + 2, "seeds", table[f"{PRIMARY_METRIC}_best_n"])
+    table = pd.concat([table, zero_filled_rows(study)], ignore_index=True)
     ascending = not metric_table()[PRIMARY_METRIC].higher_is_better
     table = table.sort_values(f"{PRIMARY_METRIC}_best_mean", ascending=ascending, na_position="last")
     return table.reset_index(drop=True)
+
+
+def columns_of_gains() -> list[str]:
+    return [f"gain_{m}" for m in image_metrics()]
+
+
+def t_interval(mean: pd.Series, std: pd.Series, n: pd.Series, confidence: float = 0.95):
+    """The t confidence interval of a mean over ``n`` seeds (NaN for fewer than two)."""
+    n = n.astype(float).where(n >= 2)
+    half = stats.t.ppf(0.5 + confidence / 2, n - 1) * std / np.sqrt(n)
+    return mean - half, mean + half
+
+
+def zero_filled_rows(study: Study) -> pd.DataFrame:
+    """One row per zero-filled baseline: its metrics in the best- and last-epoch columns, gain 0."""
+    rows = []
+    for baseline in study.baselines:
+        row = {"arm": baseline_label(baseline, study.baselines), "statuses": "baseline (no training)"}
+        for metric in image_metrics():
+            for point in POINTS:
+                row[f"{metric}_{point}_mean"] = baseline["metrics"].get(metric, np.nan)
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def paired_differences(study: Study) -> pd.DataFrame:
@@ -124,17 +156,65 @@ def _markdown_summary(table: pd.DataFrame, study: Study, point: str) -> str:
     ordered = table.sort_values(
         f"{PRIMARY_METRIC}_{point}_mean", ascending=not primary.higher_is_better, na_position="last"
     )
+    gain = f"gain_{PRIMARY_METRIC}"
     for _, row in ordered.iterrows():
+        baseline = row["statuses"] == "baseline (no training)"
         out = {"Architecture": row["arm"], "Configuration": config_text(row, study.config_keys)}
-        out["Seeds"] = int(row[f"{PRIMARY_METRIC}_{point}_n"])
-        out["Epochs"] = row["epochs"]
+        out["Seeds"] = "–" if baseline else int(row[f"{PRIMARY_METRIC}_{point}_n"])
+        out["Epochs"] = "–" if baseline else row["epochs"]
         for name, metric in metric_table().items():  # in the table's order (fastMRI's NMSE, PSNR, SSIM)
             out[metric.label] = mean_std_text(
-                row[f"{name}_{point}_mean"], row[f"{name}_{point}_std"], metric.fmt
+                row[f"{name}_{point}_mean"], row.get(f"{name}_{point}_std"), metric.fmt
             )
-        out["Trials"] = row["statuses"] + (" (failed ones excluded)" if row["failed"] else "")
+        if point == "best" and study.baselines:
+            out[f"{primary.label} gain over zero-filled (95% CI)"] = (
+                "–"
+                if baseline
+                else gain_text(
+                    row[f"{gain}_mean"], row[f"{gain}_ci95_low"], row[f"{gain}_ci95_high"], primary.fmt
+                )
+            )
+        failed = row.get("failed")
+        out["Trials"] = row["statuses"] + (" (failed ones excluded)" if pd.notna(failed) and failed else "")
         rows.append(out)
     return markdown_table(pd.DataFrame(rows))
+
+
+def verdicts(study: Study) -> list[str]:
+    """Per arm (its best configuration), whether it beats the zero-filled input on the primary metric.
+
+    Beats: the mean gain over seeds is positive and its 95% interval excludes 0; inconclusive: positive
+    mean but an interval that includes 0 (or a single seed); does not beat: mean gain <= 0.
+    """
+    table = summary_table(study)
+    if table.empty or not study.baselines:
+        return []
+    metric = metric_table()[PRIMARY_METRIC]
+    gain = f"gain_{PRIMARY_METRIC}"
+    trained = table[table["statuses"] != "baseline (no training)"]
+    lines = []
+    for arm, rows in trained.groupby("arm", sort=False):  # the table is sorted best first
+        row = rows.iloc[0]
+        mean, low, high, n = (row[f"{gain}_{k}"] for k in ("mean", "ci95_low", "ci95_high", "n"))
+        if pd.isna(mean):
+            verdict = "no gain can be computed (no matching baseline)"
+        elif mean <= 0:
+            verdict = "does **not** beat the zero-filled input"
+        elif pd.isna(low) or low <= 0:
+            verdict = "is inconclusive against the zero-filled input"
+        else:
+            verdict = "beats the zero-filled input"
+        text = gain_text(mean, low, high, metric.fmt)
+        lines.append(f"{arm} {verdict}: {metric.label} gain {text} over {int(n)} seed(s)")
+    return lines
+
+
+def gain_text(mean: float, low: float, high: float, fmt: str) -> str:
+    """``+0.0412 [+0.0210, +0.0614]`` (without the interval for a single seed)."""
+    if pd.isna(mean):
+        return "–"
+    interval = "" if pd.isna(low) else f" [{low:+{fmt}}, {high:+{fmt}}]"
+    return f"{mean:+{fmt}}{interval}"
 
 
 def _markdown_pairs(table: pd.DataFrame, metrics: Sequence[str] | None = None) -> str:

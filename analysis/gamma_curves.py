@@ -27,9 +27,11 @@ from analysis.common import (
     StepResult,
     Study,
     aggregate,
+    baseline_label,
     common_budget,
     config_groups,
     config_text,
+    draw_baselines,
     image_metrics,
     metric_at_epoch,
     run_step,
@@ -140,6 +142,7 @@ def plot(study: Study, points: pd.DataFrame, table: pd.DataFrame, budget: int | 
         unet = _unet_reference(study, metric)
         if np.isfinite(unet):
             ax.axhline(unet, color="black", linestyle=":", linewidth=1.2, label="U-Net (best epoch)")
+        draw_baselines(ax, study, metric)
         if nonzero:
             ax.set_xscale("symlog", linthresh=min(nonzero), linscale=0.5)
         ax.set_xticks(gammas)
@@ -165,7 +168,15 @@ def run(study: Study, out: OutDir) -> StepResult:
         )
         return result
     table = curves_table(points, study.config_keys)
-    out.write_csv("gamma_curves.csv", table)
+    # The reference the curves are read against, in the same columns: point "zero-filled", no gamma.
+    baselines = [
+        {
+            "point": baseline_label(b, study.baselines),
+            **{f"{m}_mean": b["metrics"].get(m) for m in image_metrics()},
+        }
+        for b in study.baselines
+    ]
+    out.write_csv("gamma_curves.csv", pd.concat([table, pd.DataFrame(baselines)], ignore_index=True))
     out.write_csv("gamma_trials.csv", points)
     out.save_figure(plot(study, points, table, budget), "gamma_curves.png")
     stopped = int((points[points["point"] == "best"]["status"] == "stopped").sum())

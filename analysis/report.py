@@ -96,6 +96,11 @@ def render(study: Study, results: list[StepResult]) -> str:
             f"budget {info.sweep.get('max_epochs', '?')} epochs."
         )
     lines.append("")
+    verdicts = compare_models.verdicts(study)
+    if verdicts:
+        lines.append("Against the zero-filled input (best epoch, mean over seeds, 95% t interval):\n")
+        lines += [f"- {verdict}" for verdict in verdicts]
+        lines.append("")
     problems: list[str] = list(study.problems)
     for result in results:
         problems += result.problems

@@ -23,7 +23,7 @@ import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from analysis.common import STATUS_COLOURS, Artifact, OutDir, StepResult, Study, run_step
+from analysis.common import STATUS_COLOURS, Artifact, OutDir, StepResult, Study, draw_baselines, run_step
 from mri_models.models import model_names
 
 MAX_CATEGORIES = 12  # axes with at most this many distinct values are drawn as evenly spaced categories
@@ -141,6 +141,8 @@ def plot_learning_curves(study: Study) -> plt.Figure:
             if status != "completed" and rows[metric].notna().any():
                 last = rows[rows[metric].notna()].iloc[-1]
                 ax.scatter([last["epoch"]], [last[metric]], marker="x", color=colour, s=40, zorder=3)
+        if metric == "ssim":
+            draw_baselines(ax, study, metric)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel({"ssim": "validation SSIM", "val_loss": "validation L1 loss"}[metric])
@@ -152,6 +154,7 @@ def plot_learning_curves(study: Study) -> plt.Figure:
         if status in counts
     ]
     handles.append(Line2D([], [], color="black", marker="x", linestyle="", label="ended before the budget"))
+    handles += [line for line in axes[0, 0].get_lines() if line.get_gid() == "zero-filled"]
     axes[0, 0].legend(handles=handles, fontsize=8)
     figure.suptitle("Learning curves of all trials, coloured by status")
     figure.tight_layout()

@@ -7,6 +7,7 @@ Both sides use this module and nothing else to find their files: ``ray_jobs`` wr
 A training run (``python -m ray_jobs.train --name NAME``, or one sweep trial) under its storage path::
 
     <run>/train_config.json          the resolved TrainConfig the run was started with
+    <run>/baseline.json              the zero-filled input's validation metrics (single runs)
     <run>/metrics.csv                per-epoch metrics (single runs, written at the end)
     <run>/checkpoint_<date>/         Ray Train checkpoints: checkpoint.pt (weights only) + history.json
 
@@ -14,6 +15,7 @@ A sweep (a Ray Tune experiment)::
 
     <experiment>/sweep.json                       the sweep spec, search keys, epoch budget, data root
     <experiment>/asha_state.txt                   ASHA's rung records (ray_jobs.asha)
+    <experiment>/baseline.json                    the zero-filled input's validation metrics
     <experiment>/<Tune trial dir>/                params.json, result.json, error.txt (Tune's own)
     <experiment>/train_runs/<trial id>/           the trial's training run, laid out as above
     <experiment>/results/                         trials.csv, epochs.csv (+ Parquet)
@@ -39,6 +41,7 @@ TRAIN_RUNS_DIR = "train_runs"
 RESULTS_DIR = "results"
 ANALYSIS_DIR = "analysis"
 RUN_CONFIG_FILE = "train_config.json"
+BASELINE_FILE = "baseline.json"
 METRICS_CSV = "metrics.csv"
 CHECKPOINT_PREFIX = "checkpoint_"
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -147,6 +150,10 @@ class RunLayout:
     def metrics_csv(self) -> str:
         return join(self.path, METRICS_CSV)
 
+    @property
+    def baseline_file(self) -> str:
+        return join(self.path, BASELINE_FILE)
+
     def checkpoints(self) -> list[str]:
         """The run's checkpoint directories (the trainer keeps the best by SSIM and the latest)."""
         return [uri for name, uri in subdirectories(self.path) if name.startswith(CHECKPOINT_PREFIX)]
@@ -201,6 +208,10 @@ class ExperimentLayout:
     @property
     def asha_state_file(self) -> str:
         return join(self.path, ASHA_STATE_FILE)
+
+    @property
+    def baseline_file(self) -> str:
+        return join(self.path, BASELINE_FILE)
 
     @property
     def train_runs(self) -> str:

@@ -93,7 +93,12 @@ def check_cluster_fits(cfg: TrainConfig, concurrent_runs: int = 1, extra_cpus: f
 
 
 def build_trainer(
-    cfg: TrainConfig, data: PreparedData, name: str, storage_path: str, callbacks: list | None = None
+    cfg: TrainConfig,
+    data: PreparedData,
+    name: str,
+    storage_path: str,
+    callbacks: list | None = None,
+    baseline: dict[str, float] | None = None,
 ) -> TorchTrainer:
     """A TorchTrainer for one configuration; the same (storage_path, name) resumes that run.
 
@@ -103,12 +108,13 @@ def build_trainer(
         name: run name; deterministic per configuration so a retried run resumes its own checkpoints.
         storage_path: local path, NFS or s3:// URI shared by all nodes.
         callbacks: Ray Train callbacks (Tune's report callback in a sweep).
+        baseline: the zero-filled input's validation metrics, for the gain in the progress lines.
     """
     use_gpu = resolve_use_gpu(cfg)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.model_dump(mode="json"), "data": data},
+        train_loop_config={"train": cfg.model_dump(mode="json"), "data": data, "baseline": baseline},
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),

@@ -16,8 +16,10 @@ import ray
 import ray.train
 
 from mri_models import experiment
+from mri_models.metrics import metric_table
 from mri_models.models import model_names
 from ray_jobs import log_to_stdout
+from ray_jobs.baseline import record_baselines, zero_filled_baseline
 from ray_jobs.checkpoints import history_csv, history_from_checkpoint
 from ray_jobs.cli import add_common_arguments, exit_on_user_error, parse_overrides
 from ray_jobs.config import TrainConfig, make_train_config, profile_defaults
@@ -41,7 +43,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _configure(args: argparse.Namespace) -> tuple[TrainConfig, PreparedData, str, str, bool]:
+def _configure(args: argparse.Namespace) -> tuple[TrainConfig, PreparedData, str, str, bool, dict]:
     """Validate everything and claim the run name; raises the user errors of :mod:`ray_jobs.cli`."""
     values = profile_defaults(args.profile)
     flags = {"model": args.model, "gamma": args.gamma, "epochs": args.epochs, "num_workers": args.workers}
@@ -54,7 +56,9 @@ def _configure(args: argparse.Namespace) -> tuple[TrainConfig, PreparedData, str
     ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     check_cluster_fits(cfg)
     resumed = claim_run_name(cfg, storage_path, name)
-    return cfg, data, name, storage_path, resumed
+    baseline = zero_filled_baseline(data, cfg)
+    record_baselines(experiment.RunLayout(experiment.join(storage_path, name)).baseline_file, [baseline])
+    return cfg, data, name, storage_path, resumed, baseline["metrics"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,17 +68,18 @@ def main(argv: list[str] | None = None) -> int:
     code, configured = exit_on_user_error(lambda: _configure(args))
     if code:
         return code
-    cfg, data, name, storage_path, resumed = configured
+    cfg, data, name, storage_path, resumed, baseline = configured
     run = experiment.RunLayout(experiment.join(storage_path, name))
     weights = "".join(f", {key} {value:g}" for key, value in cfg.identifying_weights().items())
     print(
         f"{'resuming' if resumed else 'starting'} run {name!r}: {cfg.model}{weights}, {cfg.num_workers} "
         f"worker(s), {len(data.train_slices)} train / {len(data.val_slices)} val slices from {data.root}, "
-        f"results in {run.path}",
+        f"results in {run.path}\nzero-filled baseline: "
+        + ", ".join(f"{key.upper()} {format(baseline[key], m.fmt)}" for key, m in metric_table().items()),
         flush=True,
     )
     try:
-        result = build_trainer(cfg, data, name, storage_path).fit()
+        result = build_trainer(cfg, data, name, storage_path, baseline=baseline).fit()
     except ray.train.TrainingFailedError as err:
         print(f"run {name!r} failed: {err}", flush=True)
         return 1

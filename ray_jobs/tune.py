@@ -23,6 +23,7 @@ from mri_models import experiment
 from mri_models.experiment import ExperimentLayout
 from mri_models.metrics import PRIMARY_METRIC, metric_table
 from ray_jobs.asha import PersistentASHAScheduler
+from ray_jobs.baseline import baselines_for, mask_settings, record_baselines
 from ray_jobs.config import ConfigError, make_train_config
 from ray_jobs.data import PreparedData, ensure_synthetic_data, prepare_data
 from ray_jobs.run import build_trainer, check_cluster_fits, claim_run_name, resolve_use_gpu
@@ -38,6 +39,16 @@ def _objective() -> tuple[str, str]:
     return PRIMARY_METRIC, "max" if metric_table()[PRIMARY_METRIC].higher_is_better else "min"
 
 
+def trial_dirname(trial) -> str:
+    """``trial_<id>_gamma=1e-06,seed=0``: the grid values as given (Tune's default rounds to 4 decimals, so
+    every small gamma became ``gamma=0.0000``). Also the run name TensorBoard shows."""
+    values = []
+    for key, value in trial.evaluated_params.items():
+        text = format(value, "g") if isinstance(value, float) else str(value)
+        values.append(f"{key}={text}".replace(os.sep, "_"))
+    return f"trial_{trial.trial_id}_{','.join(values)}"[:200]
+
+
 def make_scheduler(spec: SweepSpec, layout: ExperimentLayout) -> TrialScheduler:
     """ASHA on the primary metric with ``epoch`` as time attribute, or FIFO."""
     if spec.scheduler.type == "fifo":
@@ -51,12 +62,21 @@ def make_scheduler(spec: SweepSpec, layout: ExperimentLayout) -> TrialScheduler:
     )
 
 
-def run_trial(config: dict[str, Any], *, spec: SweepSpec, data: PreparedData, train_storage: str) -> None:
+def run_trial(
+    config: dict[str, Any],
+    *,
+    spec: SweepSpec,
+    data: PreparedData,
+    train_storage: str,
+    baselines: list[dict[str, Any]],
+) -> None:
     """One Tune trial: the Ray Train run of one grid point, resumed from its own checkpoints if any."""
     cfg = make_train_config(spec.trial_values(config))
     name = tune.get_context().get_trial_id()
     claim_run_name(cfg, train_storage, name)
-    build_trainer(cfg, data, name, train_storage, callbacks=[TuneReportCallback()]).fit()
+    baseline = next((b["metrics"] for b in baselines if b["mask"] == mask_settings(cfg)), None)
+    callbacks = [TuneReportCallback()]
+    build_trainer(cfg, data, name, train_storage, callbacks=callbacks, baseline=baseline).fit()
 
 
 def concurrency(spec: SweepSpec, num_trials: int) -> int:
@@ -118,6 +138,7 @@ def _make_tuner(spec: SweepSpec, storage_path: str, name: str, trainable, max_co
             scheduler=make_scheduler(spec, layout),
             max_concurrent_trials=max_concurrent,
             reuse_actors=False,
+            trial_dirname_creator=trial_dirname,
         ),
         run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=1),
     )
@@ -137,6 +158,8 @@ def run_sweep(spec: SweepSpec, name: str, storage_path: str, data_root: Path | N
         ray.init(address=os.environ.get("RAY_ADDRESS"))
     num_trials = len(spec.grid_points())
     max_concurrent = concurrency(spec, num_trials)
+    baselines = baselines_for(data, spec.trial_configs())
+    record_baselines(layout.baseline_file, baselines)
     if not resume:
         record = {
             "spec": spec.model_dump(mode="json"),
@@ -146,7 +169,9 @@ def run_sweep(spec: SweepSpec, name: str, storage_path: str, data_root: Path | N
         }
         experiment.write_json(layout.sweep_file, record)
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, spec=spec, data=data, train_storage=layout.train_runs),
+        tune.with_parameters(
+            run_trial, spec=spec, data=data, train_storage=layout.train_runs, baselines=baselines
+        ),
         {"cpu": TRIAL_CPUS},
     )
     logger.info(

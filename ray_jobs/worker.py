@@ -21,7 +21,13 @@ import torch
 import torch.distributed as dist
 
 from mri_models.losses import penalty_terms, training_loss
-from mri_models.metrics import MpandAccumulator, VolumeMetricAccumulator, metric_table, slice_metrics
+from mri_models.metrics import (
+    PRIMARY_METRIC,
+    MpandAccumulator,
+    VolumeMetricAccumulator,
+    metric_table,
+    slice_metrics,
+)
 from mri_models.models import build_model, get_architecture
 from ray_jobs import log_to_stdout
 from ray_jobs.checkpoints import load_checkpoint, save_checkpoint
@@ -49,23 +55,29 @@ def metric_keys(num_pool_layers: int) -> list[str]:
         *penalty_terms(),
         "lr",
         "epoch_seconds",
+        "compute_fraction",
         "train_slices_per_second",
         "train_slices",
         "val_volumes",
     ]
 
 
-def format_progress(metrics: dict[str, float], epochs: int) -> str:
-    """One line per epoch for the job log."""
+def format_progress(metrics: dict[str, float], epochs: int, baseline: dict[str, float] | None = None) -> str:
+    """One line per epoch for the job log, with the primary metric's gain over the zero-filled input."""
     line = (
         f"epoch {metrics['epoch']}/{epochs}  train_loss {metrics['train_loss']:.4f}  "
         f"val_loss {metrics['val_loss']:.4f}"
     )
     for name, metric in metric_table().items():
         line += f"  {name.upper()} {format(metrics[name], metric.fmt)}"
+        if name == PRIMARY_METRIC and baseline and name in baseline:
+            line += f" ({metrics[name] - baseline[name]:+{metric.fmt}} vs zero-filled)"
     if not math.isnan(metrics["mpand"]):
         line += f"  MPAND {metrics['mpand']:.3f}"
-    return line + f"  ({metrics['epoch_seconds']:.1f} s, {metrics['train_slices_per_second']:.1f} slices/s)"
+    return line + (
+        f"  ({metrics['epoch_seconds']:.1f} s, {100 * metrics['compute_fraction']:.0f}% computing, "
+        f"{metrics['train_slices_per_second']:.1f} slices/s)"
+    )
 
 
 # ----------------------------------------------------------------------------------------- collectives
@@ -115,7 +127,7 @@ def train_epoch(model, optimizer, cfg: TrainConfig, data: PreparedData, epoch: i
     tasks = train_read_tasks(data.train_slices, epoch, rank, world_size, cfg.seed, cfg.slices_per_read)
     rows = slice_dataset(tasks, cfg, training=True, epoch=epoch)
     model.train()
-    loss_sum = reconstruction_sum = 0.0
+    loss_sum = reconstruction_sum = compute_seconds = 0.0
     slices = 0
     for step, batch in enumerate(
         rows.iter_batches(
@@ -123,7 +135,9 @@ def train_epoch(model, optimizer, cfg: TrainConfig, data: PreparedData, epoch: i
         )
     ):
         image, target = _to_device(batch, device)
+        started = time.perf_counter()
         parts = training_loss(model(image, return_attention=True), target, weights, provides)
+        compute_seconds += time.perf_counter() - started
         # Every rank must agree to stop, or the others would wait forever in the next all-reduce.
         finite = _all_reduce_sum([float(torch.isfinite(parts.total).item())], device, world_size)[0]
         if finite < world_size:
@@ -133,20 +147,23 @@ def train_epoch(model, optimizer, cfg: TrainConfig, data: PreparedData, epoch: i
                 f"on rank {rank} (lr={cfg.lr}{', ' + weights_text if weights_text else ''}); lower the "
                 "learning rate or the penalty weights"
             )
+        started = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         parts.total.backward()
         optimizer.step()
+        compute_seconds += time.perf_counter() - started
         n = image.shape[0]
         loss_sum += parts.total.item() * n
         reconstruction_sum += parts.reconstruction.item() * n
         slices += n
-    loss_sum, reconstruction_sum, slices = _all_reduce_sum(
-        [loss_sum, reconstruction_sum, slices], device, world_size
+    loss_sum, reconstruction_sum, slices, compute_seconds = _all_reduce_sum(
+        [loss_sum, reconstruction_sum, slices, compute_seconds], device, world_size
     )
     return {
         "train_loss": loss_sum / slices,
         "train_reconstruction_loss": reconstruction_sum / slices,
         "train_slices": int(slices),
+        "compute_seconds": compute_seconds / world_size,  # per rank, on average
     }
 
 
@@ -227,7 +244,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function.
 
     Args:
-        config: ``{"train": TrainConfig as a dict, "data": PreparedData}``.
+        config: ``{"train": TrainConfig as a dict, "data": PreparedData, "baseline": the zero-filled
+            input's validation metrics (for the progress line) or None}``.
     """
     log_to_stdout()
     cfg = TrainConfig(**config["train"])  # also loads the configuration's plugins in this process
@@ -255,10 +273,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_seconds = time.perf_counter() - started
         scheduler.step()
         val_metrics = validate(model, cfg, data, device)
+        epoch_seconds = time.perf_counter() - started
         metrics = {
             "epoch": epoch + 1,  # epochs completed; ASHA's time attribute
             "lr": lr,
-            "epoch_seconds": time.perf_counter() - started,
+            "epoch_seconds": epoch_seconds,
+            # Forward, backward and optimiser steps over the epoch's wall time (pipeline and validation
+            # are the rest): how much of the reserved CPUs or GPUs go to training.
+            "compute_fraction": train_metrics.pop("compute_seconds") / epoch_seconds,
             "train_slices_per_second": train_metrics["train_slices"] / train_seconds,
             **train_metrics,
             **val_metrics,
@@ -266,7 +288,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {key: metrics[key] for key in keys}
         history.append(metrics)
         if rank == 0:
-            logger.info(format_progress(metrics, cfg.epochs))
+            logger.info(format_progress(metrics, cfg.epochs, config.get("baseline")))
         with tempfile.TemporaryDirectory() as directory:
             if rank == 0:
                 save_checkpoint(directory, model, optimizer, scheduler, epoch, history)

@@ -41,6 +41,14 @@ ERRORED_ERROR = (
 )
 
 
+# The zero-filled baseline as ray_jobs.baseline records it, for the default mask settings of every trial.
+ZERO_FILLED = {
+    "metrics": {"nmse": 0.3, "psnr": 24.0, "ssim": 0.55, "num_volumes": 2},
+    "mask": {"mask_type": "random", "center_fractions": [0.08], "accelerations": [4]},
+    "val_slices": 6,
+}
+
+
 @dataclass
 class TrialPlan:
     """One canned trial: its parameters, validation SSIM per reported epoch and how it ended."""
@@ -123,6 +131,7 @@ def write_experiment(
     search_keys = [*spec["search"], "seed"]
     sweep = {"spec": spec, "search_keys": search_keys, "max_epochs": max_epochs, "data_root": str(data_root)}
     (path / "sweep.json").write_text(json.dumps(sweep, indent=2))
+    (path / "baseline.json").write_text(json.dumps({"baselines": [ZERO_FILLED]}))
     for index, plan in enumerate(plans):
         plan.trial_id = f"{prefix}_{index:05d}"
         plan.dir_name = (

@@ -16,11 +16,11 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from analysis import compare_models, gamma_curves, reconstructions
+from analysis import compare_models, gamma_curves, reconstructions, sweep_overview
 from analysis.common import OutDir, StepResult, load_study, paired_test
 from analysis.report import run_safely
 from mri_models.experiment import ASHA_STATE_FILE
-from tests.analysis_fixtures import gamma_sweep, make_data_root, model_comparison
+from tests.analysis_fixtures import ZERO_FILLED, gamma_sweep, make_data_root, model_comparison
 
 REPO = Path(__file__).resolve().parents[1]
 ARM_OF_MODEL = {
@@ -219,8 +219,10 @@ def test_a_script_runs_alone_as_a_file(canned, tmp_path):
     assert "problem: " in process.stdout  # the interrupted sweep is reported on the console too
     table = pd.read_csv(tmp_path / "compare_models.csv")
     # A gamma sweep: gamma = 0 is the Attention U-Net arm, each other gamma an arm of its own.
+    # The zero-filled input is a row of its own, the reference every arm is read against.
     assert set(table["arm"]) == {
-        "attention_unet", "sparse_attention_unet (γ=0.0001)", "sparse_attention_unet (γ=0.01)"
+        "attention_unet", "sparse_attention_unet (γ=0.0001)", "sparse_attention_unet (γ=0.01)",
+        "zero-filled input",
     }  # fmt: skip
     assert re.search(r"\| attention_unet +\|", (tmp_path / "compare_models.md").read_text())
 
@@ -238,5 +240,41 @@ def test_experiments_without_recorded_trial_configs_still_analyse(canned, tmp_pa
     assert study.arms() == ["unet", "attention_unet", "sparse_attention_unet (γ=0.0001)"]
     assert any("without train_config.json" in p for p in study.problems)
     result = compare_models.run(study, OutDir(str(tmp_path / "out")))
-    assert set(pd.read_csv(tmp_path / "out" / "compare_models.csv")["arm"]) == set(study.arms())
+    arms = set(pd.read_csv(tmp_path / "out" / "compare_models.csv")["arm"])
+    assert arms == {*study.arms(), "zero-filled input"}
     assert not result.problems
+
+
+def test_every_table_and_curve_carries_the_zero_filled_baseline(canned, cli_out, tmp_path):
+    zero = ZERO_FILLED["metrics"]
+    study = load_study([str(canned["comparison"])])
+    table = compare_models.summary_table(study).set_index("arm")
+    for metric in ("ssim", "psnr", "nmse"):
+        assert table.loc["zero-filled input", f"{metric}_best_mean"] == zero[metric]
+    # U-Net best SSIM over seeds 0.60, 0.62, 0.64: gains over 0.55 of 0.05, 0.07, 0.09 (sd 0.02).
+    half = stats.t.ppf(0.975, 2) * 0.02 / math.sqrt(3)
+    assert table.loc["unet", "gain_ssim_mean"] == pytest.approx(0.07)
+    assert table.loc["unet", "gain_ssim_ci95_low"] == pytest.approx(0.07 - half)
+    assert table.loc["unet", "gain_ssim_ci95_high"] == pytest.approx(0.07 + half)
+    # Lower NMSE is better: its gain is the baseline minus the network's (best epoch NMSE 0.5 - 0.5 SSIM).
+    assert table.loc["unet", "gain_nmse_mean"] == pytest.approx(0.3 - (0.5 - 0.5 * 0.62))
+    verdicts = compare_models.verdicts(study)
+    assert any(v.startswith("unet beats the zero-filled input: SSIM gain +0.0700") for v in verdicts)
+    # Sparse: gains 0.04, 0.00, 0.06 — positive on average, but the interval includes 0.
+    assert any(v.startswith("sparse_attention_unet (γ=0.0001) is inconclusive") for v in verdicts)
+
+    sweep = load_study([str(canned["sweep"])])
+    assert any(
+        v.startswith("sparse_attention_unet (γ=0.01) does **not** beat")
+        for v in compare_models.verdicts(sweep)
+    )
+    gamma_curves.run(sweep, OutDir(str(tmp_path)))
+    curves = pd.read_csv(tmp_path / "gamma_curves.csv")
+    reference = curves[curves["point"] == "zero-filled input"].iloc[0]
+    assert reference["ssim_mean"] == zero["ssim"] and reference["psnr_mean"] == zero["psnr"]
+    figure = sweep_overview.plot_learning_curves(sweep)
+    lines = [line for line in figure.axes[0].get_lines() if line.get_gid() == "zero-filled"]
+    assert len(lines) == 1 and set(lines[0].get_ydata()) == {zero["ssim"]}
+
+    report = (cli_out[1] / "report.md").read_text()
+    assert "Against the zero-filled input" in report.split("\n## ")[0]  # before the first section

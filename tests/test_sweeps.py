@@ -202,3 +202,15 @@ def test_more_workers_per_trial_than_the_cluster_fails_before_any_trial(ray_head
     assert code == 2
     assert "needs 2.35 CPUs but the cluster has 2" in capsys.readouterr().out
     assert not any(tmp_path.iterdir())
+
+
+def test_trial_directory_names_keep_small_gammas_distinct():
+    from types import SimpleNamespace
+
+    from ray_jobs.tune import trial_dirname
+
+    names = {
+        trial_dirname(SimpleNamespace(trial_id="a1b2c_00001", evaluated_params={"gamma": gamma, "seed": 0}))
+        for gamma in (0.0, 1e-6, 2e-6, 1e-5)
+    }
+    assert names == {f"trial_a1b2c_00001_gamma={g},seed=0" for g in ("0", "1e-06", "2e-06", "1e-05")}

@@ -57,6 +57,7 @@ def test_ddp_run_reports_every_metric_every_epoch(ray_local, tiny_root, tmp_path
         assert list(row) == metric_keys(2)
         assert row["train_slices"] == 16 and row["val_volumes"] == 3
         assert math.isfinite(row["train_loss"]) and -1 <= row["ssim"] <= 1 and row["nmse"] > 0
+        assert 0 < row["compute_fraction"] <= 1
         if model == "unet":
             assert (
                 math.isnan(row["mpand"])

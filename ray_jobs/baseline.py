@@ -1,0 +1,85 @@
+"""The zero-filled baseline: the validation metrics of the networks' own input, computed once and cached.
+
+Every result is judged against it: a network that does not beat the zero-filled image (the magnitude of
+the inverse FFT of the masked k-space) has learned nothing worth reporting. It is evaluated exactly as
+validation evaluates a network, on the same rows (same files, fixed per-volume masks, un-normalised input
+against the un-normalised target) with the same volume metrics, so ``network - baseline`` is a like-for-like
+gain; the result equals ``fastmri.evaluate`` on the zero-filled volumes (``tests/test_baseline.py``).
+
+It depends only on the validation slices (and their files' contents) and the mask settings, so it is cached
+under the cache directory by a key of those, and recorded in each run and experiment directory
+(``baseline.json``) for the analysis.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from mri_models import experiment
+from mri_models.data.slice_dataset import default_cache_dir
+from mri_models.metrics import VolumeMetricAccumulator, metric_table, slice_metrics
+from ray_jobs.config import TrainConfig
+from ray_jobs.data import PreparedData, iter_rows_locally, val_read_tasks
+
+MASK_KEYS = ("mask_type", "center_fractions", "accelerations")
+
+
+def mask_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The configuration values the zero-filled input depends on (besides the data)."""
+    values = cfg.model_dump(mode="json")
+    return {key: values[key] for key in MASK_KEYS}
+
+
+def _cache_key(data: PreparedData, mask: dict[str, Any]) -> str:
+    files = sorted({path for path, _ in data.val_slices})
+    stats = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files]
+    text = json.dumps([sorted(data.val_slices), stats, mask, sorted(metric_table())])
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
+
+
+def compute_zero_filled(data: PreparedData, cfg: TrainConfig) -> dict[str, Any]:
+    """The zero-filled input's volume metrics on the validation split, computed here (no Ray)."""
+    accumulator = VolumeMetricAccumulator()
+    for row in iter_rows_locally(
+        val_read_tasks(data.val_slices, 0, 1, cfg.slices_per_read), cfg, training=False
+    ):
+        image = row["image"] * row["std"] + row["mean"]
+        target = row["target"] * row["std"] + row["mean"]
+        max_value = float(row["max_value"])
+        accumulator.add(
+            row["fname"], int(row["slice_num"]), slice_metrics(image, target, max_value), max_value
+        )
+    return accumulator.compute()
+
+
+def zero_filled_baseline(data: PreparedData, cfg: TrainConfig) -> dict[str, Any]:
+    """The baseline for the validation split and the mask settings of ``cfg``, from the cache if computed.
+
+    Returns:
+        ``{"metrics": {name: value, "num_volumes": n}, "mask": {...}, "val_slices": n}``.
+    """
+    mask = mask_settings(cfg)
+    cache = default_cache_dir() / "baselines" / f"{_cache_key(data, mask)}.json"
+    cached = experiment.read_json(str(cache)) if cache.exists() else None
+    if cached is not None:
+        return cached
+    baseline = {"metrics": compute_zero_filled(data, cfg), "mask": mask, "val_slices": len(data.val_slices)}
+    experiment.write_json(str(cache), baseline)
+    return baseline
+
+
+def baselines_for(data: PreparedData, configs: Iterable[TrainConfig]) -> list[dict[str, Any]]:
+    """One baseline per distinct mask setting among ``configs`` (a sweep may search the acceleration)."""
+    by_mask: dict[str, TrainConfig] = {}
+    for cfg in configs:
+        by_mask.setdefault(json.dumps(mask_settings(cfg), sort_keys=True), cfg)
+    return [zero_filled_baseline(data, cfg) for cfg in by_mask.values()]
+
+
+def record_baselines(path: str, baselines: list[dict[str, Any]]) -> None:
+    """Write the baselines to ``path``, a run's or experiment's ``baseline_file``."""
+    experiment.write_json(path, {"baselines": baselines})
