@@ -265,6 +265,43 @@ def slice_dataset(tasks: list[dict[str, Any]], cfg: TrainConfig, *, training: bo
     )
 
 
+class ValidationBatches:
+    """One rank's validation batches: streamed through Ray Data the first time, then kept in memory.
+
+    Validation rows never change (fixed per-volume masks), so producing them once per run saves every
+    later epoch the pipeline's start-up, the reads and the FFTs. They are kept only while they fit in
+    ``cfg.val_cache_mb`` (a paper-size validation split on one rank does not; it is streamed every epoch).
+
+    Args:
+        data: the prepared data.
+        cfg: the run configuration.
+        rank: this worker's rank.
+        world_size: the number of workers.
+    """
+
+    def __init__(self, data: PreparedData, cfg: TrainConfig, rank: int, world_size: int) -> None:
+        self.cfg = cfg
+        self.tasks = val_read_tasks(data.val_slices, rank, world_size, cfg.slices_per_read)
+        self.budget = cfg.val_cache_mb * 2**20
+        self.cached: list[dict[str, np.ndarray]] | None = None
+
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+        if self.cached is not None:
+            yield from self.cached
+            return
+        kept: list[dict[str, np.ndarray]] | None = []
+        size = 0
+        rows = slice_dataset(self.tasks, self.cfg, training=False)
+        for batch in rows.iter_batches(batch_size=self.cfg.batch_size, batch_format="numpy"):
+            size += sum(column.nbytes for column in batch.values())
+            if kept is not None and size <= self.budget:
+                kept.append(batch)
+            else:
+                kept = None  # over budget: stream every epoch
+            yield batch
+        self.cached = kept  # only a pass that ran to the end is kept
+
+
 def iter_rows_locally(
     tasks: list[dict[str, Any]], cfg: TrainConfig, *, training: bool, epoch: int = 0
 ) -> Iterator[dict]:

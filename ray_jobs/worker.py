@@ -12,6 +12,7 @@ import logging
 import math
 import tempfile
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -32,7 +33,7 @@ from mri_models.models import build_model, get_architecture
 from ray_jobs import log_to_stdout
 from ray_jobs.checkpoints import load_checkpoint, save_checkpoint
 from ray_jobs.config import TrainConfig
-from ray_jobs.data import PreparedData, slice_dataset, train_read_tasks, val_read_tasks
+from ray_jobs.data import PreparedData, ValidationBatches, slice_dataset, train_read_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -168,20 +169,24 @@ def train_epoch(model, optimizer, cfg: TrainConfig, data: PreparedData, epoch: i
 
 
 @torch.no_grad()
-def validate(model, cfg: TrainConfig, data: PreparedData, device) -> dict[str, float]:
-    """Validation over whole volumes per rank; per-slice results gathered so any world size agrees."""
-    rank, world_size = _world()
+def validate(model, cfg: TrainConfig, batches: Iterable[dict[str, Any]], device) -> dict[str, float]:
+    """Validation over whole volumes per rank; per-slice results gathered so any world size agrees.
+
+    Args:
+        model: the (DDP-wrapped) network.
+        cfg: the run configuration.
+        batches: this rank's validation batches (:class:`ray_jobs.data.ValidationBatches`).
+        device: where the network is.
+    """
+    _, world_size = _world()
     architecture = get_architecture(cfg.model)
-    tasks = val_read_tasks(data.val_slices, rank, world_size, cfg.slices_per_read)
     # The bare module: validation load differs between ranks, and DDP's forward may synchronise.
     network = getattr(model, "module", model)
     network.eval()
     volumes, mpand = VolumeMetricAccumulator(), MpandAccumulator()
     loss_sum, slices = 0.0, 0
     penalty_sums: dict[str, float] = {}
-    for batch in slice_dataset(tasks, cfg, training=False).iter_batches(
-        batch_size=cfg.batch_size, batch_format="numpy"
-    ):
+    for batch in batches:
         image, target = _to_device(batch, device)
         result = network(image, return_attention=True)
         # Every penalty the network supports, unweighted, for the report; val_loss is the reconstruction.
@@ -260,6 +265,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     optimizer, scheduler = _make_optimizer(model, cfg)
 
+    validation_batches = ValidationBatches(data, cfg, rank, _world()[1])
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
@@ -272,7 +278,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         train_metrics = train_epoch(model, optimizer, cfg, data, epoch, device)
         train_seconds = time.perf_counter() - started
         scheduler.step()
-        val_metrics = validate(model, cfg, data, device)
+        val_metrics = validate(model, cfg, validation_batches, device)
         epoch_seconds = time.perf_counter() - started
         metrics = {
             "epoch": epoch + 1,  # epochs completed; ASHA's time attribute

@@ -13,6 +13,7 @@ from ray_jobs.config import make_train_config
 from ray_jobs.data import (
     TRAIN_SPLIT,
     VAL_SPLIT,
+    ValidationBatches,
     prepare_data,
     slice_dataset,
     train_read_tasks,
@@ -96,6 +97,23 @@ def test_validation_rows_equal_slice_dataset_transform(ray_local, tiny_root):
         assert np.array_equal(row["target"], sample.target.numpy())
         assert row["mean"] == sample.mean.item() and row["std"] == sample.std.item()
         assert row["max_value"] == sample.max_value
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget_mb", [1024, 0])
+def test_validation_batches_are_produced_once_when_they_fit(ray_local, tiny_root, budget_mb):
+    cfg = _cfg(tiny_root, val_cache_mb=budget_mb)
+    batches = ValidationBatches(prepare_data(cfg, tiny_root), cfg, rank=0, world_size=1)
+    first = list(batches)
+    assert (batches.cached is not None) == (budget_mb > 0)
+    second = list(batches)  # from memory, or streamed again over budget: the same rows either way
+
+    def by_slice(passes):
+        return {(b["fname"][i], int(n)): b["image"][i] for b in passes for i, n in enumerate(b["slice_num"])}
+
+    first_rows, second_rows = by_slice(first), by_slice(second)
+    assert len(first_rows) == 12 and first_rows.keys() == second_rows.keys()
+    assert all(np.array_equal(first_rows[key], second_rows[key]) for key in first_rows)
 
 
 @pytest.mark.slow

@@ -79,12 +79,15 @@ def _validate_fixed_weights(config):
     import ray.train.torch
 
     from ray_jobs.config import TrainConfig
+    from ray_jobs.data import ValidationBatches
     from ray_jobs.worker import validate
 
     cfg = TrainConfig(**config["train"])
     torch.manual_seed(123)
     model = ray.train.torch.prepare_model(build_model(cfg.model, **cfg.model_hparams()))
-    return validate(model, cfg, config["data"], ray.train.torch.get_device())
+    context = ray.train.get_context()
+    batches = ValidationBatches(config["data"], cfg, context.get_world_rank(), context.get_world_size())
+    return validate(model, cfg, batches, ray.train.torch.get_device())
 
 
 def test_validation_metrics_equal_for_one_and_two_workers_and_fastmri(ray_local, tiny_root, tmp_path):
