@@ -11,7 +11,6 @@ import json
 import os
 from typing import Any
 
-import pandas as pd
 import torch
 
 from mri_models.experiment import CHECKPOINT_FILE, HISTORY_FILE
@@ -54,8 +53,3 @@ def history_from_checkpoint(checkpoint) -> list[dict[str, Any]]:
     with checkpoint.as_directory() as directory:
         with open(os.path.join(directory, HISTORY_FILE)) as f:
             return json.load(f)
-
-
-def history_csv(history: list[dict[str, Any]]) -> str:
-    """Per-epoch metrics as CSV text (columns in report order)."""
-    return pd.DataFrame(history).to_csv(index=False)

@@ -12,6 +12,7 @@ import math
 import os
 from pathlib import Path
 
+import pandas as pd
 import ray
 import ray.train
 
@@ -20,7 +21,7 @@ from mri_models.metrics import metric_table
 from mri_models.models import model_names
 from ray_jobs import log_to_stdout
 from ray_jobs.baseline import record_baselines, zero_filled_baseline
-from ray_jobs.checkpoints import history_csv, history_from_checkpoint
+from ray_jobs.checkpoints import history_from_checkpoint
 from ray_jobs.cli import add_common_arguments, exit_on_user_error, parse_overrides
 from ray_jobs.config import TrainConfig, make_train_config, profile_defaults
 from ray_jobs.data import PreparedData, ensure_synthetic_data, prepare_data
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"run {name!r} failed: {err}", flush=True)
         return 1
     history = history_from_checkpoint(result.checkpoint)
-    experiment.write_text(run.metrics_csv, history_csv(history))
+    experiment.write_text(run.metrics_csv, pd.DataFrame(history).to_csv(index=False))
     final = history[-1]
     print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items() if not math.isnan(v)))
     print(f"per-epoch metrics written to {run.metrics_csv}")
