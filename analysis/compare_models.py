@@ -73,6 +73,10 @@ def summary_table(study: Study) -> pd.DataFrame:
         statuses=("status", _status_text),
         failed=("included", lambda s: int((~s).sum())),
     )
+    # Seeds whose best epoch beat the zero-filled input on the primary metric.
+    meta[f"{gain}_above"] = included.groupby(keys, dropna=False, sort=False)[gain].agg(
+        lambda s: int((s > 0).sum())
+    )
     epochs = included.groupby(keys, dropna=False, sort=False)["epochs_run"].agg(["min", "max"])
     # Epochs run, as a range: stopped or unfinished trials make "last epoch" a smaller budget.
     meta["epochs"] = [
@@ -195,7 +199,9 @@ def verdicts(study: Study) -> list[str]:
     lines = []
     for arm, rows in trained.groupby("arm", sort=False):  # the table is sorted best first
         row = rows.iloc[0]
-        mean, low, high, n = (row[f"{gain}_{k}"] for k in ("mean", "ci95_low", "ci95_high", "n"))
+        mean, low, high, n, above = (
+            row[f"{gain}_{k}"] for k in ("mean", "ci95_low", "ci95_high", "n", "above")
+        )
         if pd.isna(mean):
             verdict = "no gain can be computed (no matching baseline)"
         elif mean <= 0:
@@ -205,7 +211,9 @@ def verdicts(study: Study) -> list[str]:
         else:
             verdict = "beats the zero-filled input"
         text = gain_text(mean, low, high, metric.fmt)
-        lines.append(f"{arm} {verdict}: {metric.label} gain {text} over {int(n)} seed(s)")
+        lines.append(
+            f"{arm} {verdict}: {metric.label} gain {text} over {int(n)} seed(s), {int(above)} of them above"
+        )
     return lines
 
 
