@@ -101,7 +101,7 @@ def main() -> None:
         root = ensure_synthetic_data("smoke", base_dir=storage / "data")
         spec = SweepSpec(experiment="overhead", profile="cpu", train={"epochs": args.epochs, "chans": 4})
         data = prepare_data(spec.trial_configs()[0], root)
-        ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
         try:
             floor = run_kind(floor_trial, args.repeats, storage, "floor")
             ours = run_kind(our_trial, args.repeats, storage, "ours", spec=spec, data=data)
