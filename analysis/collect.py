@@ -11,7 +11,8 @@ metric (SSIM).
 Trial status:
 - ``completed``: reached the configured number of epochs;
 - ``stopped``: stopped early by ASHA;
-- ``diverged``: failed because the loss became NaN/Inf;
+- ``diverged``: the loss became NaN/Inf (the trainer's last report has ``diverged`` set; older trials
+  failed with the divergence in ``error.txt``);
 - ``errored``: failed for any other reason;
 - ``unfinished``: neither (the sweep was interrupted; ``--resume`` continues it).
 
@@ -98,6 +99,8 @@ def collect(path: str) -> Experiment:
                 )
         trial_id = (reports[0].get("trial_id") if reports else None) or trial_dir.trial_id_from_name()
         error = storage.read_text(trial_dir.error_file)
+        if reports and reports[-1].get("diverged"):
+            error = f"training diverged at epoch {reports[-1].get('epoch')} (loss NaN or Inf)"
         keys = search_keys or sorted(config)
         config_columns = {key: config.get(key) for key in keys}
         for report in reports:

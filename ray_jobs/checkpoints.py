@@ -28,7 +28,6 @@ def save_checkpoint(directory: str, model, optimizer, scheduler, epoch: int, his
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "epoch": epoch,
-        "torch_rng": torch.get_rng_state(),
     }
     torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
     with open(os.path.join(directory, HISTORY_FILE), "w") as f:
@@ -44,7 +43,6 @@ def load_checkpoint(checkpoint, model, optimizer, scheduler) -> tuple[int, list[
     _bare(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
-    torch.set_rng_state(state["torch_rng"])
     return int(state["epoch"]) + 1, history
 
 

@@ -77,6 +77,7 @@ class TrainConfig(BaseModel):
     data_cpus_per_task: float = Field(0.25, gt=0.0, description="CPU reserved by each Ray Data read task")
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
     max_failures: int = Field(2, ge=0)
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (and cuDNN's flags)")
     val_cache_mb: float = Field(1024, ge=0, description="keep a rank's validation rows in memory up to this")
 
     @model_validator(mode="before")

@@ -31,6 +31,7 @@ RESUMABLE_CHANGES = {
     "data_cpus_per_task",
     "use_gpu",
     "max_failures",
+    "val_cache_mb",
 }
 
 

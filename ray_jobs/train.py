@@ -84,6 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     except ray.train.TrainingFailedError as err:
         print(f"run {name!r} failed: {err}", flush=True)
         return 1
+    if result.metrics and result.metrics.get("diverged"):
+        print(
+            f"run {name!r} diverged at epoch {result.metrics['epoch']} (loss NaN or Inf; the log above names "
+            "the step): lower the learning rate or the penalty weights",
+            flush=True,
+        )
+        return 1
     history = history_from_checkpoint(result.checkpoint)
     experiment.write_text(run.metrics_csv, pd.DataFrame(history).to_csv(index=False))
     final = history[-1]

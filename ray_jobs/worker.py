@@ -39,7 +39,16 @@ logger = logging.getLogger(__name__)
 
 
 class TrainingDivergedError(RuntimeError):
-    """The training loss became NaN or Inf."""
+    """The training loss became NaN or Inf (on any rank: every rank raises it at the same step)."""
+
+
+def stream_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of one rank's random streams in one epoch (dropout, batch shuffling).
+
+    Re-seeding at every epoch from (seed, epoch, rank) makes an epoch's randomness independent of what ran
+    before it, so a run resumed from a checkpoint takes exactly the steps of the run it continues.
+    """
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
 
 
 def metric_keys(num_pool_layers: int) -> list[str]:
@@ -60,6 +69,7 @@ def metric_keys(num_pool_layers: int) -> list[str]:
         "train_slices_per_second",
         "train_slices",
         "val_volumes",
+        "diverged",
     ]
 
 
@@ -130,11 +140,14 @@ def train_epoch(model, optimizer, cfg: TrainConfig, data: PreparedData, epoch: i
     model.train()
     loss_sum = reconstruction_sum = compute_seconds = 0.0
     slices = 0
-    for step, batch in enumerate(
-        rows.iter_batches(
-            batch_size=cfg.batch_size, batch_format="numpy", local_shuffle_buffer_size=4 * cfg.batch_size
-        )
-    ):
+    torch.manual_seed(stream_seed(cfg.seed, epoch, rank))  # this rank's dropout stream for the epoch
+    batches = rows.iter_batches(
+        batch_size=cfg.batch_size,
+        batch_format="numpy",
+        local_shuffle_buffer_size=4 * cfg.batch_size,
+        local_shuffle_seed=stream_seed(cfg.seed, epoch, rank),
+    )
+    for step, batch in enumerate(batches):
         image, target = _to_device(batch, device)
         started = time.perf_counter()
         parts = training_loss(model(image, return_attention=True), target, weights, provides)
@@ -245,6 +258,13 @@ def validate(model, cfg: TrainConfig, batches: Iterable[dict[str, Any]], device)
 # ----------------------------------------------------------------------------------------- the loop
 
 
+def use_deterministic_algorithms() -> None:
+    """Deterministic kernels only (errors on ops without one), and cuDNN without autotuning on GPUs."""
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """The Ray Train worker function.
 
@@ -258,24 +278,32 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank, _ = _world()
     # Ray sets OMP_NUM_THREADS to the reserved CPUs; match torch's pool to it deliberately.
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    if cfg.deterministic:
+        use_deterministic_algorithms()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
-    model = build_model(cfg.model, **cfg.model_hparams())
-    torch.manual_seed(cfg.seed * 1000 + rank)  # per-rank dropout streams
-    model = ray.train.torch.prepare_model(model)
+    model = ray.train.torch.prepare_model(build_model(cfg.model, **cfg.model_hparams()))
     device = ray.train.torch.get_device()
     optimizer, scheduler = _make_optimizer(model, cfg)
 
     validation_batches = ValidationBatches(data, cfg, rank, _world()[1])
+    keys = metric_keys(cfg.num_pool_layers)
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         start_epoch, history = load_checkpoint(checkpoint, model, optimizer, scheduler)
 
-    keys = metric_keys(cfg.num_pool_layers)
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
-        train_metrics = train_epoch(model, optimizer, cfg, data, epoch, device)
+        try:
+            train_metrics = train_epoch(model, optimizer, cfg, data, epoch, device)
+        except TrainingDivergedError as err:
+            # Ends the run for good: an error would make Ray Train retry max_failures times, and every
+            # retry would diverge again. The last report says so (the analysis lists the run as diverged).
+            if rank == 0:
+                logger.error("%s", err)
+            ray.train.report({**dict.fromkeys(keys, math.nan), "epoch": epoch + 1, "diverged": 1.0})
+            return
         train_seconds = time.perf_counter() - started
         scheduler.step()
         val_metrics = validate(model, cfg, validation_batches, device)
@@ -287,6 +315,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # Forward, backward and optimiser steps over the epoch's wall time (pipeline and validation
             # are the rest): how much of the reserved CPUs or GPUs go to training.
             "compute_fraction": train_metrics.pop("compute_seconds") / epoch_seconds,
+            "diverged": 0.0,
             "train_slices_per_second": train_metrics["train_slices"] / train_seconds,
             **train_metrics,
             **val_metrics,
