@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 from pathlib import Path
 
 import ray
@@ -48,6 +49,36 @@ def default_run_name(cfg: TrainConfig, profile: str) -> str:
     """
     weights = "".join(f"-{key}{value:g}" for key, value in cfg.identifying_weights().items())
     return f"{cfg.model}{weights}-{profile}-seed{cfg.seed}"
+
+
+def connect() -> None:
+    """Connect to the cluster at ``$RAY_ADDRESS`` (or auto-detect one, else start a local one).
+
+    Raises:
+        ConfigError: in one line, naming the address and what to do, when nothing answers there (checked
+            with a plain TCP connection first: Ray itself retries for minutes) or the cluster refuses the
+            client (with Ray 2.60's token authentication, a missing or wrong token).
+    """
+    if ray.is_initialized():
+        return
+    address = os.environ.get("RAY_ADDRESS") or None
+    host, _, port = (address or "").removeprefix("http://").rpartition(":")
+    if address and address not in ("auto", "local") and "://" not in address.removeprefix("http://"):
+        try:
+            socket.create_connection((host, int(port)), timeout=3).close()
+        except (OSError, ValueError):
+            raise ConfigError(
+                f"no Ray cluster answers at RAY_ADDRESS={address}: start one with `ray start --head` and set "
+                "RAY_ADDRESS to the address it prints, or unset RAY_ADDRESS to run on a local cluster"
+            ) from None
+    try:
+        ray.init(address=address, log_to_driver=True)
+    except ConnectionError:
+        raise ConfigError(
+            f"the Ray cluster at {address or 'the auto-detected address'} refused this client: with token "
+            "authentication (Ray 2.60's default) set RAY_AUTH_MODE=token and the cluster's token in "
+            "RAY_AUTH_TOKEN or ~/.ray/auth_token (`ray get-auth-token` on the head prints it)"
+        ) from None
 
 
 def resolve_use_gpu(cfg: TrainConfig) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 from pathlib import Path
 
 import pandas as pd
@@ -25,7 +24,14 @@ from ray_jobs.checkpoints import history_from_checkpoint
 from ray_jobs.cli import add_common_arguments, exit_on_user_error, parse_overrides
 from ray_jobs.config import TrainConfig, make_train_config, profile_defaults
 from ray_jobs.data import PreparedData, ensure_synthetic_data, prepare_data
-from ray_jobs.run import build_trainer, check_cluster_fits, claim_run_name, default_run_name, default_storage
+from ray_jobs.run import (
+    build_trainer,
+    check_cluster_fits,
+    claim_run_name,
+    connect,
+    default_run_name,
+    default_storage,
+)
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -54,7 +60,7 @@ def _configure(args: argparse.Namespace) -> tuple[TrainConfig, PreparedData, str
     data = prepare_data(cfg, Path(args.data_root or ensure_synthetic_data(args.profile)))
     name = args.name or default_run_name(cfg, args.profile)
     storage_path = args.storage or default_storage()
-    ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    connect()
     check_cluster_fits(cfg)
     resumed = claim_run_name(cfg, storage_path, name)
     baseline = zero_filled_baseline(data, cfg)

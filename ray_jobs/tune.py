@@ -26,7 +26,7 @@ from ray_jobs.asha import PersistentASHAScheduler
 from ray_jobs.baseline import baselines_for, mask_settings, record_baselines
 from ray_jobs.config import ConfigError, make_train_config
 from ray_jobs.data import PreparedData, ensure_synthetic_data, prepare_data
-from ray_jobs.run import build_trainer, check_cluster_fits, claim_run_name, resolve_use_gpu
+from ray_jobs.run import build_trainer, check_cluster_fits, claim_run_name, connect, resolve_use_gpu
 from ray_jobs.sweep_config import SweepSpec
 
 logger = logging.getLogger(__name__)
@@ -154,8 +154,7 @@ def run_sweep(spec: SweepSpec, name: str, storage_path: str, data_root: Path | N
     spec, saved = _spec_to_run(layout, spec, resume)
     root = data_root or (Path(saved["data_root"]) if saved else ensure_synthetic_data(spec.profile))
     data = _prepare_data(spec, Path(root))
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"))
+    connect()
     num_trials = len(spec.grid_points())
     max_concurrent = concurrency(spec, num_trials)
     baselines = baselines_for(data, spec.trial_configs())

@@ -7,6 +7,7 @@ are tested on files built here from first principles, so a bug in the generator 
 from __future__ import annotations
 
 import os
+import secrets
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -19,8 +20,23 @@ import pytest
 from mri_models.data.volume import build_ismrmrd_header, write_volume
 
 # Ray reads its authentication mode when it is first imported; the integration tests' head runs with token
-# authentication on (as Ray 2.60 recommends), so every Ray client in this process must send the token.
+# authentication on (as Ray 2.60 recommends), so every Ray client in this process must send the token. The
+# token is an environment variable, never a file: `ray get-auth-token --generate` would write
+# ~/.ray/auth_token, after which the user's own `ray start --head` + `ray.init()` fails to authenticate.
 os.environ["RAY_AUTH_MODE"] = "token"
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _caches_in_temporary_directories(tmp_path_factory) -> Iterator[None]:
+    """Slice listings, synthetic datasets and baselines go under the session's temporary directory."""
+    previous = os.environ.get("MRI_MODELS_CACHE_DIR")
+    os.environ["MRI_MODELS_CACHE_DIR"] = str(tmp_path_factory.mktemp("mri_models_cache"))
+    yield
+    if previous is None:
+        os.environ.pop("MRI_MODELS_CACHE_DIR", None)
+    else:
+        os.environ["MRI_MODELS_CACHE_DIR"] = previous
 
 
 def centred_ifft2(kspace: np.ndarray) -> np.ndarray:
@@ -132,9 +148,6 @@ def ray_head() -> Iterator[RayHead]:
     env = {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     # As after `source .venv/bin/activate`: a job's `python` entrypoint resolves with the head's PATH.
     env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    subprocess.run(
-        [bin_dir / "ray", "get-auth-token", "--generate"], env=env, check=True, capture_output=True
-    )
     subprocess.run(
         [bin_dir / "ray", "start", "--head", f"--port={port}", f"--dashboard-port={dashboard_port}",
          "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats"],
