@@ -32,7 +32,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         try:
             values[key.strip().replace("-", "_")] = yaml.safe_load(text)
         except yaml.YAMLError as err:
-            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({err.problem})") from None
+            reason = getattr(err, "problem", None) or str(err).splitlines()[0]
+            raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({reason})") from None
     return values
 
 

@@ -87,9 +87,14 @@ class TrainConfig(BaseModel):
         if not isinstance(values, Mapping):
             return values
         values = dict(values)
-        load_plugins(values.get("plugins") or ())
+        plugins = values.get("plugins") or ()
+        if isinstance(plugins, (list, tuple)) and all(isinstance(p, str) for p in plugins):
+            load_plugins(plugins)  # anything else is left to the field's own validation message
+        given = values.pop("penalty_weights", None) or {}
+        if not isinstance(given, Mapping):
+            return {**values, "penalty_weights": given}  # pydantic names the bad value
         weights = dict.fromkeys(penalty_by_weight_key(), 0.0)
-        weights.update(values.pop("penalty_weights", None) or {})
+        weights.update(given)
         for key in penalty_by_weight_key():
             if key in values:
                 weights[key] = values.pop(key)

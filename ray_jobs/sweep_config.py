@@ -64,7 +64,12 @@ class SweepSpec(BaseModel):
         the grid always applies (and an invalid combination is reported).
         """
         values = {**self.base_values(), **point}
-        load_plugins(values.get("plugins") or ())  # their penalty weights are keys like gamma
+        plugins = values.get("plugins") or ()
+        if isinstance(plugins, (list, tuple)):  # anything else: TrainConfig's validation names it
+            try:
+                load_plugins(plugins)  # their penalty weights are keys like gamma
+            except ValueError as err:
+                raise ConfigError(f"plugins: {err}") from None
         model = values.get("model", TrainConfig.model_fields["model"].default)
         for key in penalty_by_weight_key():
             if key in values and key not in point and not accepts_weight(model, key):
@@ -128,10 +133,17 @@ def load_sweep_spec(path: Path, profile: str, overrides: dict[str, Any] | None =
         raw = yaml.safe_load(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read sweep config {path}: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sweep fields, got {type(raw).__name__}")
     profiles = raw.pop("profiles", {}) or {}
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"{path}: profiles: expected a mapping of profile name to fields, got {profiles!r}")
     if profile not in profiles and profile not in ("smoke", "cpu", "paper"):
         raise ConfigError(f"unknown profile {profile!r}; expected smoke, cpu or paper")
-    values = _merge(raw, profiles.get(profile) or {})
+    section = profiles.get(profile) or {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"{path}: profiles.{profile}: expected a mapping of fields, got {section!r}")
+    values = _merge(raw, section)
     values["profile"] = profile
     for key, value in (overrides or {}).items():
         _apply_override(values, key, value)
