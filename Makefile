@@ -40,6 +40,7 @@ demo: install
 	  ray get-auth-token --generate >/dev/null && \
 	  ray start --head --disable-usage-stats --dashboard-host=127.0.0.1 >/dev/null && \
 	  echo "started a local Ray head: dashboard http://127.0.0.1:8265, stop it with 'ray stop'"; fi && \
+	python -m ray_jobs.cli && \
 	ray job submit --working-dir . -- python sweeps/gamma_sweep.py --profile $(DEMO_PROFILE) \
 	  --storage $(DEMO_STORAGE) --name $(DEMO_NAME) && \
 	python -m analysis --experiment $(DEMO_STORAGE)/$(DEMO_NAME) && \

@@ -8,7 +8,17 @@ Modules: ``config`` (TrainConfig and profiles), ``data`` (the slice pipeline), `
 from __future__ import annotations
 
 import logging
+import os
 import sys
+
+
+def show_every_worker_line() -> None:
+    """Turn off Ray's log deduplication in this driver (before it connects).
+
+    Ray merges worker lines that differ only in their numbers ("[repeated 2x across cluster]"), which hides
+    the progress lines of every trial but one when trials run side by side.
+    """
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 def log_to_stdout() -> None:

@@ -13,10 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import ray
 import yaml
 
 from mri_models.data.validate import DataValidationError
 from ray_jobs.config import PROFILES, ConfigError
+from ray_jobs.run import connect
 
 # The exceptions that mean "the user's input is wrong", as opposed to a bug or a failed run.
 USER_ERRORS = (ConfigError, DataValidationError, FileNotFoundError)
@@ -56,3 +58,17 @@ def exit_on_user_error(action: Callable[[], Any]) -> tuple[int, Any]:
     except USER_ERRORS as err:
         print(f"error: {err}", flush=True)
         return 2, None
+
+
+def check_cluster() -> int:
+    """``python -m ray_jobs.cli``: connect as the command lines do; one line either way, 2 if unusable."""
+    code, _ = exit_on_user_error(connect)
+    if code:
+        return code
+    resources = ray.cluster_resources()
+    print(f"Ray cluster reachable: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(check_cluster())
