@@ -91,14 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     except ray.train.TrainingFailedError as err:
         print(f"run {name!r} failed: {err}", flush=True)
         return 1
-    if result.metrics and result.metrics.get("diverged"):
+    # The worker loop ends before the last epoch only when the loss diverged (Ray Train V2 keeps the
+    # metrics of checkpointed reports only, so the diverged report is not in the result).
+    history = history_from_checkpoint(result.checkpoint) if result.checkpoint else []
+    if not history or history[-1]["epoch"] < cfg.epochs:
+        diverged_at = history[-1]["epoch"] + 1 if history else 1
         print(
-            f"run {name!r} diverged at epoch {result.metrics['epoch']} (loss NaN or Inf; the log above names "
-            "the step): lower the learning rate or the penalty weights",
+            f"run {name!r} diverged at epoch {diverged_at} (loss NaN or Inf; the log above names the step): "
+            "lower the learning rate or the penalty weights",
             flush=True,
         )
         return 1
-    history = history_from_checkpoint(result.checkpoint)
     experiment.write_text(run.metrics_csv, pd.DataFrame(history).to_csv(index=False))
     final = history[-1]
     print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items() if not math.isnan(v)))

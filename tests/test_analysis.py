@@ -282,3 +282,24 @@ def test_every_table_and_curve_carries_the_zero_filled_baseline(canned, cli_out,
 
     report = (cli_out[1] / "report.md").read_text()
     assert "Against the zero-filled input" in report.split("\n## ")[0]  # before the first section
+
+
+def test_a_trial_whose_last_report_diverged_is_listed_as_diverged(canned, tmp_path):
+    import shutil
+
+    from analysis.collect import collect
+
+    experiment = tmp_path / "diverged"
+    shutil.copytree(canned["sweep"], experiment)
+    trial_dir = sorted(experiment.glob("run_trial_*"))[0]
+    lines = (trial_dir / "result.json").read_text().splitlines()
+    last = json.loads(lines[-1])
+    nan_report = {**last, "epoch": last["epoch"] + 1, "ssim": math.nan, "diverged": 1.0}
+    (trial_dir / "result.json").write_text("\n".join([*lines, json.dumps(nan_report)]) + "\n")
+    trials = collect(str(experiment)).trials.set_index("trial_dir")
+    assert trials.loc[trial_dir.name, "status"] == "diverged"
+    assert (
+        trials.loc[trial_dir.name, "error"]
+        == f"training diverged at epoch {last['epoch'] + 1} (loss NaN or Inf)"
+    )
+    assert (trials.drop(index=trial_dir.name)["status"] != "diverged").all()

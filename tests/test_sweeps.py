@@ -56,8 +56,16 @@ def test_smoke_gamma_sweep_submitted_as_a_job(ray_head, tmp_path):
     assert set(trials.loc[trials["status"] == "stopped", "epochs_run"]) == {1}
     epochs = pd.read_csv(tmp_path / "job" / "results" / "epochs.csv")
     assert len(epochs) == trials["epochs_run"].sum()
-    for trial_dir in (tmp_path / "job").glob("run_trial_*"):
+    trial_dirs = sorted((tmp_path / "job").glob("trial_*"))
+    assert len(trial_dirs) == 6
+    for trial_dir in trial_dirs:
         assert list(trial_dir.glob("events.out.tfevents.*")), f"no TensorBoard scalars in {trial_dir.name}"
+    # Directory (and TensorBoard run) names carry the exact grid values, never a rounded 0.0000.
+    assert {d.name.split("_", 3)[3].split(",")[0] for d in trial_dirs} == {
+        "gamma=0",
+        "gamma=0.0001",
+        "gamma=0.01",
+    }
 
     # The analysis runs on the real sweep output without Ray and links every figure it made.
     out = tmp_path / "out"
@@ -99,7 +107,7 @@ def _start_sweep(ray_head, storage: Path, *extra: str) -> subprocess.Popen:
 def _finished_results(experiment: Path) -> dict[str, str]:
     """result.json of every trial that reported its last epoch (2)."""
     finished = {}
-    for result in experiment.glob("run_trial_*/result.json"):
+    for result in experiment.glob("trial_*/result.json"):
         lines = result.read_text().splitlines()
         if lines and json.loads(lines[-1]).get("epoch") == 2:
             finished[result.parent.name] = result.read_text()

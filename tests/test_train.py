@@ -216,9 +216,19 @@ def test_same_name_resumes_at_next_epoch(ray_local, tiny_root, tmp_path):
 
 def test_divergence_ends_the_run_once(ray_local, tiny_root, tmp_path):
     # With max_failures=2 a failure would be retried twice, each retry diverging again. The run ends
-    # without an error (so nothing to retry), its last report marked diverged, no checkpoint of it.
+    # without an error (so nothing to retry) and without a checkpoint of the diverged epoch.
     cfg = _cfg(tiny_root, lr=1e30, optimizer="adam", max_failures=2, num_workers=2)
     result = _fit(cfg, tiny_root, tmp_path, "diverge")
     assert result.error is None and result.checkpoint is None
-    assert result.metrics["diverged"] == 1.0 and result.metrics["epoch"] == 1
-    assert math.isnan(result.metrics["ssim"])
+    assert not list((tmp_path / "diverge").glob("checkpoint_*"))
+
+
+def test_the_train_cli_reports_divergence_with_exit_1(ray_local, tiny_root, tmp_path, capsys):
+    from ray_jobs.train import main
+
+    code = main(
+        ["--profile", "smoke", "--data-root", str(tiny_root), "--storage", str(tmp_path), "--name", "nan",
+         "--set", "lr=1e30", "--set", "optimizer=adam"]
+    )  # fmt: skip
+    assert code == 1
+    assert "run 'nan' diverged at epoch 1 (loss NaN or Inf" in capsys.readouterr().out
