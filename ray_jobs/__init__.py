@@ -11,14 +11,10 @@ import logging
 import os
 import sys
 
-
-def show_every_worker_line() -> None:
-    """Turn off Ray's log deduplication in this driver (before it connects).
-
-    Ray merges worker lines that differ only in their numbers ("[repeated 2x across cluster]"), which hides
-    the progress lines of every trial but one when trials run side by side.
-    """
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# Ray merges worker log lines that differ only in their numbers ("[repeated 2x across cluster]"), which
+# hides the progress lines of all but one of the trials running side by side. Ray reads the switch once,
+# when it is first imported, and every driver of ours imports this package before Ray.
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 
 
 def log_to_stdout() -> None:

@@ -18,7 +18,7 @@ import ray.train
 from mri_models import experiment
 from mri_models.metrics import metric_table
 from mri_models.models import model_names
-from ray_jobs import log_to_stdout, show_every_worker_line
+from ray_jobs import log_to_stdout
 from ray_jobs.baseline import record_baselines, zero_filled_baseline
 from ray_jobs.checkpoints import history_from_checkpoint
 from ray_jobs.cli import add_common_arguments, exit_on_user_error, parse_overrides
@@ -71,7 +71,6 @@ def _configure(args: argparse.Namespace) -> tuple[TrainConfig, PreparedData, str
 def main(argv: list[str] | None = None) -> int:
     """Validate everything, then train; exit code 2 for bad configuration or data, 1 for a failed run."""
     log_to_stdout()
-    show_every_worker_line()
     args = _parse_args(argv)
     code, configured = exit_on_user_error(lambda: _configure(args))
     if code:

@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from analysis.collect import summary, write_tables
-from ray_jobs import log_to_stdout, show_every_worker_line
+from ray_jobs import log_to_stdout
 from ray_jobs.cli import add_common_arguments, exit_on_user_error, parse_overrides
 from ray_jobs.run import default_storage
 from ray_jobs.sweep_config import load_sweep_spec
@@ -36,7 +36,6 @@ def _parse_args(config: Path, argv: list[str] | None) -> argparse.Namespace:
 def sweep_main(config: Path, argv: list[str] | None = None) -> int:
     """Run the sweep of ``config``; exit code 2 for a user error before any trial."""
     log_to_stdout()
-    show_every_worker_line()
     args = _parse_args(config, argv)
 
     def sweep():

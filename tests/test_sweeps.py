@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -48,6 +49,12 @@ def test_smoke_gamma_sweep_submitted_as_a_job(ray_head, tmp_path):
     done = subprocess.run(command, env=ray_head.env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout + done.stderr
+    # Clean job log: no deprecation warning from our calls, each progress line once, none merged away.
+    log = done.stdout + done.stderr
+    assert "deprecated" not in log.lower()
+    progress = re.findall(r"\(RayTrainWorker pid=\d+\) epoch \d+/2 .*", log)
+    assert progress and len(progress) == len(set(progress)), progress
+    assert "repeated" not in log
     trials = _trials(tmp_path / "job")
     assert len(trials) == 6  # 3 gammas x 2 seeds
     assert set(trials["status"]) <= {"completed", "stopped"}
