@@ -6,9 +6,9 @@ each setting (channels / pooling layers / image size) the three models are timed
 is reported with ratios against fastMRI's U-Net measured in the same run:
 
 - ``fastmri.models.Unet`` with ``F.l1_loss`` (the reference);
-- ``mri_models.models.Unet`` with ``sparse_attention_loss`` (plain L1: no attention maps);
-- ``mri_models.models.AttentionUnet`` with ``sparse_attention_loss(..., gamma > 0)`` (the Sparse
-  Attention U-Net: attention maps returned and penalised).
+- ``mri_models.models.Unet`` with ``training_loss`` (plain L1: no attention maps);
+- ``mri_models.models.AttentionUnet`` with ``training_loss`` and the ``attention_l1`` term, gamma > 0
+  (the Sparse Attention U-Net: attention maps returned and penalised).
 
 FLOPs of one step are counted with ``torch.utils.flop_counter.FlopCounterMode`` (convolutions and matrix
 products, forward and backward; normalisation and element-wise work are not counted), divided by the median
@@ -30,8 +30,8 @@ import torch
 from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from mri_models.losses import sparse_attention_loss
-from mri_models.models import AttentionUnet, Unet
+from mri_models.losses import training_loss
+from mri_models.models import AttentionOutput, AttentionUnet, ImageOutput, Unet
 
 # (chans, num_pool_layers, image size)
 SETTINGS: list[tuple[int, int, int]] = [(8, 3, 128), (16, 4, 128), (32, 4, 320)]
@@ -61,10 +61,10 @@ def make_step(name: str, chans: int, pools: int, size: int, gamma: float) -> Cal
         if name == "fastMRI Unet":
             loss = F.l1_loss(model(image), target)
         elif name == "ours Unet":
-            loss = sparse_attention_loss(model(image), target).total
+            loss = training_loss(model(image, return_attention=True), target, {}, ImageOutput).total
         else:
             result = model(image, return_attention=True)
-            loss = sparse_attention_loss(result.output, target, result.attention_maps, gamma).total
+            loss = training_loss(result, target, {"attention_l1": gamma}, AttentionOutput).total
         loss.backward()
         optimizer.step()
 
