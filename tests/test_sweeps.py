@@ -50,7 +50,7 @@ def test_smoke_gamma_sweep_submitted_as_a_job(ray_head, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "succeeded" in done.stdout + done.stderr
     # Clean job log: no deprecation warning from our calls, each progress line once, none merged away.
-    log = done.stdout + done.stderr
+    log = re.sub(r"\x1b\[[0-9;]*m", "", done.stdout + done.stderr)  # without the terminal colours
     assert "deprecated" not in log.lower()
     progress = re.findall(r"\(RayTrainWorker pid=\d+\) epoch \d+/2 .*", log)
     assert progress and len(progress) == len(set(progress)), progress
