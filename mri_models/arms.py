@@ -8,7 +8,7 @@ arm, exactly as the paper defines it, and tables, curves and reconstructions gro
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from mri_models.losses import penalty_by_weight_key
@@ -66,6 +66,23 @@ def accepts_weight(model: str, key: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def without_inapplicable_weights(
+    values: Mapping[str, object], model: str, searched: Collection[str]
+) -> dict[str, object]:
+    """A trial's values without the fixed (not searched) penalty weights its model does not take.
+
+    A sweep fixes ``gamma`` for all its trials and it applies to sparse_attention_unet only, so one
+    regularisation sweep covers the three architectures; a searched weight always applies (and an invalid
+    combination is then reported by the configuration's validation).
+    """
+    weight_keys = penalty_by_weight_key()
+    return {
+        key: value
+        for key, value in values.items()
+        if key not in weight_keys or key in searched or accepts_weight(model, key)
+    }
 
 
 def shown_weights(model: str, weights: Mapping[str, float]) -> dict[str, float]:

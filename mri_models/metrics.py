@@ -256,6 +256,20 @@ class VolumeMetricAccumulator:
         self._max_values.setdefault(fname, max_value)
         self._slices.setdefault(fname, {})[int(slice_num)] = {k: float(v) for k, v in stats.items()}
 
+    def add_slices(
+        self,
+        fnames: Sequence[str],
+        slice_nums: Sequence[int],
+        outputs: Sequence[ArrayLike],
+        targets: Sequence[ArrayLike],
+        max_values: Sequence[float],
+    ) -> None:
+        """Record a batch of un-normalised slices: :func:`slice_metrics` of each, then :meth:`add`."""
+        for fname, slice_num, output, target, max_value in zip(
+            fnames, slice_nums, outputs, targets, max_values, strict=True
+        ):
+            self.add(fname, int(slice_num), slice_metrics(output, target, float(max_value)), float(max_value))
+
     def state(self) -> dict[str, Any]:
         """A picklable plain-Python snapshot, to gather from other processes and :meth:`merge`."""
         return {

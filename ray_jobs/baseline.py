@@ -21,7 +21,7 @@ from typing import Any
 
 from mri_models import experiment
 from mri_models.data.slice_dataset import default_cache_dir
-from mri_models.metrics import VolumeMetricAccumulator, metric_table, slice_metrics
+from mri_models.metrics import VolumeMetricAccumulator, metric_table
 from ray_jobs.config import TrainConfig
 from ray_jobs.data import PreparedData, iter_rows_locally, val_read_tasks
 
@@ -47,12 +47,10 @@ def compute_zero_filled(data: PreparedData, cfg: TrainConfig) -> dict[str, Any]:
     for row in iter_rows_locally(
         val_read_tasks(data.val_slices, 0, 1, cfg.slices_per_read), cfg, training=False
     ):
+        # The network's input, un-normalised exactly as validation un-normalises a network's output.
         image = row["image"] * row["std"] + row["mean"]
         target = row["target"] * row["std"] + row["mean"]
-        max_value = float(row["max_value"])
-        accumulator.add(
-            row["fname"], int(row["slice_num"]), slice_metrics(image, target, max_value), max_value
-        )
+        accumulator.add_slices([row["fname"]], [row["slice_num"]], [image], [target], [row["max_value"]])
     return accumulator.compute()
 
 
@@ -64,7 +62,7 @@ def zero_filled_baseline(data: PreparedData, cfg: TrainConfig) -> dict[str, Any]
     """
     mask = mask_settings(cfg)
     cache = default_cache_dir() / "baselines" / f"{_cache_key(data, mask)}.json"
-    cached = experiment.read_json(str(cache)) if cache.exists() else None
+    cached = experiment.read_json(str(cache))
     if cached is not None:
         return cached
     baseline = {"metrics": compute_zero_filled(data, cfg), "mask": mask, "val_slices": len(data.val_slices)}

@@ -16,8 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mri_models.arms import accepts_weight
-from mri_models.losses import penalty_by_weight_key
+from mri_models.arms import without_inapplicable_weights
 from mri_models.plugins import load_plugins
 from ray_jobs.config import ConfigError, TrainConfig, make_train_config, profile_defaults
 
@@ -59,9 +58,8 @@ class SweepSpec(BaseModel):
     def trial_values(self, point: dict[str, Any]) -> dict[str, Any]:
         """TrainConfig values of one grid point (including ``seed``).
 
-        A fixed penalty weight (``train.gamma``) applies only to the trials whose model takes it (gamma:
-        sparse_attention_unet), so one regularisation sweep can cover the three architectures; a weight on
-        the grid always applies (and an invalid combination is reported).
+        A fixed penalty weight applies only to the trials whose model takes it
+        (:func:`mri_models.arms.without_inapplicable_weights`).
         """
         values = {**self.base_values(), **point}
         plugins = values.get("plugins") or ()
@@ -71,10 +69,7 @@ class SweepSpec(BaseModel):
             except ValueError as err:
                 raise ConfigError(f"plugins: {err}") from None
         model = values.get("model", TrainConfig.model_fields["model"].default)
-        for key in penalty_by_weight_key():
-            if key in values and key not in point and not accepts_weight(model, key):
-                values.pop(key)
-        return values
+        return without_inapplicable_weights(values, model, searched=point)
 
     def grid_points(self) -> list[dict[str, Any]]:
         """Every grid point with its seed, in grid order (seed varying fastest)."""

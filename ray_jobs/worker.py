@@ -12,6 +12,7 @@ import logging
 import math
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterable
 from typing import Any
 
@@ -27,7 +28,6 @@ from mri_models.metrics import (
     MpandAccumulator,
     VolumeMetricAccumulator,
     metric_table,
-    slice_metrics,
 )
 from mri_models.models import build_model, get_architecture
 from ray_jobs import log_to_stdout
@@ -197,17 +197,17 @@ def validate(model, cfg: TrainConfig, batches: Iterable[dict[str, Any]], device)
     network = getattr(model, "module", model)
     network.eval()
     volumes, mpand = VolumeMetricAccumulator(), MpandAccumulator()
-    loss_sum, slices = 0.0, 0
-    penalty_sums: dict[str, float] = {}
+    sums: Counter[str] = Counter()  # per-slice sums of the losses, and the slice count
     for batch in batches:
         image, target = _to_device(batch, device)
         result = network(image, return_attention=True)
         # Every penalty the network supports, unweighted, for the report; val_loss is the reconstruction.
         loss = training_loss(result, target, {}, architecture.provides, log_inactive=True)
         n = image.shape[0]
-        loss_sum += loss.reconstruction.item() * n
+        sums["slices"] += n
+        sums["val_loss"] += loss.reconstruction.item() * n
         for name, value in loss.penalties.items():
-            penalty_sums[name] = penalty_sums.get(name, 0.0) + value.item() * n
+            sums[name] += value.item() * n
         if architecture.has_attention:
             mpand.add([t.cpu() for t in result.skip_norms_before], [t.cpu() for t in result.skip_norms_after])
         # Metrics on un-normalised images, as fastMRI evaluates.
@@ -215,39 +215,25 @@ def validate(model, cfg: TrainConfig, batches: Iterable[dict[str, Any]], device)
         std = torch.tensor(batch["std"]).view(-1, 1, 1).to(device)
         outputs = (result.output[:, 0] * std + mean).cpu().numpy()
         targets = (target[:, 0] * std + mean).cpu().numpy()
-        for i in range(n):
-            max_value = float(batch["max_value"][i])
-            volumes.add(
-                batch["fname"][i],
-                int(batch["slice_num"][i]),
-                slice_metrics(outputs[i], targets[i], max_value),
-                max_value,
-            )
-        slices += n
-    merged_volumes, merged_mpand, loss_total, merged_penalties = (
-        VolumeMetricAccumulator(),
-        MpandAccumulator(),
-        np.zeros(2),
-        {},
-    )
-    gathered = _all_gather((volumes.state(), mpand.state(), [loss_sum, slices], penalty_sums), world_size)
-    for volume_state, mpand_state, counts, penalties in gathered:
+        volumes.add_slices(batch["fname"], batch["slice_num"], outputs, targets, batch["max_value"])
+    merged_volumes, merged_mpand, totals = VolumeMetricAccumulator(), MpandAccumulator(), Counter()
+    for volume_state, mpand_state, rank_sums in _all_gather(
+        (volumes.state(), mpand.state(), sums), world_size
+    ):
         merged_volumes.merge(volume_state)
         merged_mpand.merge(mpand_state)
-        loss_total += counts
-        for name, value in penalties.items():
-            merged_penalties[name] = merged_penalties.get(name, 0.0) + value
-    loss_sum, slices = loss_total
+        totals.update(rank_sums)
+    slices = totals["slices"]
     metrics = merged_volumes.compute()
     mpand_result = merged_mpand.compute()
     out = {
-        "val_loss": loss_sum / slices,
+        "val_loss": totals["val_loss"] / slices,
         **{name: metrics[name] for name in metric_table()},
         "val_volumes": int(metrics["num_volumes"]),
         "mpand": mpand_result.mean,
     }
     for name in penalty_terms():
-        out[name] = merged_penalties[name] / slices if name in merged_penalties else math.nan
+        out[name] = totals[name] / slices if name in totals else math.nan  # NaN: the network has none
     for level in range(cfg.num_pool_layers):
         out[f"mpand_level_{level + 1}"] = (
             mpand_result.per_level[level] if level < len(mpand_result.per_level) else math.nan
