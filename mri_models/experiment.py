@@ -46,6 +46,14 @@ METRICS_CSV = "metrics.csv"
 CHECKPOINT_PREFIX = "checkpoint_"
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.json"
+# TensorBoard event files of validation images, a run of its own beside Tune's scalars (ray_jobs.images).
+IMAGES_DIR = "images"
+# A paper study (sweeps/paper_study.py): two experiments, the model costs, the report.
+STUDY_FILE = "study.json"
+MODEL_COSTS_FILE = "model_costs.json"
+REPORT_DIR = "report"
+MODEL_COMPARISON = "model_comparison"
+GAMMA_SWEEP = "gamma_sweep"
 # Written by Ray Tune into each trial directory.
 TRIAL_PARAMS_FILE = "params.json"
 TRIAL_RESULT_FILE = "result.json"
@@ -154,6 +162,10 @@ class RunLayout:
     def baseline_file(self) -> str:
         return join(self.path, BASELINE_FILE)
 
+    @property
+    def images_dir(self) -> str:
+        return join(self.path, IMAGES_DIR)
+
     def checkpoints(self) -> list[str]:
         """The run's checkpoint directories (the trainer keeps the best by SSIM and the latest)."""
         return [uri for name, uri in subdirectories(self.path) if name.startswith(CHECKPOINT_PREFIX)]
@@ -177,6 +189,11 @@ class TrialDir:
     @property
     def error_file(self) -> str:
         return join(self.path, TRIAL_ERROR_FILE)
+
+    @property
+    def images_dir(self) -> str:
+        """Validation images written by the trial's rank-0 worker (TensorBoard shows ``<trial>/images``)."""
+        return join(self.path, IMAGES_DIR)
 
     def trial_id_from_name(self) -> str:
         """The id in Tune's directory name ``<trainable>_<id>_<index>_<params>_<date>``.
@@ -229,6 +246,9 @@ class ExperimentLayout:
     def analysis_dir(self) -> str:
         return join(self.path, ANALYSIS_DIR)
 
+    def trial_dir(self, name: str) -> TrialDir:
+        return TrialDir(name, join(self.path, name))
+
     def trial_dirs(self) -> list[TrialDir]:
         """Tune's trial directories (those holding ``params.json``), sorted by name."""
         return [
@@ -237,3 +257,40 @@ class ExperimentLayout:
             if name not in (TRAIN_RUNS_DIR, RESULTS_DIR, ANALYSIS_DIR)
             and exists(join(uri, TRIAL_PARAMS_FILE))
         ]
+
+
+@dataclass(frozen=True)
+class StudyLayout:
+    """The files of one paper study: its two experiments side by side, the model costs, the report."""
+
+    path: str
+
+    @classmethod
+    def under(cls, storage: str, name: str) -> StudyLayout:
+        return cls(join(storage, name))
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path.rstrip("/")) or self.path
+
+    @property
+    def study_file(self) -> str:
+        return join(self.path, STUDY_FILE)
+
+    @property
+    def model_comparison(self) -> ExperimentLayout:
+        """The three architectures x seeds at full budget (the paper's Table 1 and Figure 6)."""
+        return ExperimentLayout(join(self.path, MODEL_COMPARISON))
+
+    @property
+    def gamma_sweep(self) -> ExperimentLayout:
+        """The Sparse Attention U-Net over gamma x seeds (the paper's Figure 8)."""
+        return ExperimentLayout(join(self.path, GAMMA_SWEEP))
+
+    @property
+    def model_costs_file(self) -> str:
+        return join(self.path, MODEL_COSTS_FILE)
+
+    @property
+    def report_dir(self) -> str:
+        return join(self.path, REPORT_DIR)

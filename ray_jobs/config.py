@@ -79,6 +79,10 @@ class TrainConfig(BaseModel):
     max_failures: int = Field(2, ge=0)
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (and cuDNN's flags)")
     val_cache_mb: float = Field(1024, ge=0, description="keep a rank's validation rows in memory up to this")
+    # Monitoring.
+    image_every_epochs: int = Field(
+        5, ge=0, description="validation images to TensorBoard every N epochs, first and last too (0: never)"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -214,6 +218,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "batch_size": 4,
         "lr": 3e-3,
         "cpus_per_worker": 0.5,
+        "image_every_epochs": 1,
     },
     # Measured (docs in sweeps/configs/gamma_sweep.yaml): with RMSprop the networks needed ~800 slices to
     # reach the zero-filled input's SSIM; Adam at 3e-3 passes it after ~300 and gains +0.05-0.07 by 800.
@@ -225,6 +230,7 @@ PROFILES: dict[str, dict[str, Any]] = {
         "optimizer": "adam",
         "lr": 3e-3,
         "cpus_per_worker": 0.75,
+        "image_every_epochs": 2,
     },
     "paper": {"chans": 32, "num_pool_layers": 4, "epochs": 50, "batch_size": 1, "lr": 1e-3, "use_gpu": True},
 }

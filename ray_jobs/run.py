@@ -131,6 +131,7 @@ def build_trainer(
     storage_path: str,
     callbacks: list | None = None,
     baseline: dict[str, float] | None = None,
+    image_dir: str | None = None,
 ) -> TorchTrainer:
     """A TorchTrainer for one configuration; the same (storage_path, name) resumes that run.
 
@@ -141,12 +142,19 @@ def build_trainer(
         storage_path: local path, NFS or s3:// URI shared by all nodes.
         callbacks: Ray Train callbacks (Tune's report callback in a sweep).
         baseline: the zero-filled input's validation metrics, for the gain in the progress lines.
+        image_dir: where the validation images for TensorBoard go (:mod:`ray_jobs.images`); default the
+            run's own ``images`` directory.
     """
     use_gpu = resolve_use_gpu(cfg)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"train": cfg.model_dump(mode="json"), "data": data, "baseline": baseline},
+        train_loop_config={
+            "train": cfg.model_dump(mode="json"),
+            "data": data,
+            "baseline": baseline,
+            "image_dir": image_dir or experiment.RunLayout(experiment.join(storage_path, name)).images_dir,
+        },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),

@@ -67,16 +67,32 @@ def run_trial(
     *,
     spec: SweepSpec,
     data: PreparedData,
-    train_storage: str,
+    experiment_path: str,
     baselines: list[dict[str, Any]],
 ) -> None:
-    """One Tune trial: the Ray Train run of one grid point, resumed from its own checkpoints if any."""
+    """One Tune trial: the Ray Train run of one grid point, resumed from its own checkpoints if any.
+
+    The run lives under ``train_runs/<trial id>``; its validation images go to the Tune trial directory's
+    ``images`` (TensorBoard shows them as ``<trial>/images`` beside the trial's scalars).
+    """
     cfg = make_train_config(spec.trial_values(config))
-    name = tune.get_context().get_trial_id()
-    claim_run_name(cfg, train_storage, name)
+    context = tune.get_context()
+    name = context.get_trial_id()
+    layout = ExperimentLayout(experiment_path)
+    claim_run_name(cfg, layout.train_runs, name)
     baseline = next((b["metrics"] for b in baselines if b["mask"] == mask_settings(cfg)), None)
+    trial_dir = layout.trial_dir(os.path.basename(context.get_trial_dir().rstrip("/")))
     callbacks = [TuneReportCallback()]
-    build_trainer(cfg, data, name, train_storage, callbacks=callbacks, baseline=baseline).fit()
+    trainer = build_trainer(
+        cfg,
+        data,
+        name,
+        layout.train_runs,
+        callbacks=callbacks,
+        baseline=baseline,
+        image_dir=trial_dir.images_dir,
+    )
+    trainer.fit()
 
 
 def concurrency(spec: SweepSpec, num_trials: int) -> int:
@@ -113,7 +129,7 @@ def _spec_to_run(layout: ExperimentLayout, spec: SweepSpec, resume: bool) -> tup
     return (SweepSpec(**saved["spec"]), saved) if saved else (spec, None)
 
 
-def _prepare_data(spec: SweepSpec, root: Path) -> PreparedData:
+def prepare_sweep_data(spec: SweepSpec, root: Path) -> PreparedData:
     """Validate the data for every trial (the pooling depth may vary over the grid) and index it."""
     configs = spec.trial_configs()
     data = prepare_data(configs[0], root)
@@ -153,7 +169,7 @@ def run_sweep(spec: SweepSpec, name: str, storage_path: str, data_root: Path | N
     layout = ExperimentLayout.under(storage_path, name)
     spec, saved = _spec_to_run(layout, spec, resume)
     root = data_root or (Path(saved["data_root"]) if saved else ensure_synthetic_data(spec.profile))
-    data = _prepare_data(spec, Path(root))
+    data = prepare_sweep_data(spec, Path(root))
     connect()
     num_trials = len(spec.grid_points())
     max_concurrent = concurrency(spec, num_trials)
@@ -169,7 +185,7 @@ def run_sweep(spec: SweepSpec, name: str, storage_path: str, data_root: Path | N
         experiment.write_json(layout.sweep_file, record)
     trainable = tune.with_resources(
         tune.with_parameters(
-            run_trial, spec=spec, data=data, train_storage=layout.train_runs, baselines=baselines
+            run_trial, spec=spec, data=data, experiment_path=layout.path, baselines=baselines
         ),
         {"cpu": TRIAL_CPUS},
     )

@@ -34,6 +34,7 @@ from ray_jobs import log_to_stdout
 from ray_jobs.checkpoints import load_checkpoint, save_checkpoint
 from ray_jobs.config import TrainConfig
 from ray_jobs.data import PreparedData, ValidationBatches, slice_dataset, train_read_tasks
+from ray_jobs.images import ValidationImages
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +257,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     Args:
         config: ``{"train": TrainConfig as a dict, "data": PreparedData, "baseline": the zero-filled
-            input's validation metrics (for the progress line) or None}``.
+            input's validation metrics (for the progress line) or None, "image_dir": where rank 0 writes
+            TensorBoard images (:mod:`ray_jobs.images`) or None}``.
     """
     log_to_stdout()
     cfg = TrainConfig(**config["train"])  # also loads the configuration's plugins in this process
@@ -272,6 +274,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     optimizer, scheduler = _make_optimizer(model, cfg)
 
     validation_batches = ValidationBatches(data, cfg, rank, _world()[1])
+    images = ValidationImages(
+        config.get("image_dir") if rank == 0 else None, cfg.image_every_epochs, cfg.epochs
+    )
     keys = metric_keys(cfg.num_pool_layers)
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
@@ -310,6 +315,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         history.append(metrics)
         if rank == 0:
             logger.info(format_progress(metrics, cfg.epochs, config.get("baseline")))
+            images.write(getattr(model, "module", model), validation_batches, epoch + 1, device)
         with tempfile.TemporaryDirectory() as directory:
             if rank == 0:
                 save_checkpoint(directory, model, optimizer, scheduler, epoch, history)

@@ -58,6 +58,7 @@ class TrialPlan:
     error: str | None = None
     stopped: bool = False
     drop_metrics: tuple[str, ...] = ()  # metric keys missing from every result line
+    mpand: list[float] | None = None  # MPAND per epoch (default: falling 5 per epoch from -35)
     checkpoints: bool = True
     trial_id: str = ""
     dir_name: str = ""
@@ -149,6 +150,8 @@ def write_experiment(
         lines, history = [], []
         for epoch, ssim in enumerate(plan.ssim, start=1):
             metrics = epoch_metrics(model, epoch, ssim)
+            if plan.mpand is not None:
+                metrics["mpand"] = plan.mpand[epoch - 1]
             history.append(metrics)
             checkpoint = run_dir / f"checkpoint_2026-11-24_02-{index:02d}-{epoch:02d}.000000"
             line = {k: v for k, v in metrics.items() if k not in plan.drop_metrics}
@@ -202,7 +205,9 @@ def make_data_root(root: Path) -> Path:
     return root
 
 
-def _spec(name: str, train: dict[str, Any], search: dict[str, list], seeds: list[int]) -> dict[str, Any]:
+def canned_spec(
+    name: str, train: dict[str, Any], search: dict[str, list], seeds: list[int]
+) -> dict[str, Any]:
     return {
         "experiment": name,
         "description": f"canned {name}",
@@ -237,7 +242,7 @@ def model_comparison(root: Path, data_root: Path) -> CannedExperiment:
         plan("sparse_attention_unet", 2, [0.52, 0.58, 0.61]),
         plan("sparse_attention_unet", 3, [0.30], error=DIVERGED_ERROR),
     ]
-    spec = _spec(
+    spec = canned_spec(
         "model_comparison",
         {"gamma": 1e-4, "epochs": 3},
         {"model": ["unet", "attention_unet", "sparse_attention_unet"]},
@@ -262,5 +267,7 @@ def gamma_sweep(root: Path, data_root: Path) -> CannedExperiment:
         plan(1e-2, 0, [0.45]),
         plan(1e-2, 1, []),
     ]
-    spec = _spec("gamma_sweep", {"model": "sparse_attention_unet"}, {"gamma": [0.0, 1e-4, 1e-2]}, [0, 1, 2])
+    spec = canned_spec(
+        "gamma_sweep", {"model": "sparse_attention_unet"}, {"gamma": [0.0, 1e-4, 1e-2]}, [0, 1, 2]
+    )
     return write_experiment(root / "gamma_sweep-canned", spec, 2, data_root, plans, "bb002")

@@ -1,0 +1,166 @@
+"""Validation reconstructions and attention maps as TensorBoard images, written while a run trains.
+
+Every ``image_every_epochs`` epochs (and at the first and last), rank 0 runs its network on one fixed
+validation slice (the middle slice of its first volume) and writes
+
+- ``reconstruction``: zero-filled input | reconstruction | target | absolute error x ERROR_GAIN, side by
+  side, each divided by the target's maximum (so the four share one grey scale);
+- ``attention/level_k``: the attention coefficients of every up-sampling level (level 1 is the deepest),
+  in [0, 1], enlarged to the image size with nearest-neighbour repetition.
+
+Each write is one complete TensorBoard event file, made in a local temporary directory and then copied to
+the run's ``images`` directory (a local path or any ``pyarrow.fs`` URI) beside the trial's Tune scalars.
+A separate directory, not Tune's own: TensorBoard polls only the newest event file of a directory, so a
+second file next to Tune's would freeze the live scalars.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mri_models import experiment
+
+ERROR_GAIN = 5.0  # errors are a few percent of the image; x5 makes their structure visible
+PANELS = ("zero-filled", "reconstruction", "target", f"error x{ERROR_GAIN:g}")
+
+
+def image_epochs(every: int, epochs: int) -> list[int]:
+    """The (1-based) epochs that write images: the first, every ``every``-th and the last; none for 0."""
+    if every <= 0:
+        return []
+    return sorted({1, epochs, *range(every, epochs + 1, every)})
+
+
+def reconstruction_panel(zero_filled: np.ndarray, output: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """``(H, 4W)`` in [0, 1]: zero-filled | reconstruction | target | error x ERROR_GAIN, on one scale."""
+    scale = float(np.max(target)) or 1.0
+    error = np.abs(output - target) * ERROR_GAIN
+    panels = [zero_filled, output, target, error]
+    return np.clip(np.concatenate(panels, axis=1) / scale, 0.0, 1.0).astype(np.float32)
+
+
+def enlarge(values: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour enlargement of ``values`` ``(h, w)`` to ``shape`` (an integer multiple or close)."""
+    rows = np.minimum((np.arange(shape[0]) * values.shape[0]) // shape[0], values.shape[0] - 1)
+    cols = np.minimum((np.arange(shape[1]) * values.shape[1]) // shape[1], values.shape[1] - 1)
+    return values[np.ix_(rows, cols)]
+
+
+@dataclass(frozen=True)
+class ImageSlice:
+    """The one validation slice the images show, as the network takes it."""
+
+    fname: str
+    slice_num: int
+    image: np.ndarray  # normalised zero-filled input (H, W)
+    target: np.ndarray  # normalised target (H, W)
+    mean: float
+    std: float
+
+
+def choose_slice(batches: Iterable[dict[str, Any]]) -> ImageSlice | None:
+    """The middle slice of the first volume in ``batches`` (rank 0's validation rows, in volume order)."""
+    rows: list[tuple[dict[str, Any], int]] = []
+    first = None
+    for batch in batches:
+        for i, fname in enumerate(batch["fname"]):
+            first = fname if first is None else first
+            if fname != first:
+                break
+            rows.append((batch, i))
+        else:
+            continue
+        break
+    if not rows:
+        return None
+    batch, i = rows[len(rows) // 2]
+    return ImageSlice(
+        str(batch["fname"][i]),
+        int(batch["slice_num"][i]),
+        np.array(batch["image"][i], dtype=np.float32),
+        np.array(batch["target"][i], dtype=np.float32),
+        float(batch["mean"][i]),
+        float(batch["std"][i]),
+    )
+
+
+@torch.no_grad()
+def render(network: torch.nn.Module, chosen: ImageSlice, device: torch.device) -> dict[str, np.ndarray]:
+    """Tag -> ``(H, W)`` image in [0, 1] for one slice: the reconstruction panel and attention levels."""
+    network.eval()
+    image = torch.from_numpy(chosen.image)[None, None].to(device)
+    result = network(image, return_attention=True)
+
+    def unnormalise(x: np.ndarray) -> np.ndarray:
+        return x * chosen.std + chosen.mean
+
+    output = unnormalise(result.output[0, 0].float().cpu().numpy())
+    images = {
+        "reconstruction": reconstruction_panel(unnormalise(chosen.image), output, unnormalise(chosen.target))
+    }
+    for level, attention in enumerate(getattr(result, "attention_maps", ()) or (), start=1):
+        values = attention[0, 0].float().cpu().numpy()
+        images[f"attention/level_{level}"] = enlarge(values, chosen.image.shape).astype(np.float32)
+    return images
+
+
+def write_event_file(directory: str, images: dict[str, np.ndarray], step: int, caption: str) -> str:
+    """Write ``images`` (tag -> (H, W) in [0, 1]) at ``step`` as one event file under ``directory``.
+
+    Returns:
+        The event file's name.
+    """
+    from tensorboardX import SummaryWriter  # only processes that write images pay for the import
+
+    with tempfile.TemporaryDirectory() as local:
+        # The step in the name keeps the files in step order, the order TensorBoard reads them in.
+        writer = SummaryWriter(logdir=local, filename_suffix=f".epoch{step:05d}")
+        for tag, values in images.items():
+            writer.add_image(tag, values, global_step=step, dataformats="HW")
+        writer.add_text("reconstruction/about", caption, global_step=step)
+        writer.close()
+        names = sorted(os.listdir(local))
+        for name in names:
+            with open(os.path.join(local, name), "rb") as file:
+                experiment.write_bytes(experiment.join(directory, name), file.read())
+    return names[0]
+
+
+class ValidationImages:
+    """Rank 0's image writer of one run.
+
+    Args:
+        directory: where the event files go (local path or URI); None writes nothing.
+        every: write every ``every`` epochs (0: never).
+        epochs: the run's epoch budget (the last epoch always writes).
+    """
+
+    def __init__(self, directory: str | None, every: int, epochs: int) -> None:
+        self.directory = directory
+        self.epochs = set(image_epochs(every, epochs)) if directory else set()
+        self.chosen: ImageSlice | None = None
+
+    def due(self, epoch: int) -> bool:
+        return epoch in self.epochs
+
+    def write(self, network: torch.nn.Module, batches: Iterable[dict[str, Any]], epoch: int, device) -> None:
+        """Render and write the images of ``epoch`` (1-based) when due."""
+        if not self.due(epoch):
+            return
+        if self.chosen is None:
+            self.chosen = choose_slice(batches)
+            if self.chosen is None:
+                return
+        caption = (
+            f"{self.chosen.fname}, slice {self.chosen.slice_num}, epoch {epoch}: "
+            f"{' | '.join(PANELS)} (one grey scale: the target's maximum); attention/level_k: the "
+            "attention coefficients of up-sampling level k (1 = deepest), 0 black to 1 white."
+        )
+        write_event_file(self.directory, render(network, self.chosen, device), epoch, caption)

@@ -1,0 +1,119 @@
+"""The paper's study in one job: the model comparison, the gamma sweep, the model costs, then the report.
+
+Submit to a running cluster (``make study`` does it for the cpu profile)::
+
+    ray job submit --working-dir . -- python sweeps/paper_study.py [--profile smoke|cpu|paper] [--resume]
+
+The study directory ``<storage>/<name>`` holds ``model_comparison/`` (configs/model_comparison.yaml: the
+three architectures x seeds at full budget, FIFO), ``gamma_sweep/`` (configs/gamma_sweep.yaml),
+``model_costs.json`` and ``report/report.md`` (:mod:`analysis.paper_study`: Table 1 beside the paper's,
+Figures 6 and 8, the findings marked reproduced / not reproduced / inconclusive, the model-cost table).
+Everything is validated before the first trial starts. ``--resume`` continues an interrupted study where it
+stopped, with the profile and overrides it started with; ``--set key=value`` applies to both sweeps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# The job's working directory is the repository: make its packages importable without installing them.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from analysis.collect import write_tables
+from analysis.paper_study import write_report
+from mri_models import experiment
+from mri_models.experiment import GAMMA_SWEEP, MODEL_COMPARISON, StudyLayout
+from ray_jobs import log_to_stdout
+from ray_jobs.cli import add_common_arguments, exit_on_user_error, parse_overrides
+from ray_jobs.config import ConfigError
+from ray_jobs.costs import measure_on_cluster
+from ray_jobs.data import ensure_synthetic_data
+from ray_jobs.run import connect, default_storage
+from ray_jobs.sweep_config import SweepSpec, load_sweep_spec
+from ray_jobs.tune import prepare_sweep_data, run_sweep
+from sweeps.run import CONFIG_DIR
+
+SWEEPS = (MODEL_COMPARISON, GAMMA_SWEEP)  # in the order they run
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--name", help="study name (default: paper_study-<profile>)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted study")
+    add_common_arguments(parser, "a TrainConfig or sweep field for both sweeps, e.g. seeds=[0,1,2]")
+    return parser.parse_args(argv)
+
+
+def _plan(args: argparse.Namespace) -> tuple[StudyLayout, dict, dict[str, SweepSpec]]:
+    """The study's record and both validated sweep specs; raises the user errors of :mod:`ray_jobs.cli`."""
+    study = StudyLayout.under(args.storage or default_storage(), args.name or f"paper_study-{args.profile}")
+    saved = experiment.read_json(study.study_file)
+    if saved is not None and not args.resume:
+        raise ConfigError(
+            f"study {study.name!r} already exists at {study.path}; pass --resume to continue it or choose "
+            "another --name"
+        )
+    if args.resume and saved is None:
+        raise ConfigError(f"nothing to resume: no study at {study.path}")
+    record = saved or {
+        "profile": args.profile,
+        "overrides": parse_overrides(args.overrides),
+        "data_root": str(args.data_root or ensure_synthetic_data(args.profile)),
+        "finished": [],
+    }
+    specs = {
+        name: load_sweep_spec(CONFIG_DIR / f"{name}.yaml", record["profile"], record["overrides"])
+        for name in SWEEPS
+    }
+    for spec in specs.values():  # the data of every trial of both sweeps, before anything trains
+        prepare_sweep_data(spec, Path(record["data_root"]))
+    return study, record, specs
+
+
+def _measure_costs(study: StudyLayout, spec: SweepSpec, data_root: Path) -> None:
+    data = prepare_sweep_data(spec, data_root)
+    seed0 = [cfg for cfg in spec.trial_configs() if cfg.seed == spec.seeds[0]]
+    costs = measure_on_cluster(seed0, data.image_size)
+    experiment.write_json(study.model_costs_file, {"image_size": list(data.image_size), "models": costs})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run (or resume) the study; exit code 2 for a user error before any trial."""
+    log_to_stdout()
+    args = _parse_args(argv)
+    code, planned = exit_on_user_error(lambda: _plan(args))
+    if code:
+        return code
+    study, record, specs = planned
+    print(
+        f"{'resuming' if args.resume else 'starting'} paper study {study.name!r} (profile {record['profile']}"
+        f"{', overrides ' + str(record['overrides']) if record['overrides'] else ''}) in {study.path}",
+        flush=True,
+    )
+    experiment.write_json(study.study_file, record)
+    data_root = Path(record["data_root"])
+    for name in SWEEPS:
+        if name in record["finished"]:
+            print(f"{name}: finished earlier", flush=True)
+            continue
+        resume = experiment.exists(experiment.ExperimentLayout.under(study.path, name).sweep_file)
+        code, path = exit_on_user_error(
+            lambda n=name, r=resume: run_sweep(specs[n], n, study.path, data_root, r)
+        )
+        if code:
+            return code
+        write_tables(path)
+        record["finished"].append(name)
+        experiment.write_json(study.study_file, record)
+    if not experiment.exists(study.model_costs_file):
+        connect()
+        _measure_costs(study, specs[MODEL_COMPARISON], data_root)
+    report, findings = write_report(study.path)
+    print("\n".join(["findings:", *(f"  {line}" for line in findings), f"report: {report}"]), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

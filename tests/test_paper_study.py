@@ -1,0 +1,259 @@
+"""The paper study: findings on constructed studies with known answers, the cost table, the report, and
+the smoke study submitted as a real Ray job."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from analysis.common import load_study
+from analysis.paper_study import (
+    EQUIVALENCE_MARGIN,
+    INCONCLUSIVE,
+    NOT_REPRODUCED,
+    PAPER_TABLE_1,
+    REPRODUCED,
+    cost_table,
+    findings,
+    table_one,
+    write_report,
+)
+from mri_models.cost import count_parameters, measure_costs
+from mri_models.experiment import StudyLayout
+from mri_models.models import build_model
+from tests.analysis_fixtures import ZERO_FILLED, TrialPlan, canned_spec, make_data_root, write_experiment
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write_study(
+    root: Path,
+    unet: list[float],
+    attention: list[float],
+    gamma: dict[float, list[float]],
+    mpand: list[list[float]],
+    stopped: set[tuple[float, int]] = frozenset(),
+) -> StudyLayout:
+    """A study directory whose best-epoch SSIMs, gamma curve and Attention U-Net MPAND are given.
+
+    Each trial runs ``len(mpand[0])`` epochs with SSIM rising by 0.01 per epoch to its given value (the
+    best epoch is the last); a (gamma, seed) in ``stopped`` was stopped by ASHA after its first epoch.
+    """
+    data_root = make_data_root(root / "data")
+    layout = StudyLayout(str(root / "study"))
+    epochs = len(mpand[0])
+
+    def rising(best: float) -> list[float]:
+        return [best - 0.01 * (epochs - e) for e in range(1, epochs + 1)]
+
+    seeds = list(range(len(unet)))
+    plans = [TrialPlan({"model": "unet", "seed": s}, rising(x)) for s, x in enumerate(unet)]
+    plans += [
+        TrialPlan({"model": "attention_unet", "seed": s}, rising(x), mpand=mpand[s])
+        for s, x in enumerate(attention)
+    ]
+    spec = canned_spec("model_comparison", {"epochs": epochs}, {"model": ["unet", "attention_unet"]}, seeds)
+    spec["scheduler"] = {"type": "fifo", "grace_period": 1, "reduction_factor": 2.0}
+    write_experiment(Path(layout.model_comparison.path), spec, epochs, data_root, plans, "cc003")
+    plans = []
+    for g, values in gamma.items():
+        for s, x in enumerate(values):
+            ssim = rising(x)[:1] if (g, s) in stopped else rising(x)
+            plans.append(TrialPlan({"gamma": g, "seed": s}, ssim, stopped=(g, s) in stopped))
+    spec = canned_spec(
+        "gamma_sweep", {"model": "sparse_attention_unet", "epochs": epochs}, {"gamma": list(gamma)}, seeds
+    )
+    write_experiment(Path(layout.gamma_sweep.path), spec, epochs, data_root, plans, "dd004")
+    Path(layout.study_file).write_text(json.dumps({"profile": "smoke", "data_root": str(data_root)}))
+    return layout
+
+
+def _findings(layout: StudyLayout) -> dict:
+    found = findings(load_study([layout.model_comparison.path]), load_study([layout.gamma_sweep.path]))
+    return {f.key: f for f in found}
+
+
+FALLING_MPAND = [[-30.0, -36.0, -41.0], [-31.0, -35.0, -42.0], [-29.0, -37.0, -40.0]]
+RISING_MPAND = [[-40.0, -36.0, -31.0], [-41.0, -35.0, -30.0], [-42.0, -37.0, -29.0]]
+MIXED_MPAND = [[-30.0, -32.0, -35.0], [-35.0, -33.0, -31.0], [-32.0, -33.0, -32.5]]
+
+
+def test_findings_reproduced(tmp_path):
+    unet = [0.60, 0.62, 0.64]
+    attention = [0.61, 0.625, 0.652]  # +0.010, +0.005, +0.012
+    gamma = {0.0: [0.63, 0.64, 0.635], 1e-5: [0.62, 0.625, 0.622], 1e-4: [0.60, 0.605, 0.598],
+             1e-3: [0.55, 0.552, 0.556]}  # fmt: skip
+    found = _findings(write_study(tmp_path, unet, attention, gamma, FALLING_MPAND))
+
+    a = found["a"]
+    differences = np.subtract(attention, unet)
+    assert a.verdict == REPRODUCED and a.n == 3
+    assert a.estimate == pytest.approx(differences.mean())
+    half = stats.t.ppf(0.975, 2) * differences.std(ddof=1) / math.sqrt(3)
+    assert (a.ci_low, a.ci_high) == pytest.approx((differences.mean() - half, differences.mean() + half))
+
+    b = found["b"]
+    assert b.verdict == REPRODUCED and b.n == 9  # gamma = 0 is the reference, not a point
+    positive = [(g, x) for g, values in gamma.items() if g > 0 for x in values]
+    rho, p = stats.spearmanr(*zip(*positive, strict=True))
+    assert (b.estimate, b.p_value) == pytest.approx((rho, p)) and rho < 0 and p < 0.05
+    assert "γ=0 (Attention U-Net): 0.6350" in b.statistic and "best epoch" in b.statistic
+
+    c = found["c"]
+    drops = [trial[-1] - trial[0] for trial in FALLING_MPAND]
+    assert c.verdict == REPRODUCED and c.n == 3
+    assert c.estimate == pytest.approx(np.mean(drops)) and c.ci_high < 0
+
+
+def test_findings_not_reproduced(tmp_path):
+    unet = [0.60, 0.62, 0.64]
+    attention = [0.55, 0.575, 0.59]  # ~0.048 worse, far beyond the margin
+    gamma = {0.0: [0.60, 0.61, 0.605], 1e-5: [0.60, 0.602, 0.601], 1e-4: [0.62, 0.625, 0.63],
+             1e-3: [0.66, 0.65, 0.655]}  # fmt: skip
+    found = _findings(write_study(tmp_path, unet, attention, gamma, RISING_MPAND))
+    assert found["a"].verdict == NOT_REPRODUCED
+    assert found["a"].ci_high < -EQUIVALENCE_MARGIN
+    assert found["b"].verdict == NOT_REPRODUCED and found["b"].estimate > 0
+    assert found["c"].verdict == NOT_REPRODUCED and found["c"].ci_low > 0
+
+
+def test_findings_inconclusive(tmp_path):
+    unet = [0.60, 0.62, 0.64]
+    attention = [0.65, 0.56, 0.645]  # +0.05, -0.06, +0.005: the interval spans the margin
+    gamma = {0.0: [0.60, 0.61, 0.605], 1e-5: [0.60, 0.63, 0.59], 1e-4: [0.61, 0.58, 0.62],
+             1e-3: [0.60, 0.625, 0.595]}  # fmt: skip
+    found = _findings(write_study(tmp_path, unet, attention, gamma, MIXED_MPAND))
+    assert found["a"].verdict == INCONCLUSIVE
+    assert found["a"].ci_low < -EQUIVALENCE_MARGIN < found["a"].ci_high
+    assert found["b"].verdict == INCONCLUSIVE and found["b"].p_value >= 0.05
+    assert found["c"].verdict == INCONCLUSIVE and found["c"].ci_low < 0 < found["c"].ci_high
+
+
+def test_single_seed_is_inconclusive_not_an_error(tmp_path):
+    found = _findings(
+        write_study(tmp_path, [0.6], [0.7], {0.0: [0.6], 1e-4: [0.5], 1e-3: [0.4]}, FALLING_MPAND[:1])
+    )
+    assert {f.verdict for f in found.values()} == {INCONCLUSIVE}
+    assert "fewer than two" in found["a"].statistic and "fewer than 3 trials" in found["b"].statistic
+
+
+def test_gamma_finding_reads_the_common_budget_when_asha_stopped_trials(tmp_path):
+    # ASHA stopped the gamma=1e-3 trials after epoch 1. At their best epochs the completed trials look
+    # better than them (SSIM "falls"); read after the same training (epoch 1, the common budget) SSIM rises.
+    gamma = {0.0: [0.60, 0.61], 1e-5: [0.60, 0.61], 1e-4: [0.60, 0.61], 1e-3: [0.61, 0.62]}
+    stopped = {(1e-3, 0), (1e-3, 1)}
+    layout = write_study(tmp_path, [0.6, 0.6], [0.6, 0.6], gamma, FALLING_MPAND[:2], stopped)
+    b = _findings(layout)["b"]
+    assert "epoch 1 (common budget" in b.statistic
+    # Epoch 1 of every trial is its best minus 0.02 (SSIM rises 0.01 per epoch to the best at epoch 3).
+    at_budget = [(g, x - 0.02) for g in (1e-5, 1e-4, 1e-3) for x in gamma[g]]
+    at_best = [(g, x - 0.02 if g == 1e-3 else x) for g in (1e-5, 1e-4, 1e-3) for x in gamma[g]]
+    assert b.estimate == pytest.approx(stats.spearmanr(*zip(*at_budget, strict=True))[0]) and b.estimate > 0
+    assert stats.spearmanr(*zip(*at_best, strict=True))[0] < 0
+
+
+def test_table_one_sits_beside_the_paper_with_the_zero_filled_row(tmp_path):
+    layout = write_study(
+        tmp_path, [0.60, 0.62, 0.64], [0.61, 0.63, 0.65], {0.0: [0.6], 1e-4: [0.5]}, FALLING_MPAND
+    )
+    table = table_one(load_study([layout.model_comparison.path])).set_index("arm")
+    assert table.loc["unet", "ssim_mean"] == pytest.approx(0.62)
+    assert table.loc["unet", "paper_ssim"] == PAPER_TABLE_1["unet"]["ssim"]
+    assert table.loc["attention_unet", "paper_psnr"] == PAPER_TABLE_1["attention_unet"]["psnr"]
+    assert table.loc["attention_unet", "ssim_gain"] == pytest.approx(0.63 - ZERO_FILLED["metrics"]["ssim"])
+    zero_filled = table.loc["zero-filled input"]
+    assert zero_filled["ssim_mean"] == ZERO_FILLED["metrics"]["ssim"] and pd.isna(zero_filled["paper_ssim"])
+    assert (table.loc["attention_unet", "ssim_rank"], table.loc["unet", "ssim_rank"]) == (1, 2)
+
+
+def test_report_has_findings_tables_and_figures(tmp_path):
+    layout = write_study(
+        tmp_path, [0.60, 0.62, 0.64], [0.61, 0.625, 0.652],
+        {0.0: [0.63, 0.64], 1e-5: [0.62, 0.625], 1e-4: [0.60, 0.605]}, FALLING_MPAND,
+    )  # fmt: skip
+    costs = [c.as_row() for c in measure_costs([("unet", {}), ("attention_unet", {})], _TINY, (32, 32))]
+    Path(layout.model_costs_file).write_text(json.dumps({"image_size": [32, 32], "models": costs}))
+    report_path, lines = write_report(layout.path)
+    report = Path(report_path).read_text()
+    assert len(lines) == 3 and lines[0].startswith("(a)")
+    for heading in ("## Findings", "## Table 1", "## Figure 6", "## Figure 8", "## Model cost"):
+        assert heading in report
+    out = Path(layout.report_dir)
+    for name in ("mpand_curves.png", "gamma_curves.png", "findings.csv", "table1.csv", "model_costs.csv"):
+        assert (out / name).is_file(), name
+    assert "](mpand_curves.png)" in report and "](gamma_curves.png)" in report
+    assert pd.read_csv(out / "findings.csv")["verdict"].tolist()[0] == REPRODUCED
+    assert "0.73" in report  # the paper's SSIM beside ours
+
+
+_TINY = {"chans": 4, "num_pool_layers": 2, "drop_prob": 0.0}
+
+
+def test_cost_table_counts_the_models_parameters():
+    arms = [("unet", {}), ("attention_unet", {}), ("sparse_attention_unet", {"gamma": 1e-4})]
+    costs = measure_costs(arms, _TINY, (32, 32), batch_size=2, repeats=2)
+    for cost, (model, _) in zip(costs, arms, strict=True):
+        network = build_model(model, **_TINY)
+        assert cost.parameters == count_parameters(network) == sum(p.numel() for p in network.parameters())
+        assert cost.size_mb == pytest.approx(
+            sum(t.numel() * 4 for t in network.state_dict().values()) / 2**20
+        )
+        assert cost.forward_ms > 0 and cost.forward_ms_min <= cost.forward_ms <= cost.forward_ms_max
+    unet, attention, sparse = costs
+    assert attention.parameters > unet.parameters and sparse.parameters == attention.parameters
+    assert sparse.label.startswith("Sparse Attention U-Net")
+    table = cost_table([c.as_row() for c in costs]).set_index("arm")
+    assert table.loc["attention_unet", "parameters_vs_unet"] == attention.parameters / unet.parameters
+
+
+def test_peak_step_memory_grows_with_the_image():
+    # Activations dominate a training step: four times the pixels, about four times the memory, and always
+    # more than the gradients and Adam's two moments (three copies of the weights).
+    small, large = (
+        measure_costs([("attention_unet", {})], _TINY, size, batch_size=2, repeats=1)[0]
+        for size in [(32, 32), (64, 64)]
+    )
+    assert small.peak_step_mb > 3 * small.size_mb
+    assert 3.0 < large.peak_step_mb / small.peak_step_mb < 5.0
+
+
+@pytest.mark.slow
+def test_smoke_study_submitted_as_a_job(ray_head, tmp_path):
+    command = [
+        str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head.dashboard_url,
+        "--working-dir", str(REPO), "--", "python", "sweeps/paper_study.py", "--profile", "smoke",
+        "--storage", str(tmp_path), "--name", "study",
+    ]  # fmt: skip
+    done = subprocess.run(command, env=ray_head.env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    layout = StudyLayout(str(tmp_path / "study"))
+    report = Path(layout.report_dir, "report.md").read_text()
+    found = pd.read_csv(Path(layout.report_dir, "findings.csv"))
+    assert found["key"].tolist() == ["a", "b", "c"]
+    assert set(found["verdict"]) <= {REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE}
+    costs = json.loads(Path(layout.model_costs_file).read_text())
+    assert [m["model"] for m in costs["models"]] == ["unet", "attention_unet", "sparse_attention_unet"]
+    assert costs["image_size"] == [64, 64]
+    trials = pd.read_csv(Path(layout.model_comparison.results_dir, "trials.csv"))
+    assert len(trials) == 3 and set(trials["status"]) == {"completed"}
+    assert "## Findings" in report and "(paper)" in report
+    assert "findings:" in done.stdout and "report:" in done.stdout
+
+    # Resuming a finished study redoes nothing and writes the same findings.
+    again = [sys.executable, str(REPO / "sweeps" / "paper_study.py"), "--profile", "smoke", "--storage",
+             str(tmp_path), "--name", "study", "--resume"]  # fmt: skip
+    resumed = subprocess.run(again, env=ray_head.env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "model_comparison: finished earlier" in resumed.stdout
+    assert pd.read_csv(Path(layout.report_dir, "findings.csv")).equals(found)
+    # Without --resume an existing study is refused, naming it.
+    refused = subprocess.run(again[:-1], env=ray_head.env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "already exists" in refused.stdout + refused.stderr
