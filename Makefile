@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # This machine keeps a CPU build of torch in its local wheel cache; elsewhere pip's normal torch is used.
 TORCH_SPEC := $(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl),torch==2.13.0,torch)
 
-.PHONY: install test unit lint demo clean
+.PHONY: install test unit lint demo study clean
 
 install: $(STAMP)
 
@@ -28,23 +28,38 @@ unit: install
 test: lint
 	$(PY) -m pytest -q
 
-# The main job out of the box: a local Ray head (token auth on) if none runs, the default gamma sweep
-# submitted as a Ray job, then the analysis of what it wrote. DEMO_PROFILE=smoke for a quick look.
-DEMO_PROFILE ?= cpu
-DEMO_STORAGE ?= $(HOME)/ray_results
-DEMO_STAMP := $(shell date +%Y%m%d-%H%M%S)
-DEMO_NAME ?= gamma_sweep-$(DEMO_PROFILE)-$(DEMO_STAMP)
-demo: install
-	@. $(VENV)/bin/activate && export RAY_AUTH_MODE=token && \
+# A local Ray head (token authentication on) unless one is running; then the cluster check.
+RAY_HEAD := . $(VENV)/bin/activate && export RAY_AUTH_MODE=token && \
 	if ray status >/dev/null 2>&1; then echo "using the running Ray cluster"; else \
 	  ray get-auth-token --generate >/dev/null && \
 	  ray start --head --disable-usage-stats --dashboard-host=127.0.0.1 >/dev/null && \
 	  echo "started a local Ray head: dashboard http://127.0.0.1:8265, stop it with 'ray stop'"; fi && \
-	python -m ray_jobs.cli && \
+	python -m ray_jobs.cli
+STAMP_NOW := $(shell date +%Y%m%d-%H%M%S)
+
+# The main job out of the box: the default gamma sweep submitted as a Ray job, then the analysis of what it
+# wrote. DEMO_PROFILE=smoke for a quick look.
+DEMO_PROFILE ?= cpu
+DEMO_STORAGE ?= $(HOME)/ray_results
+DEMO_NAME ?= gamma_sweep-$(DEMO_PROFILE)-$(STAMP_NOW)
+demo: install
+	@$(RAY_HEAD) && \
 	ray job submit --working-dir . -- python sweeps/gamma_sweep.py --profile $(DEMO_PROFILE) \
 	  --storage $(DEMO_STORAGE) --name $(DEMO_NAME) && \
 	python -m analysis --experiment $(DEMO_STORAGE)/$(DEMO_NAME) && \
 	echo "tables: $(DEMO_STORAGE)/$(DEMO_NAME)/results/  analysis: $(DEMO_STORAGE)/$(DEMO_NAME)/analysis/report.md"
+
+# The paper's study as one Ray job (model comparison, gamma sweep, model costs, report). Continue an
+# interrupted one with `make study STUDY_NAME=<its name> STUDY_ARGS=--resume`.
+STUDY_PROFILE ?= cpu
+STUDY_STORAGE ?= $(HOME)/ray_results
+STUDY_NAME ?= paper_study-$(STUDY_PROFILE)-$(STAMP_NOW)
+STUDY_ARGS ?=
+study: install
+	@$(RAY_HEAD) && \
+	ray job submit --working-dir . -- python sweeps/paper_study.py --profile $(STUDY_PROFILE) \
+	  --storage $(STUDY_STORAGE) --name $(STUDY_NAME) $(STUDY_ARGS) && \
+	echo "report: $(STUDY_STORAGE)/$(STUDY_NAME)/report/report.md"
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mri_models.experiment import ASHA_STATE_FILE
+from ray_jobs.images import image_epochs
 from sweeps.run import sweep_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,6 +69,13 @@ def test_smoke_gamma_sweep_submitted_as_a_job(ray_head, tmp_path):
     assert len(trial_dirs) == 6
     for trial_dir in trial_dirs:
         assert list(trial_dir.glob("events.out.tfevents.*")), f"no TensorBoard scalars in {trial_dir.name}"
+        # Rank 0's validation images, a TensorBoard run of their own beside the trial's scalars.
+        images = EventAccumulator(str(trial_dir / "images"), size_guidance={"images": 0})
+        images.Reload()
+        assert {"reconstruction", "attention/level_1", "attention/level_2"} <= set(images.Tags()["images"])
+        steps = [event.step for event in images.Images("reconstruction")]
+        expected = image_epochs(1, 2)
+        assert steps == expected[: len(steps)] and len(steps) >= 1  # stopped trials write fewer
     # Directory (and TensorBoard run) names carry the exact grid values, never a rounded 0.0000.
     assert {d.name.split("_", 3)[3].split(",")[0] for d in trial_dirs} == {
         "gamma=0",
