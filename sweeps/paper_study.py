@@ -5,7 +5,8 @@ Submit to a running cluster (``make study`` does it for the cpu profile)::
     ray job submit --working-dir . -- python sweeps/paper_study.py [--profile smoke|cpu|paper] [--resume]
 
 The study directory ``<storage>/<name>`` holds ``model_comparison/`` (configs/model_comparison.yaml: the
-three architectures x seeds at full budget, FIFO), ``gamma_sweep/`` (configs/gamma_sweep.yaml),
+three architectures x seeds at full budget, FIFO), ``gamma_sweep/`` (configs/gamma_sweep.yaml, at full
+budget too: configs/paper_study.yaml has what the study changes in each sweep),
 ``model_costs.json`` and ``report/report.md`` (:mod:`analysis.paper_study`: Table 1 beside the paper's,
 Figures 6 and 8, the findings marked reproduced / not reproduced / inconclusive, the model-cost table).
 Everything is validated before the first trial starts. ``--resume`` continues an interrupted study where it
@@ -17,6 +18,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
+
+import yaml
 
 # The job's working directory is the repository: make its packages importable without installing them.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,6 +50,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def study_overrides(sweep: str, profile: str) -> dict[str, Any]:
+    """What configs/paper_study.yaml changes in one sweep for a profile (``--set`` keys -> values)."""
+    path = CONFIG_DIR / "paper_study.yaml"
+    raw = yaml.safe_load(path.read_text()) or {}
+    section = ((raw.get("profiles") or {}).get(profile) or {}).get(sweep) or {}
+    return {**((raw.get("sweeps") or {}).get(sweep) or {}), **section}
+
+
 def _plan(args: argparse.Namespace) -> tuple[StudyLayout, dict, dict[str, SweepSpec]]:
     """The study's record and both validated sweep specs; raises the user errors of :mod:`ray_jobs.cli`."""
     study = StudyLayout.under(args.storage or default_storage(), args.name or f"paper_study-{args.profile}")
@@ -64,7 +76,11 @@ def _plan(args: argparse.Namespace) -> tuple[StudyLayout, dict, dict[str, SweepS
         "finished": [],
     }
     specs = {
-        name: load_sweep_spec(CONFIG_DIR / f"{name}.yaml", record["profile"], record["overrides"])
+        name: load_sweep_spec(
+            CONFIG_DIR / f"{name}.yaml",
+            record["profile"],
+            {**study_overrides(name, record["profile"]), **record["overrides"]},
+        )
         for name in SWEEPS
     }
     for spec in specs.values():  # the data of every trial of both sweeps, before anything trains

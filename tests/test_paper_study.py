@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -247,13 +250,55 @@ def test_smoke_study_submitted_as_a_job(ray_head, tmp_path):
     assert "## Findings" in report and "(paper)" in report
     assert "findings:" in done.stdout and "report:" in done.stdout
 
-    # Resuming a finished study redoes nothing and writes the same findings.
-    again = [sys.executable, str(REPO / "sweeps" / "paper_study.py"), "--profile", "smoke", "--storage",
-             str(tmp_path), "--name", "study", "--resume"]  # fmt: skip
-    resumed = subprocess.run(again, env=ray_head.env, capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "model_comparison: finished earlier" in resumed.stdout
-    assert pd.read_csv(Path(layout.report_dir, "findings.csv")).equals(found)
-    # Without --resume an existing study is refused, naming it.
-    refused = subprocess.run(again[:-1], env=ray_head.env, capture_output=True, text=True, timeout=120)
-    assert refused.returncode == 2 and "already exists" in refused.stdout + refused.stderr
+
+def _study_process(ray_head, storage: Path, *extra: str) -> subprocess.Popen:
+    command = [sys.executable, str(REPO / "sweeps" / "paper_study.py"), "--profile", "smoke", "--storage",
+               str(storage), "--name", "killed", "--set", "seeds=[0]", *extra]  # fmt: skip
+    return subprocess.Popen(
+        command, env=ray_head.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,
+    )  # fmt: skip
+
+
+def _finished_trials(experiment: Path) -> dict[str, str]:
+    """result.json of every trial that reported its last epoch (2 in the smoke profile)."""
+    finished = {}
+    for result in experiment.glob("trial_*/result.json"):
+        lines = result.read_text().splitlines()
+        if lines and json.loads(lines[-1]).get("epoch") == 2:
+            finished[result.parent.name] = result.read_text()
+    return finished
+
+
+@pytest.mark.slow
+def test_interrupted_study_resumes_where_it_stopped(ray_head, tmp_path):
+    layout = StudyLayout(str(tmp_path / "killed"))
+    comparison = Path(layout.model_comparison.path)
+    driver = _study_process(ray_head, tmp_path)
+    deadline = time.monotonic() + 300
+    while not _finished_trials(comparison) and time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.2)
+    finished_before = _finished_trials(comparison)
+    assert finished_before and driver.poll() is None, "the study ended before it could be interrupted"
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+
+    refused = _study_process(ray_head, tmp_path)
+    out, _ = refused.communicate(timeout=60)
+    assert refused.returncode == 2 and "pass --resume" in out and out.count("\n") <= 3, out
+
+    resumed = _study_process(ray_head, tmp_path, "--resume")
+    out, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, out[-4000:]
+    for name, text in finished_before.items():
+        assert (comparison / name / "result.json").read_text() == text, f"{name} was run again"
+    trials = pd.read_csv(comparison / "results" / "trials.csv")
+    assert len(trials) == 3 and set(trials["status"]) == {"completed"}
+    assert Path(layout.gamma_sweep.results_dir, "trials.csv").is_file()
+    assert Path(layout.report_dir, "report.md").is_file()
+
+    # Resuming a finished study trains nothing again: both sweeps are recorded as finished.
+    again = _study_process(ray_head, tmp_path, "--resume")
+    out, _ = again.communicate(timeout=300)
+    assert again.returncode == 0, out[-4000:]
+    assert "model_comparison: finished earlier" in out and "gamma_sweep: finished earlier" in out
