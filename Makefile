@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # This machine keeps a CPU build of torch in its local wheel cache; elsewhere pip's normal torch is used.
 TORCH_SPEC := $(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl),torch==2.13.0,torch)
 
-.PHONY: install test unit lint demo study clean
+.PHONY: install test unit lint browser demo study clean
 
 install: $(STAMP)
 
@@ -25,7 +25,13 @@ lint: install
 unit: install
 	$(PY) -m pytest -m "not slow" -q
 
-test: lint
+# The TensorBoard page test drives Debian's chromium: installed when missing and apt can (CI runs as root).
+browser:
+	@command -v chromium >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  apt-get update -qq && apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "no chromium (needs root and apt): the TensorBoard browser test will be skipped"
+
+test: lint browser
 	$(PY) -m pytest -q
 
 # A local Ray head (token authentication on) unless one is running; then the cluster check.
