@@ -67,17 +67,13 @@ class ImageSlice:
 
 def choose_slice(batches: Iterable[dict[str, Any]]) -> ImageSlice | None:
     """The middle slice of the first volume in ``batches`` (rank 0's validation rows, in volume order)."""
-    rows: list[tuple[dict[str, Any], int]] = []
-    first = None
-    for batch in batches:
-        for i, fname in enumerate(batch["fname"]):
-            first = fname if first is None else first
-            if fname != first:
-                break
-            rows.append((batch, i))
-        else:
-            continue
-        break
+    first, rows = None, []
+    for batch in batches:  # rows come volume by volume
+        names = list(batch["fname"])
+        first = names[0] if first is None else first
+        rows += [(batch, i) for i, name in enumerate(names) if name == first]
+        if names[-1] != first:
+            break
     if not rows:
         return None
     batch, i = rows[len(rows) // 2]

@@ -33,6 +33,7 @@ RESUMABLE_CHANGES = {
     "use_gpu",
     "max_failures",
     "val_cache_mb",
+    "image_every_epochs",  # monitoring only
 }
 
 
