@@ -6,10 +6,13 @@ are tested on files built here from first principles, so a bug in the generator 
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +89,28 @@ def make_fastmri_volume(
     path.parent.mkdir(parents=True, exist_ok=True)
     write_volume(path, kspace, header, attrs, target if with_target else None)
     return path
+
+
+def finished_trials(experiment: Path, last_epoch: int = 2) -> dict[str, str]:
+    """``result.json`` of every Tune trial of ``experiment`` that reported ``last_epoch`` (smoke: 2)."""
+    finished = {}
+    for result in experiment.glob("trial_*/result.json"):
+        lines = result.read_text().splitlines()
+        if lines and json.loads(lines[-1]).get("epoch") == last_epoch:
+            finished[result.parent.name] = result.read_text()
+    return finished
+
+
+def kill_once_a_trial_finished(driver: subprocess.Popen, experiment: Path) -> dict[str, str]:
+    """SIGKILL a sweep driver's process group once one of its trials finished; returns those trials."""
+    deadline = time.monotonic() + 300
+    while not finished_trials(experiment) and time.monotonic() < deadline and driver.poll() is None:
+        time.sleep(0.2)
+    finished = finished_trials(experiment)
+    assert finished and driver.poll() is None, "the driver ended before it could be interrupted"
+    os.killpg(driver.pid, signal.SIGKILL)
+    driver.wait()
+    return finished
 
 
 @pytest.fixture

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +30,7 @@ from mri_models.cost import count_parameters, measure_costs
 from mri_models.experiment import StudyLayout
 from mri_models.models import build_model
 from tests.analysis_fixtures import ZERO_FILLED, TrialPlan, canned_spec, make_data_root, write_experiment
+from tests.conftest import kill_once_a_trial_finished
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -260,28 +258,12 @@ def _study_process(ray_head, storage: Path, *extra: str) -> subprocess.Popen:
     )  # fmt: skip
 
 
-def _finished_trials(experiment: Path) -> dict[str, str]:
-    """result.json of every trial that reported its last epoch (2 in the smoke profile)."""
-    finished = {}
-    for result in experiment.glob("trial_*/result.json"):
-        lines = result.read_text().splitlines()
-        if lines and json.loads(lines[-1]).get("epoch") == 2:
-            finished[result.parent.name] = result.read_text()
-    return finished
-
-
 @pytest.mark.slow
 def test_interrupted_study_resumes_where_it_stopped(ray_head, tmp_path):
     layout = StudyLayout(str(tmp_path / "killed"))
     comparison = Path(layout.model_comparison.path)
     driver = _study_process(ray_head, tmp_path)
-    deadline = time.monotonic() + 300
-    while not _finished_trials(comparison) and time.monotonic() < deadline and driver.poll() is None:
-        time.sleep(0.2)
-    finished_before = _finished_trials(comparison)
-    assert finished_before and driver.poll() is None, "the study ended before it could be interrupted"
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
+    finished_before = kill_once_a_trial_finished(driver, comparison)
 
     refused = _study_process(ray_head, tmp_path)
     out, _ = refused.communicate(timeout=60)

@@ -18,6 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from mri_models.experiment import ASHA_STATE_FILE
 from ray_jobs.images import image_epochs
 from sweeps.run import sweep_main
+from tests.conftest import kill_once_a_trial_finished
 
 REPO = Path(__file__).resolve().parents[1]
 GAMMA_SWEEP = REPO / "sweeps" / "gamma_sweep.py"
@@ -120,27 +121,11 @@ def _start_sweep(ray_head, storage: Path, *extra: str) -> subprocess.Popen:
     )
 
 
-def _finished_results(experiment: Path) -> dict[str, str]:
-    """result.json of every trial that reported its last epoch (2)."""
-    finished = {}
-    for result in experiment.glob("trial_*/result.json"):
-        lines = result.read_text().splitlines()
-        if lines and json.loads(lines[-1]).get("epoch") == 2:
-            finished[result.parent.name] = result.read_text()
-    return finished
-
-
 @pytest.mark.slow
 def test_killed_driver_resumes_without_rerunning_finished_trials(ray_head, tmp_path):
     experiment = tmp_path / "killed"
     driver = _start_sweep(ray_head, tmp_path)
-    deadline = time.monotonic() + 300
-    while not _finished_results(experiment) and time.monotonic() < deadline and driver.poll() is None:
-        time.sleep(0.2)
-    finished_before = _finished_results(experiment)
-    assert finished_before and driver.poll() is None, "the sweep ended before it could be interrupted"
-    os.killpg(driver.pid, signal.SIGKILL)
-    driver.wait()
+    finished_before = kill_once_a_trial_finished(driver, experiment)
 
     again = _start_sweep(ray_head, tmp_path)
     out, _ = again.communicate(timeout=30)
