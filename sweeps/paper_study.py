@@ -58,8 +58,9 @@ def study_overrides(sweep: str, profile: str) -> dict[str, Any]:
     return {**((raw.get("sweeps") or {}).get(sweep) or {}), **section}
 
 
-def _plan(args: argparse.Namespace) -> tuple[StudyLayout, dict, dict[str, SweepSpec]]:
-    """The study's record and both validated sweep specs; raises the user errors of :mod:`ray_jobs.cli`."""
+def _plan(args: argparse.Namespace) -> tuple[StudyLayout, dict, dict[str, SweepSpec], tuple[int, int]]:
+    """The study's record, both validated sweep specs and the image size; raises the user errors of
+    :mod:`ray_jobs.cli`."""
     study = StudyLayout.under(args.storage or default_storage(), args.name or f"paper_study-{args.profile}")
     saved = experiment.read_json(study.study_file)
     if saved is not None and not args.resume:
@@ -83,16 +84,15 @@ def _plan(args: argparse.Namespace) -> tuple[StudyLayout, dict, dict[str, SweepS
         )
         for name in SWEEPS
     }
-    for spec in specs.values():  # the data of every trial of both sweeps, before anything trains
-        prepare_sweep_data(spec, Path(record["data_root"]))
-    return study, record, specs
+    # The data of every trial of both sweeps, before anything trains.
+    prepared = {name: prepare_sweep_data(spec, Path(record["data_root"])) for name, spec in specs.items()}
+    return study, record, specs, prepared[MODEL_COMPARISON].image_size
 
 
-def _measure_costs(study: StudyLayout, spec: SweepSpec, data_root: Path) -> None:
-    data = prepare_sweep_data(spec, data_root)
+def _measure_costs(study: StudyLayout, spec: SweepSpec, image_size: tuple[int, int]) -> None:
     seed0 = [cfg for cfg in spec.trial_configs() if cfg.seed == spec.seeds[0]]
-    costs = measure_on_cluster(seed0, data.image_size)
-    experiment.write_json(study.model_costs_file, {"image_size": list(data.image_size), "models": costs})
+    costs = measure_on_cluster(seed0, image_size)
+    experiment.write_json(study.model_costs_file, {"image_size": list(image_size), "models": costs})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     code, planned = exit_on_user_error(lambda: _plan(args))
     if code:
         return code
-    study, record, specs = planned
+    study, record, specs, image_size = planned
     print(
         f"{'resuming' if args.resume else 'starting'} paper study {study.name!r} (profile {record['profile']}"
         f"{', overrides ' + str(record['overrides']) if record['overrides'] else ''}) in {study.path}",
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         experiment.write_json(study.study_file, record)
     if not experiment.exists(study.model_costs_file):
         connect()
-        _measure_costs(study, specs[MODEL_COMPARISON], data_root)
+        _measure_costs(study, specs[MODEL_COMPARISON], image_size)
     report, findings = write_report(study.path)
     print("\n".join(["findings:", *(f"  {line}" for line in findings), f"report: {report}"]), flush=True)
     return 0
