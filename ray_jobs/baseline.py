@@ -15,11 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from typing import Any
 
 from mri_models import experiment
+from mri_models.data import store
 from mri_models.data.slice_dataset import default_cache_dir
 from mri_models.metrics import VolumeMetricAccumulator, metric_table
 from ray_jobs.config import TrainConfig
@@ -36,7 +36,7 @@ def mask_settings(cfg: TrainConfig) -> dict[str, Any]:
 
 def _cache_key(data: PreparedData, mask: dict[str, Any]) -> str:
     files = sorted({path for path, _ in data.val_slices})
-    stats = [(path, os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in files]
+    stats = [(path, entry.size, entry.mtime_ns) for path in files for entry in [store.stat(path)]]
     text = json.dumps([sorted(data.val_slices), stats, mask, sorted(metric_table())])
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 

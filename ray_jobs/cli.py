@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -43,7 +42,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, set_help: str) -> None
     """The flags every entry point has: profile, data root, storage, name and ``--set``."""
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument(
-        "--data-root", type=Path, help="fastMRI data root (default: the profile's synthetic set)"
+        "--data-root",
+        help="fastMRI data root: a path or URI, e.g. s3://bucket/knee (default: the synthetic set)",
     )
     parser.add_argument("--storage", help="results directory or s3:// URI (default ~/ray_results)")
     parser.add_argument(

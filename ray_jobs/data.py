@@ -33,11 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import ray.data
 from filelock import FileLock
 
+from mri_models.data import store
 from mri_models.data.slice_dataset import RawSample, list_volumes, subsample_slices
 from mri_models.data.subsample import create_mask_func
 from mri_models.data.synthetic import generate_dataset
@@ -49,14 +49,14 @@ from ray_jobs.config import SYNTHETIC_DATA, ConfigError, TrainConfig, default_da
 TRAIN_SPLIT = "singlecoil_train"
 VAL_SPLIT = "singlecoil_val"
 
-SliceRef = tuple[str, int]  # (absolute file path, slice index)
+SliceRef = tuple[str, int]  # (absolute file path or URI, slice index)
 
 
 @dataclass(frozen=True)
 class PreparedData:
     """A validated data root and its slice indices, small enough to ship to every worker."""
 
-    root: Path
+    root: str  # a local path or a URI in object storage (mri_models.data.store)
     train_slices: tuple[SliceRef, ...]
     val_slices: tuple[SliceRef, ...]
     image_size: tuple[int, int]
@@ -90,7 +90,7 @@ def ensure_synthetic_data(profile: str, seed: int = 0, base_dir: Path | None = N
     return root
 
 
-def _index(split_dir: Path, cfg: TrainConfig) -> tuple[SliceRef, ...]:
+def _index(split_dir: str, cfg: TrainConfig) -> tuple[SliceRef, ...]:
     samples = [
         RawSample(v.fname, i, v.metadata) for v in list_volumes(split_dir) for i in range(v.num_slices)
     ]
@@ -98,22 +98,30 @@ def _index(split_dir: Path, cfg: TrainConfig) -> tuple[SliceRef, ...]:
     return tuple(sorted((str(s.fname), s.slice_ind) for s in kept))
 
 
-def prepare_data(cfg: TrainConfig, root: Path) -> PreparedData:
+def prepare_data(cfg: TrainConfig, root: str | os.PathLike) -> PreparedData:
     """Validate the data root against the config and index its splits; raises before any Ray work.
 
+    Args:
+        cfg: the run configuration.
+        root: a local path or a URI ``pyarrow.fs`` understands (``s3://bucket/knee``). On object storage the
+            validation reads headers, attributes and shapes only (ranged reads): the NaN/Inf scan of every
+            value, done for local data, would download the whole dataset.
+
     Raises:
-        DataValidationError: a file or split is missing or malformed (names the file and problem).
+        DataValidationError: a file or split is missing or malformed (names the file and problem), or the
+            root cannot be reached (a bad URI, a missing bucket, denied access: named with the reason).
         ConfigError: the image is too small for ``num_pool_layers``, or subsampling leaves no slice.
     """
-    check_root(root, (TRAIN_SPLIT, VAL_SPLIT))
-    train_slices = _index(root / TRAIN_SPLIT, cfg)
-    val_slices = _index(root / VAL_SPLIT, cfg)
+    root = store.normalise(root)
+    check_root(root, (TRAIN_SPLIT, VAL_SPLIT), check_values=not store.is_remote(root))
+    train_slices = _index(store.join(root, TRAIN_SPLIT), cfg)
+    val_slices = _index(store.join(root, VAL_SPLIT), cfg)
     for split, slices in ((TRAIN_SPLIT, train_slices), (VAL_SPLIT, val_slices)):
         if not slices:
             raise ConfigError(
-                f"{root / split}: no slice left after sample_rate/volume_sample_rate subsampling"
+                f"{store.join(root, split)}: no slice left after sample_rate/volume_sample_rate subsampling"
             )
-    with h5py.File(train_slices[0][0], "r") as hf:
+    with store.open_hdf5(train_slices[0][0]) as hf:
         image_size = tuple(int(n) for n in hf[TARGET_KEY].shape[-2:])
     # Each pooling halves the image; InstanceNorm needs more than one pixel at the bottom of the U.
     smallest = min(image_size) // 2**cfg.num_pool_layers
@@ -208,7 +216,7 @@ def read_and_transform(
     for path, indices in zip(batch["path"], batch["slices"], strict=True):
         indices = [int(i) for i in indices]
         fname = os.path.basename(path)
-        with h5py.File(path, "r") as hf:
+        with store.open_hdf5(path) as hf:  # a remote file: ranged reads of these slices only
             kspace = hf[KSPACE_KEY][indices]  # one read for the whole chunk
             target = hf[TARGET_KEY][indices]
             attrs = dict(hf.attrs)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import math
-from pathlib import Path
 
 import pandas as pd
 import ray
@@ -57,7 +56,7 @@ def _configure(args: argparse.Namespace) -> tuple[TrainConfig, PreparedData, str
     values.update({key: value for key, value in flags.items() if value is not None})
     values.update(parse_overrides(args.overrides))
     cfg = make_train_config(values)
-    data = prepare_data(cfg, Path(args.data_root or ensure_synthetic_data(args.profile)))
+    data = prepare_data(cfg, args.data_root or ensure_synthetic_data(args.profile))
     name = args.name or default_run_name(cfg, args.profile)
     storage_path = args.storage or default_storage()
     connect()

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -129,7 +128,7 @@ def _spec_to_run(layout: ExperimentLayout, spec: SweepSpec, resume: bool) -> tup
     return (SweepSpec(**saved["spec"]), saved) if saved else (spec, None)
 
 
-def prepare_sweep_data(spec: SweepSpec, root: Path) -> PreparedData:
+def prepare_sweep_data(spec: SweepSpec, root: str) -> PreparedData:
     """Validate the data for every trial (the pooling depth may vary over the grid) and index it."""
     configs = spec.trial_configs()
     data = prepare_data(configs[0], root)
@@ -160,7 +159,7 @@ def _make_tuner(spec: SweepSpec, storage_path: str, name: str, trainable, max_co
     )
 
 
-def run_sweep(spec: SweepSpec, name: str, storage_path: str, data_root: Path | None, resume: bool) -> str:
+def run_sweep(spec: SweepSpec, name: str, storage_path: str, data_root: str | None, resume: bool) -> str:
     """Run (or resume) a sweep; returns the experiment directory (local path or URI).
 
     Raises:
@@ -168,8 +167,8 @@ def run_sweep(spec: SweepSpec, name: str, storage_path: str, data_root: Path | N
     """
     layout = ExperimentLayout.under(storage_path, name)
     spec, saved = _spec_to_run(layout, spec, resume)
-    root = data_root or (Path(saved["data_root"]) if saved else ensure_synthetic_data(spec.profile))
-    data = prepare_sweep_data(spec, Path(root))
+    root = str(data_root or (saved["data_root"] if saved else ensure_synthetic_data(spec.profile)))
+    data = prepare_sweep_data(spec, root)
     connect()
     num_trials = len(spec.grid_points())
     max_concurrent = concurrency(spec, num_trials)

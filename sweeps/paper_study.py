@@ -85,7 +85,7 @@ def _plan(args: argparse.Namespace) -> tuple[StudyLayout, dict, dict[str, SweepS
         for name in SWEEPS
     }
     # The data of every trial of both sweeps, before anything trains.
-    prepared = {name: prepare_sweep_data(spec, Path(record["data_root"])) for name, spec in specs.items()}
+    prepared = {name: prepare_sweep_data(spec, record["data_root"]) for name, spec in specs.items()}
     return study, record, specs, prepared[MODEL_COMPARISON].image_size
 
 
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     experiment.write_json(study.study_file, record)
-    data_root = Path(record["data_root"])
+    data_root = record["data_root"]
     for name in SWEEPS:
         if name in record["finished"]:
             print(f"{name}: finished earlier", flush=True)

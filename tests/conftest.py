@@ -10,6 +10,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -141,8 +142,6 @@ def fastmri_root(tmp_path: Path) -> Path:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -208,3 +207,65 @@ def tiny_root(tmp_path_factory) -> Path:
             root / "singlecoil_val" / f"val{i}.h5", num_slices=3 + i, kspace_shape=(64, 41), seed=20 + i
         )
     return root
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A real S3-protocol server (moto in server mode) on a loopback port, and the AWS variables for it."""
+
+    endpoint: str
+    env: dict[str, str]
+
+    def upload(self, local_root: Path, uri: str) -> str:
+        """Copy a local directory tree to ``uri`` (``s3://bucket/prefix``), creating the bucket."""
+        import pyarrow.fs as pafs
+
+        bucket = uri.removeprefix("s3://").split("/", 1)[0]
+        fs = pafs.S3FileSystem(endpoint_override=self.endpoint, allow_bucket_creation=True, **_S3_KEYS)
+        fs.create_dir(bucket)
+        pafs.copy_files(str(local_root), uri.removeprefix("s3://"), pafs.LocalFileSystem(), fs)
+        return uri
+
+
+_S3_KEYS = {"access_key": "testing", "secret_key": "testing", "region": "us-east-1"}
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """``moto_server`` on 127.0.0.1; this process's AWS variables point at it for the session."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [Path(sys.executable).parent / "moto_server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": _S3_KEYS["access_key"],
+        "AWS_SECRET_ACCESS_KEY": _S3_KEYS["secret_key"],
+        "AWS_REGION": _S3_KEYS["region"],
+        "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata lookups on a laptop or CI runner
+    }
+    previous = {key: os.environ.get(key) for key in env}
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("moto_server did not start") from None
+                time.sleep(0.1)
+        os.environ.update(env)
+        yield S3Server(endpoint, env)
+    finally:
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)

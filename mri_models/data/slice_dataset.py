@@ -3,6 +3,8 @@
 Listing a real split means opening ~1,000 HDF5 files to read their headers. The listing is cached per root
 as JSON and revalidated with one ``stat`` per file (size and modification time), so a rerun reopens only
 files that are new or changed, and a stale cache can never describe a file that has since been replaced.
+A root may be a local path or a URI in object storage (:mod:`mri_models.data.store`): listing then reads
+only each file's header and attributes, with ranged reads.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import h5py
 import numpy as np
 import torch
 
+from mri_models.data import store
 from mri_models.data.volume import KSPACE_KEY, TARGET_KEY, read_volume_info
 
 CACHE_ENV = "MRI_MODELS_CACHE_DIR"
@@ -28,7 +31,7 @@ _CACHE_VERSION = 1
 class RawSample(NamedTuple):
     """One slice of the index: the file, the slice and the volume's metadata (header fields + attributes)."""
 
-    fname: Path
+    fname: Path | str  # a local path, or a URI under a remote root
     slice_ind: int
     metadata: dict[str, Any]
 
@@ -36,7 +39,7 @@ class RawSample(NamedTuple):
 class VolumeInfo(NamedTuple):
     """One volume of the index."""
 
-    fname: Path
+    fname: Path | str  # a local path, or a URI under a remote root
     num_slices: int
     metadata: dict[str, Any]
 
@@ -57,29 +60,25 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _read_volume(path: Path) -> tuple[int, dict[str, Any]]:
+def _read_volume(path: str) -> tuple[int, dict[str, Any]]:
     header, num_slices, attrs = read_volume_info(path)
     # Header fields first, then file attributes: the order of fastMRI's metadata dict.
     return num_slices, {**header.as_dict(), **{key: _plain(value) for key, value in attrs.items()}}
-
-
-def _stat_key(path: Path) -> list[int]:
-    stat = path.stat()
-    return [stat.st_size, stat.st_mtime_ns]
 
 
 def list_volumes(root: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> list[VolumeInfo]:
     """Every ``*.h5`` volume under ``root`` (sorted by name) with its slice count and metadata.
 
     Args:
-        root: a split directory such as ``<data>/singlecoil_train``.
+        root: a split directory such as ``<data>/singlecoil_train``, local or a URI (``s3://...``).
         cache_dir: where the listing cache lives; None uses :func:`default_cache_dir`, an empty string
             disables caching.
+
+    Raises:
+        FileNotFoundError: the directory does not exist or cannot be listed (naming it).
     """
-    root = Path(root).resolve()
-    if not root.is_dir():
-        raise FileNotFoundError(f"data directory {root} does not exist")
-    files = sorted(p for p in root.iterdir() if p.suffix == ".h5" and p.is_file())
+    root = store.normalise(root)
+    files = store.list_files(root)
     cache_file = None
     cached: dict[str, Any] = {}
     if cache_dir != "":
@@ -93,17 +92,18 @@ def list_volumes(root: str | os.PathLike, cache_dir: str | os.PathLike | None = 
             cached = {}  # a missing or corrupt cache is rebuilt, never trusted
     entries: dict[str, Any] = {}
     volumes = []
-    for path in files:
-        stat_key = _stat_key(path)
-        entry = cached.get(path.name)
+    for file in files:
+        stat_key = [file.size, file.mtime_ns]
+        entry = cached.get(file.name)
         if entry is None or entry["stat"] != stat_key:
-            num_slices, metadata = _read_volume(path)
+            num_slices, metadata = _read_volume(file.uri)
             entry = {"stat": stat_key, "num_slices": num_slices, "metadata": metadata}
-        entries[path.name] = entry
+        entries[file.name] = entry
         metadata = dict(entry["metadata"])
         for key in ("encoding_size", "recon_size"):
             metadata[key] = tuple(metadata[key])
-        volumes.append(VolumeInfo(path, entry["num_slices"], metadata))
+        fname = file.uri if store.is_remote(root) else Path(file.uri)
+        volumes.append(VolumeInfo(fname, entry["num_slices"], metadata))
     if cache_file is not None and entries != cached:
         cache_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
@@ -190,12 +190,13 @@ class SliceDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> Any:
         fname, slice_ind, metadata = self.raw_samples[i]
-        with h5py.File(fname, "r") as hf:
+        with store.open_hdf5(fname) as hf:
             kspace = hf[KSPACE_KEY][slice_ind]
             mask = np.asarray(hf["mask"]) if "mask" in hf else None
             target = hf[self.recons_key][slice_ind] if self.recons_key in hf else None
             attrs = dict(hf.attrs)
             attrs.update(metadata)
+        name = os.path.basename(str(fname))
         if self.transform is None:
-            return kspace, mask, target, attrs, fname.name, slice_ind
-        return self.transform(kspace, mask, target, attrs, fname.name, slice_ind)
+            return kspace, mask, target, attrs, name, slice_ind
+        return self.transform(kspace, mask, target, attrs, name, slice_ind)

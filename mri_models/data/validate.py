@@ -20,17 +20,18 @@ only ever opened read-only; nothing is written under the root.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
+from mri_models.data import store
 from mri_models.data.volume import (
     KNEE_ACQUISITIONS,
     KSPACE_KEY,
@@ -78,7 +79,7 @@ class ValidationReport:
         files_checked: number of ``.h5`` files checked.
     """
 
-    root: Path
+    root: str  # a local path or a URI (mri_models.data.store)
     splits: tuple[str, ...]
     root_problems: list[str] = field(default_factory=list)
     file_problems: dict[str, list[str]] = field(default_factory=dict)
@@ -142,7 +143,7 @@ def validate_file(path: str | os.PathLike, split: str, check_values: bool = True
     Returns:
         The problems found, each naming the key or value at fault and what was expected; empty if valid.
     """
-    return _check_file(Path(path), split, check_values)[0]
+    return _check_file(store.normalise(path), split, check_values)[0]
 
 
 def validate_root(
@@ -151,15 +152,19 @@ def validate_root(
     """Check every ``.h5`` file of the given splits of a data root.
 
     Args:
-        root: the data root holding one directory per split.
+        root: the data root holding one directory per split: a local path or a URI (``s3://...``).
         splits: split directory names to check.
-        check_values: also scan the arrays for NaN/Inf (the slow part: it reads every value once).
+        check_values: also scan the arrays for NaN/Inf (the slow part: it reads every value once). Without
+            it only the header, attributes and dataset shapes are read: byte ranges, also from object storage.
 
     Returns:
         The report; ``report.ok`` says whether training may use the root.
     """
-    report = ValidationReport(root=Path(root), splits=tuple(splits))
-    root_problem = _root_problem(report.root)
+    report = ValidationReport(root=store.normalise(root), splits=tuple(splits))
+    try:
+        root_problem = _root_problem(report.root)
+    except store.DataStoreError as err:  # a bad URI, a missing bucket, denied access
+        root_problem = str(err)
     if root_problem:
         report.root_problems.append(root_problem)
         return report
@@ -167,10 +172,10 @@ def validate_root(
         files, split_problem = _split_files(report.root, split)
         if split_problem:
             report.root_problems.append(split_problem)
-        for path in files:
-            problems, warnings = _check_file(path, split, check_values)
+        for entry in files:
+            problems, warnings = _check_file(entry.uri, split, check_values)
             report.files_checked += 1
-            name = f"{split}/{path.name}"
+            name = f"{split}/{entry.name}"
             if problems:
                 report.file_problems[name] = problems
             if warnings:
@@ -199,6 +204,9 @@ def check_root(
         DataValidationError: listing the root problems and the first ``max_listed`` bad files.
     """
     report = validate_root(root, splits, check_values)
+    if not report.ok and not report.files_checked and not report.file_problems:
+        # Nothing could be checked (a missing root, bucket or split): one line says why.
+        raise DataValidationError("; ".join(report.root_problems), report)
     if not report.ok:
         lines = report.lines(max_files=max_listed, warnings=False)
         message = f"fastMRI data under {report.root} failed validation ({report.summary()}):\n" + "\n".join(
@@ -211,23 +219,29 @@ def check_root(
 # ----------------------------------------------------------------------------------------- root and splits
 
 
-def _root_problem(root: Path) -> str | None:
-    if not root.exists():
+def _root_problem(root: str) -> str | None:
+    if not store.exists(root):
+        bucket = store.bucket(root)
+        if bucket and not store.exists(bucket):
+            return f"{root}: bucket {bucket} does not exist (or these credentials cannot see it)"
         return f"{root}: data root does not exist"
-    if not root.is_dir():
+    if not store.is_dir(root):
         return f"{root}: data root is not a directory"
-    if not any(root.iterdir()):
+    if not store.list_files(root, suffix="") and not store.subdirectories(root):
         return f"{root}: data root is empty"
     return None
 
 
-def _split_files(root: Path, split: str) -> tuple[list[Path], str | None]:
+def _split_files(root: str, split: str) -> tuple[list[store.FileEntry], str | None]:
     """The split's ``.h5`` files (sorted, so reports are stable) and a problem if there are none."""
-    split_dir = root / split
-    if not split_dir.is_dir():
-        return [], f"{split}: split directory missing (expected {split_dir})"
-    # The same selection as slice_dataset.list_volumes, so exactly the files training will read are checked.
-    files = sorted(p for p in split_dir.iterdir() if p.suffix == ".h5" and p.is_file())
+    split_dir = store.join(root, split)
+    try:
+        if not store.is_dir(split_dir):
+            return [], f"{split}: split directory missing (expected {split_dir})"
+        # The same selection as slice_dataset.list_volumes: exactly the files training will read are checked.
+        files = store.list_files(split_dir)
+    except store.DataStoreError as err:
+        return [], f"{split}: {err}"
     if not files:
         return [], f"{split}: split directory holds no .h5 files"
     return files, None
@@ -236,21 +250,22 @@ def _split_files(root: Path, split: str) -> tuple[list[Path], str | None]:
 # -------------------------------------------------------------------------------------------- one file
 
 
-def _check_file(path: Path, split: str, check_values: bool) -> tuple[list[str], list[str]]:
+def _check_file(uri: str, split: str, check_values: bool) -> tuple[list[str], list[str]]:
     """Problems and warnings of one file; every failure to read becomes a problem, never an exception."""
     problems: list[str] = []
     warnings: list[str] = []
     try:
-        if not path.is_file():
+        if not store.is_file(uri):
             return ["is not a regular file"], warnings
-        # is_hdf5 only looks for the signature, so garbage and empty files get a clear message of their own.
-        if not h5py.is_hdf5(path):
-            return [f"is not an HDF5 file (no HDF5 signature in its {path.stat().st_size} bytes)"], warnings
-        try:
-            hf = h5py.File(path, "r")
-        except OSError as err:
-            return [f"cannot be opened as HDF5, truncated or corrupt ({err})"], warnings
-        with hf:
+        # is_hdf5 only looks for the signature, so garbage and empty files get a clear message of their own
+        # (local files; a remote one that is no HDF5 fails to open below, with the same kind of message).
+        if not store.is_remote(uri) and not h5py.is_hdf5(uri):
+            return [f"is not an HDF5 file (no HDF5 signature in its {store.stat(uri).size} bytes)"], warnings
+        with contextlib.ExitStack() as stack:
+            try:
+                hf = stack.enter_context(store.open_hdf5(uri))
+            except OSError as err:
+                return [f"cannot be opened as HDF5, truncated or corrupt ({err})"], warnings
             _check_open_file(hf, split, check_values, problems, warnings)
     except Exception as err:  # damaged files raise OSError, KeyError, RuntimeError... from h5py: report them
         problems.append(f"could not be read, truncated or corrupt ({type(err).__name__}: {err})")
@@ -495,7 +510,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Check a fastMRI single-coil data root. Exit 0 if valid, 1 if a file or split is bad, "
         "2 if the root is missing or empty.",
     )
-    parser.add_argument("root", type=Path, help="data root holding one directory per split")
+    parser.add_argument("root", help="data root holding one directory per split (a path or s3://... URI)")
     parser.add_argument(
         "--splits",
         nargs="+",

@@ -17,6 +17,8 @@ from typing import Any
 import h5py
 import numpy as np
 
+from mri_models.data import store
+
 ISMRMRD_NAMESPACE = "http://www.ismrm.org/ISMRMRD"
 KSPACE_KEY = "kspace"
 TARGET_KEY = "reconstruction_esc"  # the single-coil target
@@ -149,8 +151,11 @@ def read_header_xml(hf: h5py.File) -> bytes:
 
 
 def read_volume_info(path: str | os.PathLike) -> tuple[VolumeMetadata, int, dict[str, Any]]:
-    """Header metadata, number of slices and file attributes of one volume, without reading k-space."""
-    with h5py.File(path, "r") as hf:
+    """Header metadata, number of slices and file attributes of one volume, without reading k-space.
+
+    ``path`` may be a URI in object storage (:mod:`mri_models.data.store`): only those bytes are read.
+    """
+    with store.open_hdf5(path) as hf:
         metadata = parse_ismrmrd_header(read_header_xml(hf))
         return metadata, int(hf[KSPACE_KEY].shape[0]), dict(hf.attrs)
 
