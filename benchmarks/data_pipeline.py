@@ -17,6 +17,12 @@ Then a per-slice profile (in process) of where the time goes (HDF5 read, mask + 
 magnitude / normalisation) and the bytes per row the trainer receives when the transform runs in the Ray
 Data tasks (image + target) versus on the training worker (raw k-space + target).
 
+With ``--s3`` the same files are also uploaded to a real S3-protocol server started here (``moto_server``
+on loopback, from the test extra) and read from ``s3://`` by the shipped pipeline (in process and through
+Ray Data), against the local reads of the same run: the ratio, and the bytes actually read per slice
+(counted by :mod:`mri_models.data.store`) against one slice's k-space and target and against the file
+size per slice (what a whole-file download would cost).
+
 Run ``python benchmarks/data_pipeline.py --help``; ``--quick`` finishes in well under a minute.
 """
 
@@ -26,7 +32,9 @@ import argparse
 import logging
 import os
 import shutil
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +45,7 @@ from pathlib import Path
 import h5py
 import torch
 
+from mri_models.data import store
 from mri_models.data.synthetic import generate_dataset
 from mri_models.data.transforms import (
     CLAMP,
@@ -257,6 +266,44 @@ def profile_slices(
 # ----------------------------------------------------------------------------------------- output
 
 
+def start_s3_server() -> tuple[subprocess.Popen, dict[str, str]]:
+    """``moto_server`` on a free loopback port, and the AWS variables that point clients at it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    for _ in range(300):
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    return server, env
+
+
+def upload(local_dir: Path, bucket: str, prefix: str, env: dict[str, str]) -> str:
+    import pyarrow.fs as pafs
+
+    fs = pafs.S3FileSystem(
+        endpoint_override=env["AWS_ENDPOINT_URL"], access_key="bench", secret_key="bench",
+        region="us-east-1", allow_bucket_creation=True,
+    )  # fmt: skip
+    fs.create_dir(bucket)
+    pafs.copy_files(str(local_dir), f"{bucket}/{prefix}", pafs.LocalFileSystem(), fs)
+    return f"s3://{bucket}/{prefix}"
+
+
 def ray_variants(cfg: TrainConfig, args: argparse.Namespace) -> list[tuple[str, TrainConfig, bool]]:
     """(label, config, Ray Data op resource reservation) of each Ray Data configuration measured."""
     one_cpu = cfg.model_copy(update={"data_cpus_per_task": 1.0})
@@ -319,6 +366,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="'config': only the TrainConfig settings; 'all': also 1 CPU/task and the proposed patch",
     )
     parser.add_argument("--skip-ray", action="store_true", help="only the in-process and DataLoader runs")
+    parser.add_argument(
+        "--s3", action="store_true", help="also read the data from a local S3 server (moto) and compare"
+    )
     args = parser.parse_args(argv)
     args.volumes = args.volumes or (2 if args.quick else 8)
     args.slices = args.slices or (8 if args.quick else 16)
@@ -357,6 +407,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {name}: {len(paths)} volumes in {data_dir} ({time.perf_counter() - start:.1f} s)")
 
         results: dict[str, dict[str, Epochs]] = {name: {} for name in args.sizes}
+        s3_slices: dict[str, list[tuple[str, int]]] = {}
+        bytes_per_slice: dict[str, float] = {}
+        if args.s3:
+            server, s3_env = start_s3_server()
+            os.environ.update(s3_env)
+            for name, (split_dir, slices) in datasets.items():
+                uri = upload(split_dir, "bench", name, s3_env)
+                s3_slices[name] = [(f"{uri}/{os.path.basename(p)}", i) for p, i in slices]
+                print(f"  {name}: uploaded to {uri}")
         # Everything that forks runs before Ray starts (forking a process with Ray threads is unsafe).
         for name, (split_dir, slices) in datasets.items():
             for label, (make, count) in (
@@ -365,6 +424,12 @@ def main(argv: list[str] | None = None) -> int:
                 ("ours in process (read_and_transform)", ours_in_process(slices, cfg)),
             ):
                 results[name][label] = time_epochs(make, count, args.epochs)
+                print(f"  {name}: {label}: {results[name][label].steady_rate:.1f} slices/s")
+            if name in s3_slices:
+                label = "ours in process, from S3 (moto)"
+                before = store.remote_bytes_read()
+                results[name][label] = time_epochs(*ours_in_process(s3_slices[name], cfg), args.epochs)
+                bytes_per_slice[name] = (store.remote_bytes_read() - before) / (args.epochs * len(slices))
                 print(f"  {name}: {label}: {results[name][label].steady_rate:.1f} slices/s")
 
         if not args.skip_ray:
@@ -377,6 +442,8 @@ def main(argv: list[str] | None = None) -> int:
                 include_dashboard=False,
                 log_to_driver=False,
                 logging_level="ERROR",
+                # The read tasks reach the S3 server through the same variables as this process.
+                runtime_env={"env_vars": s3_env} if args.s3 else None,
             )
             print(f"  ray.init: {time.perf_counter() - start:.1f} s")
             import ray.data
@@ -390,6 +457,14 @@ def main(argv: list[str] | None = None) -> int:
                         )
                         results[name][label] = time_epochs(make, count, args.epochs)
                         print(f"  {name}: {label}: {results[name][label].steady_rate:.1f} slices/s")
+                    if name in s3_slices:
+                        label, variant, reservation = ray_variants(cfg, args)[0]
+                        make, count = ours_ray(
+                            s3_slices[name], variant, args.batch_size, args.shuffle_buffer, reservation
+                        )
+                        s3_label = f"{label}, from S3 (moto)"
+                        results[name][s3_label] = time_epochs(make, count, args.epochs)
+                        print(f"  {name}: {s3_label}: {results[name][s3_label].steady_rate:.1f} slices/s")
             finally:
                 ray.shutdown()
 
@@ -438,6 +513,28 @@ def main(argv: list[str] | None = None) -> int:
                 "DataLoader."
             )
 
+        for name in s3_slices:
+            print(f"\n== {name}: reading from S3 (moto on loopback) against local files, same run")
+            rows = []
+            for label, epochs in results[name].items():
+                if label.endswith(", from S3 (moto)"):
+                    local_label = label.removesuffix(", from S3 (moto)").replace(
+                        "ours in process", "ours in process (read_and_transform)"
+                    )
+                    local = results[name][local_label]
+                    rows.append([label, f"{epochs.steady_rate:.1f}", f"{local.steady_rate:.1f}",
+                                 f"{epochs.steady_rate / local.steady_rate:.2f}x"])  # fmt: skip
+            print_table(["method", "S3 sl/s", "local sl/s", "S3 / local"], rows)
+            recon, kspace = SIZES[name]
+            payload = kspace[0] * kspace[1] * 8 + recon[0] * recon[1] * 4
+            split_dir, _ = datasets[name]
+            file_share = sum(p.stat().st_size for p in split_dir.glob("*.h5")) / len(datasets[name][1])
+            print(
+                f"  bytes read per slice from S3: {bytes_per_slice[name]:,.0f}; one slice's k-space + "
+                f"target: {payload:,} ({bytes_per_slice[name] / payload:.3f}x); file size per slice (a "
+                f"whole-file download): {file_share:,.0f} ({bytes_per_slice[name] / file_share:.3f}x)"
+            )
+
         for name in args.sizes:
             _, slices = datasets[name]
             steps, nbytes = profile_slices(slices, cfg, cfg.slices_per_read)
@@ -456,6 +553,9 @@ def main(argv: list[str] | None = None) -> int:
                 [[key, f"{value:,}", f"{value / base:.2f}x"] for key, value in nbytes.items()],
             )
     finally:
+        if args.s3:
+            server.terminate()
+            server.wait()
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     return 0

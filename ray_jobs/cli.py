@@ -16,7 +16,7 @@ import ray
 import yaml
 
 from mri_models.data.validate import DataValidationError
-from ray_jobs.config import PROFILES, ConfigError
+from ray_jobs.config import PROFILES, ConfigError, load_yaml
 from ray_jobs.run import connect
 
 # The exceptions that mean "the user's input is wrong", as opposed to a bug or a failed run.
@@ -31,7 +31,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {pair!r}")
         try:
-            values[key.strip().replace("-", "_")] = yaml.safe_load(text)
+            values[key.strip().replace("-", "_")] = load_yaml(text)
         except yaml.YAMLError as err:
             reason = getattr(err, "problem", None) or str(err).splitlines()[0]
             raise ConfigError(f"--set {pair!r}: the value is not valid YAML ({reason})") from None

@@ -8,10 +8,12 @@ any Ray work starts.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -159,6 +161,26 @@ class TrainConfig(BaseModel):
     def model_hparams(self) -> dict[str, Any]:
         """Constructor arguments for :func:`mri_models.models.build_model`."""
         return {"chans": self.chans, "num_pool_layers": self.num_pool_layers, "drop_prob": self.drop_prob}
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's numbers: ``1e-4`` is a float (YAML 1.1, PyYAML's default,
+    needs a dot, ``1.0e-4``, and reads ``1e-4`` as the string "1e-4", which then reaches Tune's grid)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+        r"|[0-9][0-9_]*[eE][-+]?[0-9]+)$|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$"
+    ),
+    list("-+0123456789."),
+)
+
+
+def load_yaml(text: str) -> Any:
+    """Parse configuration YAML (sweep files, ``--set`` values) with YAML 1.2 numbers."""
+    return yaml.load(text, Loader=_YamlLoader)
 
 
 def make_train_config(values: Mapping[str, Any]) -> TrainConfig:

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from mri_models.arms import without_inapplicable_weights
 from mri_models.plugins import load_plugins
-from ray_jobs.config import ConfigError, TrainConfig, make_train_config, profile_defaults
+from ray_jobs.config import ConfigError, TrainConfig, load_yaml, make_train_config, profile_defaults
 
 _MERGED_KEYWISE = ("train", "search", "scheduler")
 
@@ -125,7 +125,7 @@ def load_sweep_spec(path: Path, profile: str, overrides: dict[str, Any] | None =
         ConfigError: naming the file, key and value at fault.
     """
     try:
-        raw = yaml.safe_load(Path(path).read_text()) or {}
+        raw = load_yaml(Path(path).read_text()) or {}
     except (OSError, yaml.YAMLError) as err:
         raise ConfigError(f"cannot read sweep config {path}: {err}") from None
     if not isinstance(raw, dict):

@@ -31,6 +31,20 @@ from ray_jobs.sweep_config import SweepSpec
 logger = logging.getLogger(__name__)
 
 TRIAL_CPUS = 0.1  # the trial function only waits on its trainer; its workers reserve their own CPUs
+# A custom resource that nodes safe from loss advertise (the head; on-demand, not spot, nodes), e.g.
+# `ray start --head --resources='{"trial_driver": 1000}'`. When the cluster has it, every trial function
+# (and with it the Train controller, which Ray Train places on the trial's node) runs there and holds no
+# CPU: a reclaimed or crashed worker node then only costs the training workers it hosted, which Train
+# restarts elsewhere from the trial's last checkpoint. Without it, trials may run on any node.
+TRIAL_DRIVER_RESOURCE = "trial_driver"
+TRIAL_DRIVER_SHARE = 0.001  # of the resource per trial: a thousand trials per unit
+
+
+def trial_resources() -> dict[str, float]:
+    """What one trial function reserves: a share of ``trial_driver`` where the cluster has it, else CPU."""
+    if ray.cluster_resources().get(TRIAL_DRIVER_RESOURCE, 0) > 0:
+        return {"cpu": 0.0, TRIAL_DRIVER_RESOURCE: TRIAL_DRIVER_SHARE}
+    return {"cpu": TRIAL_CPUS}
 
 
 def _objective() -> tuple[str, str]:
@@ -97,7 +111,8 @@ def run_trial(
 def concurrency(spec: SweepSpec, num_trials: int) -> int:
     """Trials that fit at once: CPUs (and GPUs) over what one trial holds, leaving CPU for Ray Data."""
     cfg = spec.trial_configs()[0]
-    per_trial = TRIAL_CPUS + cfg.num_workers * cfg.cpus_per_worker
+    trial_cpus = trial_resources()["cpu"]
+    per_trial = trial_cpus + cfg.num_workers * cfg.cpus_per_worker
     resources = ray.cluster_resources()
     fit = int((resources.get("CPU", 0) - cfg.data_cpus_per_task) // per_trial)
     if resolve_use_gpu(cfg):
@@ -106,7 +121,7 @@ def concurrency(spec: SweepSpec, num_trials: int) -> int:
         fit = min(fit, gpu_fit) if gpu_fit else num_trials
     chosen = spec.max_concurrent_trials or max(1, min(fit, num_trials))
     # Raises with the arithmetic when even one trial (or the requested number) does not fit.
-    check_cluster_fits(cfg, concurrent_runs=chosen, extra_cpus=round(TRIAL_CPUS * chosen, 6))
+    check_cluster_fits(cfg, concurrent_runs=chosen, extra_cpus=round(trial_cpus * chosen, 6))
     return chosen
 
 
@@ -155,7 +170,14 @@ def _make_tuner(spec: SweepSpec, storage_path: str, name: str, trainable, max_co
             reuse_actors=False,
             trial_dirname_creator=trial_dirname,
         ),
-        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=1),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=storage_path,
+            verbose=1,
+            # A trial whose driver died with its node is restarted; its Train run resumes from the trial's
+            # own checkpoints (Train's FailureConfig covers the workers, this one the trial function).
+            failure_config=tune.FailureConfig(max_failures=spec.trial_configs()[0].max_failures),
+        ),
     )
 
 
@@ -186,7 +208,7 @@ def run_sweep(spec: SweepSpec, name: str, storage_path: str, data_root: str | No
         tune.with_parameters(
             run_trial, spec=spec, data=data, experiment_path=layout.path, baselines=baselines
         ),
-        {"cpu": TRIAL_CPUS},
+        trial_resources(),
     )
     logger.info(
         "%s sweep %r: %d trials (%s, seeds: %d), %s scheduler, up to %d at once, data %s, results in %s",

@@ -20,8 +20,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 # The job's working directory is the repository: make its packages importable without installing them.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,7 +29,7 @@ from mri_models import experiment
 from mri_models.experiment import GAMMA_SWEEP, MODEL_COMPARISON, StudyLayout
 from ray_jobs import log_to_stdout
 from ray_jobs.cli import add_common_arguments, exit_on_user_error, parse_overrides
-from ray_jobs.config import ConfigError
+from ray_jobs.config import ConfigError, load_yaml
 from ray_jobs.costs import measure_on_cluster
 from ray_jobs.data import ensure_synthetic_data
 from ray_jobs.run import connect, default_storage
@@ -53,7 +51,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def study_overrides(sweep: str, profile: str) -> dict[str, Any]:
     """What configs/paper_study.yaml changes in one sweep for a profile (``--set`` keys -> values)."""
     path = CONFIG_DIR / "paper_study.yaml"
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = load_yaml(path.read_text()) or {}
     section = ((raw.get("profiles") or {}).get(profile) or {}).get(sweep) or {}
     return {**((raw.get("sweeps") or {}).get(sweep) or {}), **section}
 

@@ -216,14 +216,21 @@ class S3Server:
     endpoint: str
     env: dict[str, str]
 
+    def filesystem(self):
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(endpoint_override=self.endpoint, allow_bucket_creation=True, **_S3_KEYS)
+
+    def create_bucket(self, bucket: str) -> str:
+        self.filesystem().create_dir(bucket)
+        return f"s3://{bucket}"
+
     def upload(self, local_root: Path, uri: str) -> str:
         """Copy a local directory tree to ``uri`` (``s3://bucket/prefix``), creating the bucket."""
         import pyarrow.fs as pafs
 
-        bucket = uri.removeprefix("s3://").split("/", 1)[0]
-        fs = pafs.S3FileSystem(endpoint_override=self.endpoint, allow_bucket_creation=True, **_S3_KEYS)
-        fs.create_dir(bucket)
-        pafs.copy_files(str(local_root), uri.removeprefix("s3://"), pafs.LocalFileSystem(), fs)
+        self.create_bucket(uri.removeprefix("s3://").split("/", 1)[0])
+        pafs.copy_files(str(local_root), uri.removeprefix("s3://"), pafs.LocalFileSystem(), self.filesystem())
         return uri
 
 
