@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # This machine keeps a CPU build of torch in its local wheel cache; elsewhere pip's normal torch is used.
 TORCH_SPEC := $(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl),torch==2.13.0,torch)
 
-.PHONY: install test unit lint browser demo study clean
+.PHONY: install test test-multinode unit lint browser demo study clean
 
 install: $(STAMP)
 
@@ -33,6 +33,10 @@ browser:
 
 test: lint browser
 	$(PY) -m pytest -q
+
+# The multi-node / node-loss test, alone (see tests/test_multinode.py for why it is not in `test` yet).
+test-multinode: install
+	MRI_MULTINODE_TESTS=1 $(PY) -m pytest -q -s tests/test_multinode.py
 
 # A local Ray head (token authentication on) unless one is running; then the cluster check.
 RAY_HEAD := . $(VENV)/bin/activate && export RAY_AUTH_MODE=token && \
