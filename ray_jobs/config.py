@@ -66,13 +66,17 @@ class TrainConfig(BaseModel):
     epochs: int = Field(50, ge=1)
     seed: int = Field(0, ge=0)
     # Data.
-    data_root: Path | None = None
+    data_root: str | None = None  # a local path or a URI (mri_models.data.store)
     sample_rate: float | None = Field(None, gt=0.0, le=1.0)
     volume_sample_rate: float | None = Field(None, gt=0.0, le=1.0)
     mask_type: Literal["random", "equispaced", "equispaced_fraction"] = "random"
     center_fractions: tuple[float, ...] = (0.08,)
     accelerations: tuple[int, ...] = (4,)
     slices_per_read: int = Field(8, ge=1, description="slices one Ray Data task reads from one file")
+    data_cache_gb: float = Field(
+        0.0, ge=0.0, description="per-node local copies of remote volumes up to this size (0: stream only)"
+    )
+    data_cache_dir: str | None = Field(None, description="where those copies live (None: the temp dir)")
     # Resources.
     num_workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0.0)

@@ -38,6 +38,7 @@ import ray.data
 from filelock import FileLock
 
 from mri_models.data import store
+from mri_models.data.cache import FileCache, default_file_cache_dir
 from mri_models.data.slice_dataset import RawSample, list_volumes, subsample_slices
 from mri_models.data.subsample import create_mask_func
 from mri_models.data.synthetic import generate_dataset
@@ -209,6 +210,7 @@ def read_and_transform(
     mask_type: str,
     center_fractions: Sequence[float],
     accelerations: Sequence[int],
+    cache: FileCache | None = None,
 ) -> dict[str, np.ndarray]:
     """One read task (one file, some slices) to network rows; the Ray Data map function."""
     mask_func = create_mask_func(mask_type, center_fractions, accelerations)
@@ -216,7 +218,7 @@ def read_and_transform(
     for path, indices in zip(batch["path"], batch["slices"], strict=True):
         indices = [int(i) for i in indices]
         fname = os.path.basename(path)
-        with store.open_hdf5(path) as hf:  # a remote file: ranged reads of these slices only
+        with store.open_hdf5(path, cache) as hf:  # a remote file: ranged reads of these slices only
             kspace = hf[KSPACE_KEY][indices]  # one read for the whole chunk
             target = hf[TARGET_KEY][indices]
             attrs = dict(hf.attrs)
@@ -273,8 +275,16 @@ def slice_dataset(tasks: list[dict[str, Any]], cfg: TrainConfig, *, training: bo
             "mask_type": cfg.mask_type,
             "center_fractions": list(cfg.center_fractions),
             "accelerations": list(cfg.accelerations),
+            "cache": data_cache(cfg),
         },
     )
+
+
+def data_cache(cfg: TrainConfig) -> FileCache | None:
+    """The node-local cache of remote volumes the configuration asks for (None: stream every read)."""
+    if cfg.data_cache_gb <= 0:
+        return None
+    return FileCache(cfg.data_cache_dir or default_file_cache_dir(), int(cfg.data_cache_gb * 2**30))
 
 
 class ValidationBatches:
@@ -331,6 +341,7 @@ def iter_rows_locally(
             mask_type=cfg.mask_type,
             center_fractions=cfg.center_fractions,
             accelerations=cfg.accelerations,
+            cache=data_cache(cfg),
         )
         for i in range(len(out["slice_num"])):
             yield {key: value[i] for key, value in out.items()}

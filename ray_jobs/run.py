@@ -33,6 +33,8 @@ RESUMABLE_CHANGES = {
     "use_gpu",
     "max_failures",
     "val_cache_mb",
+    "data_cache_gb",  # where the bytes come from, not which
+    "data_cache_dir",
     "image_every_epochs",  # monitoring only
 }
 

@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import io
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pandas as pd
 import pytest
 
 from mri_models import experiment as experiment_storage
 from mri_models.data import store
+from mri_models.data.cache import FileCache
 from mri_models.data.slice_dataset import list_volumes
 from mri_models.data.synthetic import generate_dataset
 from mri_models.data.validate import DataValidationError, validate_root
@@ -98,6 +101,90 @@ def test_remote_reads_are_ranged(s3_server, tmp_path):
     assert slice_bytes <= one_slice < slice_bytes + 256 * 1024, (one_slice, slice_bytes, size)
 
 
+def _big_volume_on_s3(s3_server, tmp_path, bucket: str, names=("big.h5",)) -> list[str]:
+    """Volumes of 24 slices of 256 x 148 k-space (~7 MB each) uploaded to ``bucket``; their URIs."""
+    root = tmp_path / bucket
+    for name in names:
+        make_fastmri_volume(
+            root / "singlecoil_val" / name, num_slices=24, kspace_shape=(256, 148), recon_size=(128, 128)
+        )
+    uri = s3_server.upload(root, f"s3://{bucket}/data")
+    return [f"{uri}/singlecoil_val/{name}" for name in names]
+
+
+def test_cached_rows_equal_streamed_rows_and_later_epochs_read_nothing_remote(s3_root, tmp_path):
+    streamed = _cfg()
+    cached = _cfg(data_cache_gb=1, data_cache_dir=str(tmp_path / "cache"))
+    data = prepare_data(streamed, s3_root)
+    tasks = train_read_tasks(data.train_slices, 1, 0, 1, 0, streamed.slices_per_read)
+    files = {task["path"] for task in tasks}
+    whole_files = sum(store.stat(uri).size for uri in files)
+
+    reference = list(iter_rows_locally(tasks, streamed, training=True, epoch=1))
+    before = store.remote_bytes_read()
+    first = list(iter_rows_locally(tasks, cached, training=True, epoch=1))
+    assert store.remote_bytes_read() - before == whole_files  # each file downloaded once, whole
+    before = store.remote_bytes_read()
+    second = list(iter_rows_locally(tasks, cached, training=True, epoch=1))
+    assert store.remote_bytes_read() - before == 0  # served from the node's copies
+    for rows in (first, second):
+        for a, b in zip(reference, rows, strict=True):
+            np.testing.assert_array_equal(a["image"], b["image"])
+            np.testing.assert_array_equal(a["target"], b["target"])
+
+
+def test_cache_keeps_to_its_bound_evicting_the_least_recently_used(s3_server, tmp_path):
+    uris = _big_volume_on_s3(s3_server, tmp_path, "cache-bound", ("a.h5", "b.h5", "c.h5"))
+    size = store.stat(uris[0]).size
+    cache = FileCache(str(tmp_path / "cache"), max_bytes=int(2.5 * size))
+    a, b = cache.local_copy(uris[0]), cache.local_copy(uris[1])
+    assert cache.local_copy(uris[0]) == a  # a is now the most recently used
+    c = cache.local_copy(uris[2])
+    assert cache.size() <= cache.max_bytes
+    assert os.path.exists(a) and os.path.exists(c) and not os.path.exists(b)
+    assert FileCache(str(tmp_path / "small"), max_bytes=size - 1).local_copy(uris[0]) is None
+    with store.open_hdf5(uris[0], FileCache(str(tmp_path / "small"), max_bytes=size - 1)) as hf:
+        assert hf["kspace"].shape[0] == 24  # too big to cache: read from the object store
+
+
+def test_a_changed_object_is_not_served_from_the_cache(s3_server, tmp_path):
+    (uri,) = _big_volume_on_s3(s3_server, tmp_path, "cache-change")
+    cache = FileCache(str(tmp_path / "cache"), max_bytes=1 << 30)
+    with store.open_hdf5(uri, cache) as hf:
+        old = hf["kspace"][0]
+    (tmp_path / "new").mkdir()
+    make_fastmri_volume(tmp_path / "new" / "big.h5", num_slices=24, kspace_shape=(256, 148),
+                        recon_size=(128, 128), seed=99)  # fmt: skip
+    s3_server.upload(tmp_path / "new", uri.rsplit("/", 1)[0])
+    with store.open_hdf5(uri, cache) as hf:
+        new = hf["kspace"][0]
+    with h5py.File(tmp_path / "new" / "big.h5") as hf:
+        np.testing.assert_array_equal(new, hf["kspace"][0])
+    assert not np.array_equal(old, new)
+
+
+def _copy_in_child(args) -> tuple[str, int]:
+    directory, uri, barrier = args
+    barrier.wait()
+    path = FileCache(directory, max_bytes=1 << 30).local_copy(uri)
+    return path, store.remote_bytes_read()
+
+
+def test_concurrent_processes_download_a_file_once_and_share_it(s3_server, tmp_path):
+    (uri,) = _big_volume_on_s3(s3_server, tmp_path, "cache-race")
+    directory = str(tmp_path / "cache")
+    context = multiprocessing.get_context("spawn")
+    with context.Manager() as manager, context.Pool(4) as pool:
+        barrier = manager.Barrier(4)
+        results = pool.map(_copy_in_child, [(directory, uri, barrier)] * 4)
+    (path,) = {path for path, _ in results}
+    assert sum(read for _, read in results) == store.stat(uri).size  # one download among the four
+    with h5py.File(path) as local, store.open_hdf5(uri) as remote:
+        np.testing.assert_array_equal(local["kspace"][()], remote["kspace"][()])
+    name = os.path.basename(path)
+    assert sorted(os.listdir(directory)) == sorted([name, f"{name}.lock", "evict.lock"])  # no partial file
+
+
 @pytest.mark.parametrize(
     ("root", "message"),
     [
@@ -144,12 +231,15 @@ def test_sweep_with_data_and_experiment_on_s3_resumes_and_analyses(ray_head, s3_
         "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--",
         "python", "sweeps/gamma_sweep.py", "--profile", "smoke", "--data-root", data, "--storage", storage,
         "--name", "on_s3", "--set", "seeds=[0]", "--set", "search.gamma=[0,1e-4]",
+        "--set", "data_cache_gb=0.5", "--set", f"data_cache_dir={tmp_path / 'node_cache'}",
     ]  # fmt: skip
     done = subprocess.run(command, env=ray_head.env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     experiment = f"{storage}/on_s3"
     trials = store_csv(f"{experiment}/results/trials.csv")
     assert len(trials) == 2 and set(trials["status"]) <= {"completed", "stopped"}
+    cached = sorted(p.stat().st_size for p in (tmp_path / "node_cache").glob("*.h5"))
+    assert cached == sorted(store.stat(f"{data}/{p.relative_to(local)}").size for p in local.rglob("*.h5"))
 
     # --resume of the finished experiment on S3 reruns nothing and still succeeds.
     resumed = subprocess.run(

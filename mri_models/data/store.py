@@ -17,9 +17,13 @@ import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import h5py
 import pyarrow.fs as pafs
+
+if TYPE_CHECKING:  # cache.py builds on this module
+    from mri_models.data.cache import FileCache
 
 
 class DataStoreError(FileNotFoundError):
@@ -164,14 +168,59 @@ def remote_bytes_read() -> int:
     return _BYTES_READ[0]
 
 
+def version(uri: str) -> tuple[int, str]:
+    """Size and a tag that changes whenever the content does: the ETag where the store gives one (S3),
+    else the modification time. S3's modification time has whole-second resolution, so a same-size
+    overwrite within a second would keep it; the ETag does not."""
+    fs, path = _resolve(uri)
+    try:
+        with fs.open_input_file(path) as handle:  # a HEAD request: no content is read
+            size, metadata = handle.size(), handle.metadata()
+    except FileNotFoundError:
+        raise DataStoreError(f"{uri}: no such file") from None
+    except OSError as err:
+        raise DataStoreError(f"{uri}: {_first_line(err)}") from None
+    tag = metadata.get("ETag") or metadata.get("Last-Modified") or str(stat(uri).mtime_ns)
+    return size, tag.decode() if isinstance(tag, bytes) else str(tag)
+
+
+def download(uri: str, local_path: str, chunk_bytes: int = 8 << 20) -> None:
+    """Copy a remote file to ``local_path`` (counted in :func:`remote_bytes_read`)."""
+    fs, path = _resolve(uri)
+    try:
+        with fs.open_input_stream(path) as source, open(local_path, "wb") as sink:
+            while chunk := source.read(chunk_bytes):
+                _BYTES_READ[0] += len(chunk)
+                sink.write(chunk)
+    except FileNotFoundError:
+        raise DataStoreError(f"{uri}: no such file") from None
+    except OSError as err:
+        raise DataStoreError(f"{uri}: {_first_line(err)}") from None
+
+
 @contextlib.contextmanager
-def open_hdf5(uri: str | os.PathLike) -> Iterator[h5py.File]:
-    """An HDF5 file opened for reading; remote files through ranged reads of a random-access handle."""
+def open_hdf5(uri: str | os.PathLike, cache: FileCache | None = None) -> Iterator[h5py.File]:
+    """An HDF5 file opened for reading; remote files through ranged reads of a random-access handle.
+
+    Args:
+        uri: A local path or a URI.
+        cache: A node-local cache of whole remote files; the local copy is read when there is one (or
+            when it can be made), the object store otherwise.
+    """
     uri = str(uri)
     if not is_remote(uri):
         with h5py.File(uri, "r") as hf:
             yield hf
         return
+    if cache is not None and (local := cache.local_copy(uri)) is not None:
+        try:
+            hf = h5py.File(local, "r")
+        except FileNotFoundError:  # evicted by another process between the copy and this open
+            pass
+        else:
+            with hf:
+                yield hf
+            return
     fs, path = _resolve(uri)
     try:
         handle = fs.open_input_file(path)
