@@ -6,6 +6,7 @@ are tested on files built here from first principles, so a bug in the generator 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -237,25 +238,18 @@ class S3Server:
 _S3_KEYS = {"access_key": "testing", "secret_key": "testing", "region": "us-east-1"}
 
 
-@pytest.fixture(scope="session")
-def s3_server() -> Iterator[S3Server]:
-    """``moto_server`` on 127.0.0.1; this process's AWS variables point at it for the session."""
+@contextlib.contextmanager
+def moto_server(**server_env: str) -> Iterator[str]:
+    """A ``moto_server`` process on a free loopback port (``server_env`` added to its environment); its
+    endpoint URL. Stopped on exit."""
     port = _free_port()
     server = subprocess.Popen(
         [Path(sys.executable).parent / "moto_server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env={**os.environ, **server_env},
     )
-    endpoint = f"http://127.0.0.1:{port}"
-    env = {
-        "AWS_ENDPOINT_URL": endpoint,
-        "AWS_ACCESS_KEY_ID": _S3_KEYS["access_key"],
-        "AWS_SECRET_ACCESS_KEY": _S3_KEYS["secret_key"],
-        "AWS_REGION": _S3_KEYS["region"],
-        "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata lookups on a laptop or CI runner
-    }
-    previous = {key: os.environ.get(key) for key in env}
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -266,13 +260,35 @@ def s3_server() -> Iterator[S3Server]:
                 if time.monotonic() > deadline or server.poll() is not None:
                     raise RuntimeError("moto_server did not start") from None
                 time.sleep(0.1)
-        os.environ.update(env)
-        yield S3Server(endpoint, env)
+        yield f"http://127.0.0.1:{port}"
     finally:
-        for key, value in previous.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def s3_env(endpoint: str, access_key: str = "testing", secret_key: str = "testing") -> dict[str, str]:
+    """The standard AWS variables pointing at ``endpoint`` with these credentials."""
+    return {
+        "AWS_ENDPOINT_URL": endpoint,
+        "AWS_ACCESS_KEY_ID": access_key,
+        "AWS_SECRET_ACCESS_KEY": secret_key,
+        "AWS_REGION": _S3_KEYS["region"],
+        "AWS_EC2_METADATA_DISABLED": "true",  # no instance-metadata lookups on a laptop or CI runner
+    }
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """``moto_server`` on 127.0.0.1; this process's AWS variables point at it for the session."""
+    with moto_server() as endpoint:
+        env = s3_env(endpoint, _S3_KEYS["access_key"], _S3_KEYS["secret_key"])
+        previous = {key: os.environ.get(key) for key in env}
+        os.environ.update(env)
+        try:
+            yield S3Server(endpoint, env)
+        finally:
+            for key, value in previous.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value

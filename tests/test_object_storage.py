@@ -11,10 +11,13 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import h5py
 import numpy as np
 import pandas as pd
@@ -28,7 +31,7 @@ from mri_models.data.synthetic import generate_dataset
 from mri_models.data.validate import DataValidationError, validate_root
 from ray_jobs.config import SYNTHETIC_DATA, make_train_config
 from ray_jobs.data import iter_rows_locally, prepare_data, train_read_tasks, val_read_tasks
-from tests.conftest import make_fastmri_volume
+from tests.conftest import make_fastmri_volume, moto_server, s3_env
 
 REPO = Path(__file__).resolve().parents[1]
 SPLITS = ("singlecoil_train", "singlecoil_val")
@@ -206,6 +209,47 @@ def test_missing_prefix_and_bad_file_on_s3_are_named(s3_server, fastmri_root):
     uri = s3_server.upload(fastmri_root, "s3://bad-file/knee")
     with pytest.raises(DataValidationError, match=r"singlecoil_val/garbage\.h5: cannot be opened as HDF5"):
         prepare_data(_cfg(), uri)
+
+
+@pytest.fixture(scope="module")
+def locked_bucket(tmp_path_factory) -> Iterator[tuple[str, dict[str, dict[str, str]]]]:
+    """``s3://locked/knee`` on a moto server that enforces credentials, and two sets of AWS variables that
+    it refuses: an unknown access key, and a real user's key without any permission."""
+    # The first four requests are let through unauthenticated: they set the bucket and the user up.
+    with moto_server(INITIAL_NO_AUTH_ACTION_COUNT="4") as endpoint:
+        keys = {"endpoint_url": endpoint, "aws_access_key_id": "testing", "aws_secret_access_key": "testing",
+                "region_name": "us-east-1"}  # fmt: skip
+        s3, iam = boto3.client("s3", **keys), boto3.client("iam", **keys)
+        volume = make_fastmri_volume(tmp_path_factory.mktemp("locked") / "v.h5")
+        s3.create_bucket(Bucket="locked")
+        s3.put_object(Bucket="locked", Key="knee/singlecoil_train/v.h5", Body=volume.read_bytes())
+        iam.create_user(UserName="no-permissions")
+        user = iam.create_access_key(UserName="no-permissions")["AccessKey"]
+        yield (
+            "s3://locked/knee",
+            {
+                "unknown key": s3_env(endpoint, "AKIAUNKNOWN", "wrong"),
+                "no permission": s3_env(endpoint, user["AccessKeyId"], user["SecretAccessKey"]),
+            },
+        )
+
+
+@pytest.mark.parametrize("credentials", ["unknown key", "no permission"])
+def test_denied_access_fails_before_training_naming_the_uri(locked_bucket, credentials, monkeypatch):
+    root, envs = locked_bucket
+    for key, value in envs[credentials].items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(DataValidationError) as raised:
+        prepare_data(_cfg(), root)
+    assert f"{root}: access denied" in str(raised.value) and "AWS_ACCESS_KEY_ID" in str(raised.value)
+    volume = f"{root}/singlecoil_train/v.h5"
+    with pytest.raises(store.DataStoreError, match=rf"^{re.escape(volume)}: access denied"):
+        with store.open_hdf5(volume):
+            pass
+    command = [sys.executable, "-m", "ray_jobs.train", "--profile", "smoke", "--data-root", root]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO, env=os.environ)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert f"{root}: access denied" in done.stdout and "Traceback" not in done.stdout + done.stderr
 
 
 def test_train_cli_names_a_missing_bucket_in_one_line(s3_server):

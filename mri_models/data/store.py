@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +75,21 @@ def _resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         raise DataStoreError(f"{uri}: not a location pyarrow.fs can open ({_first_line(err)})") from None
 
 
+_AWS_ERROR = re.compile(r"AWS Error (\w+) during (\w+) operation")
+_DENIED = {"ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "EXPIRED_TOKEN"}
+
+
 def _first_line(err: BaseException) -> str:
-    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    """The cause in one line: for S3, the error and operation without pyarrow's preamble or request id."""
+    text = str(err).strip()
+    aws = _AWS_ERROR.search(text)
+    if aws and aws.group(1) in _DENIED:
+        return (
+            f"access denied ({aws.group(1)} on {aws.group(2)}); check the credentials "
+            "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE) and their permissions on it"
+        )
+    first = text.splitlines()[0] if text else type(err).__name__
+    return re.sub(r" \(Request ID: [^)]*\)", "", first)
 
 
 def _info(uri: str) -> pafs.FileInfo:
