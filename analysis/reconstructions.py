@@ -29,7 +29,7 @@ import torch
 
 from analysis.common import Artifact, OutDir, StepResult, Study, run_step, slug
 from mri_models import experiment as storage
-from mri_models.data import SliceDataset, UnetDataTransform, create_mask_func
+from mri_models.data import SliceDataset, UnetDataTransform, create_mask_func, store
 from mri_models.experiment import CHECKPOINT_FILE, HISTORY_FILE, ExperimentLayout
 from mri_models.metrics import PRIMARY_METRIC, VolumeMetricAccumulator, metric_table, slice_metrics
 from mri_models.models import build_model
@@ -119,23 +119,25 @@ def best_models(study: Study, problems: list[str]) -> list[LoadedModel]:
     return models
 
 
-def find_val_dir(study: Study, problems: list[str]) -> Path | None:
-    """The validation split of the first experiment whose data root exists on this machine."""
+def find_val_dir(study: Study, problems: list[str]) -> str | None:
+    """The validation split of the first experiment whose data root this machine can read: a local path,
+    or a URI in object storage (``s3://...``, read with the AWS variables of this shell)."""
     for info in study.experiments:
         root = info.data_root
         if not root:
             problems.append(f"reconstructions: {info.name} records no data_root in sweep.json")
             continue
-        val = Path(root) / "singlecoil_val"
-        if "://" not in root and val.is_dir() and any(val.glob("*.h5")):
-            return val
-        problems.append(
-            f"reconstructions: data root {root} of {info.name} is missing here (no {val.name}/*.h5)"
-        )
+        val = store.join(root, "singlecoil_val")
+        try:
+            if store.list_files(val):
+                return val
+            problems.append(f"reconstructions: data root {root} of {info.name} holds no singlecoil_val/*.h5")
+        except store.DataStoreError as err:
+            problems.append(f"reconstructions: data root {root} of {info.name} cannot be read here: {err}")
     return None
 
 
-def validation_samples(val_dir: Path, config: dict[str, Any], count: int = NUM_SLICES) -> list:
+def validation_samples(val_dir: str, config: dict[str, Any], count: int = NUM_SLICES) -> list:
     """The middle slice of the first ``count`` volumes, transformed exactly as validation does."""
     mask = create_mask_func(
         config.get("mask_type", "random"),

@@ -9,6 +9,7 @@ training starts; library code raises, only these entry points print.
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -43,7 +44,9 @@ def add_common_arguments(parser: argparse.ArgumentParser, set_help: str) -> None
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument(
         "--data-root",
-        help="fastMRI data root: a path or URI, e.g. s3://bucket/knee (default: the synthetic set)",
+        default=os.environ.get("MRI_DATA_ROOT") or None,
+        help="fastMRI data root: a path or URI, e.g. s3://bucket/knee (default: $MRI_DATA_ROOT, else the "
+        "profile's synthetic set)",
     )
     parser.add_argument("--storage", help="results directory or s3:// URI (default ~/ray_results)")
     parser.add_argument(

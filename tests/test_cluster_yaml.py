@@ -9,6 +9,7 @@ tests run the first two, exactly as Ray runs them, with the network blocked, and
 
 from __future__ import annotations
 
+import argparse
 import ast
 import copy
 import re
@@ -21,6 +22,8 @@ import ray
 import ray.autoscaler
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
+
+from ray_jobs.cli import add_common_arguments
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = REPO / "cluster.yaml"
@@ -210,12 +213,20 @@ def test_setup_installs_the_project_with_cuda_torch(prepared):
         assert "whl/cpu" not in joined and "+cpu" not in joined, "CPU torch on GPU nodes"
 
 
-def test_dataset_setup_step_calls_an_existing_function(raw):
-    (command,) = [c for c in raw["setup_commands"] if "ensure_synthetic_data" in c]
-    assert "from ray_jobs.data import ensure_synthetic_data" in command
-    tree = ast.parse((REPO / "ray_jobs" / "data.py").read_text())
-    assert any(isinstance(n, ast.FunctionDef) and n.name == "ensure_synthetic_data" for n in tree.body)
-    assert "'paper'" in command and '"paper":' in (REPO / "ray_jobs" / "config.py").read_text()
+def test_data_is_streamed_from_s3_with_no_copy_step(prepared):
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        (start,) = [c for c in prepared[key] if "ray start" in c]
+        data_root = _sets_env(start, "MRI_DATA_ROOT")
+        assert data_root is not None and data_root.startswith("s3://"), (key, data_root)
+    setup = "\n".join(prepared["head_setup_commands"] + prepared["worker_setup_commands"])
+    for step in ("aws s3 sync", "aws s3 cp", "ensure_synthetic_data", "rsync"):
+        assert step not in setup, f"a data copy step in the setup commands: {step}"
+    # The scripts take MRI_DATA_ROOT as their --data-root default.
+    parser = argparse.ArgumentParser()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MRI_DATA_ROOT", "s3://bucket/knee")
+        add_common_arguments(parser, "")
+    assert parser.parse_args([]).data_root == "s3://bucket/knee"
 
 
 # -------------------------------------------------------------------------------- auth and storage

@@ -303,6 +303,8 @@ def test_sweep_with_data_and_experiment_on_s3_resumes_and_analyses(ray_head, s3_
     assert analysis.returncode == 0, analysis.stdout[-3000:] + analysis.stderr[-3000:]
     report = (out / "report.md").read_text()
     assert "gamma_curves.png" in report and (out / "gamma_curves.png").is_file()
+    # The reconstructions step read the validation volumes from the experiment's s3:// data root.
+    assert list(out.glob("reconstructions_*.png")) and "reconstructions:" not in report, report
 
 
 def store_csv(uri: str) -> pd.DataFrame:
