@@ -14,6 +14,7 @@ Run ``python analysis/reconstructions.py --experiment PATH [--out DIR]``.
 from __future__ import annotations
 
 import io
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -148,7 +149,7 @@ def validation_samples(val_dir: str, config: dict[str, Any], count: int = NUM_SL
     dataset = SliceDataset(val_dir, transform=UnetDataTransform(mask_func=mask, use_seed=True), cache_dir="")
     by_volume: dict[str, list[int]] = {}
     for index, raw in enumerate(dataset.raw_samples):
-        by_volume.setdefault(raw.fname.name, []).append(index)
+        by_volume.setdefault(os.path.basename(str(raw.fname)), []).append(index)  # a Path or a URI
     chosen = [indices[len(indices) // 2] for _, indices in sorted(by_volume.items())][:count]
     return [dataset[i] for i in chosen]
 

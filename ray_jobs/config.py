@@ -8,6 +8,7 @@ any Ray work starts.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -110,6 +111,12 @@ class TrainConfig(BaseModel):
                 weights[key] = values.pop(key)
         values["penalty_weights"] = weights
         return values
+
+    @field_validator("data_root", mode="before")
+    @classmethod
+    def _path_as_text(cls, value: Any) -> Any:
+        # A pathlib.Path from Python callers; URIs (s3://...) must stay text, which Path would mangle.
+        return os.fspath(value) if isinstance(value, os.PathLike) else value
 
     @field_validator("model")
     @classmethod

@@ -60,6 +60,18 @@ def test_listing_and_validation_on_s3_match_local(fastmri_root, s3_root):
     assert report.files_checked == validate_root(fastmri_root, SPLITS).files_checked == 5
 
 
+@pytest.mark.parametrize("subsample", [{"sample_rate": 0.5}, {"volume_sample_rate": 0.5}])
+def test_subsampling_on_s3_selects_the_same_slices_as_locally(fastmri_root, s3_root, subsample):
+    cfg = _cfg(**subsample)
+    local, remote = prepare_data(cfg, fastmri_root), prepare_data(cfg, s3_root)
+    for split in ("train_slices", "val_slices"):
+        names = [
+            [(os.path.basename(str(path)), index) for path, index in getattr(d, split)]
+            for d in (local, remote)
+        ]
+        assert names[0] == names[1] and 0 < len(names[0])
+
+
 def test_training_and_validation_rows_from_s3_equal_local_rows(fastmri_root, s3_root):
     cfg = _cfg()
     local, remote = prepare_data(cfg, fastmri_root), prepare_data(cfg, s3_root)

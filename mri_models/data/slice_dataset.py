@@ -112,6 +112,11 @@ def list_volumes(root: str | os.PathLike, cache_dir: str | os.PathLike | None = 
     return volumes
 
 
+def _stem(fname: str | os.PathLike) -> str:
+    """``file1000001`` of a local path or a URI."""
+    return os.path.splitext(os.path.basename(str(fname)))[0]
+
+
 def subsample_slices(
     samples: list[RawSample],
     sample_rate: float | None = None,
@@ -138,10 +143,10 @@ def subsample_slices(
         shuffle(samples)
         samples = samples[: round(len(samples) * sample_rate)]
     elif volume_sample_rate is not None and volume_sample_rate < 1.0:
-        names = sorted({s.fname.stem for s in samples})
+        names = sorted({_stem(s.fname) for s in samples})
         shuffle(names)
         keep = set(names[: round(len(names) * volume_sample_rate)])
-        samples = [s for s in samples if s.fname.stem in keep]
+        samples = [s for s in samples if _stem(s.fname) in keep]
     return samples
 
 
