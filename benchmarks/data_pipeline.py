@@ -63,7 +63,13 @@ from mri_models.data.transforms import (
 )
 from mri_models.data.volume import KSPACE_KEY, TARGET_KEY
 from ray_jobs.config import TrainConfig
-from ray_jobs.data import iter_rows_locally, slice_dataset, train_read_tasks, training_mask_seed
+from ray_jobs.data import (
+    iter_rows_locally,
+    network_rows_on_device,
+    slice_dataset,
+    train_read_tasks,
+    training_mask_seed,
+)
 
 # name -> (recon size, k-space size)
 SIZES: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {
@@ -316,13 +322,64 @@ def with_node_cache(cfg: TrainConfig, directory: Path) -> TrainConfig:
 
 def ray_variants(cfg: TrainConfig, args: argparse.Namespace) -> list[tuple[str, TrainConfig, bool]]:
     """(label, config, Ray Data op resource reservation) of each Ray Data configuration measured."""
-    one_cpu = cfg.model_copy(update={"data_cpus_per_task": 1.0})
     variants = [
-        (f"Ray Data, {cfg.data_cpus_per_task:g} CPU/task (config)", cfg, True),
-        ("Ray Data, 1 CPU/task", one_cpu, True),
-        ("Ray Data, 1 CPU/task, no reservation (patch)", one_cpu, False),
+        (f"Ray Data, {cfg.transform} transform, {cfg.data_cpus_per_task:g} CPU/task (config)", cfg, True),
+        ("Ray Data, exact transform", cfg.model_copy(update={"transform": "exact"}), True),
+        (f"Ray Data, {TRAINER_DESIGN}", cfg.model_copy(update={"transform_on": "trainer"}), True),
+        ("Ray Data, 1 CPU/task", cfg.model_copy(update={"data_cpus_per_task": 1.0}), True),
     ]
     return variants if args.ray_variants == "all" else variants[:1]
+
+
+TRAINER_DESIGN = "trainer design: hybrid rows (the read-task part)"
+
+
+def trainer_part(slices: list[tuple[str, int]], cfg: TrainConfig, batch_size: int):
+    """The trainer's share of the trainer design, on this process's CPU: hybrid rows (made beforehand,
+    untimed) to network rows with ``network_rows_on_device``, ``batch_size`` slices at a time."""
+    trainer_cfg = cfg.model_copy(update={"transform_on": "trainer"})
+    tasks = train_read_tasks(slices, 0, 0, 1, cfg.seed, cfg.slices_per_read)
+    rows = list(iter_rows_locally(tasks, trainer_cfg, training=True))
+    batches = [
+        {key: [row[key] for row in rows[i : i + batch_size]] for key in rows[0]}
+        for i in range(0, len(rows), batch_size)
+    ]
+
+    def make(epoch: int):
+        del epoch
+        return (network_rows_on_device(batch, torch.device("cpu")) for batch in batches)
+
+    return make, lambda out: int(out["image"].shape[0])
+
+
+def print_design_costs(name: str, results: dict[str, Epochs], trainer_batch: int) -> None:
+    """CPU milliseconds per slice of each transform design (one process, one thread, read included),
+    against fastMRI's SliceDataset + UnetDataTransform in process."""
+    fastmri_ms = 1e3 / results["fastMRI DataLoader, num_workers=0"].steady_rate
+    read_task_ms = 1e3 / results[f"ours in process, {TRAINER_DESIGN}"].steady_rate
+    trainer_ms = (
+        1e3 / results[f"trainer design: the trainer part on CPU, batches of {trainer_batch}"].steady_rate
+    )
+    designs = [
+        ("fastMRI (reference)", fastmri_ms),
+        ("read tasks, exact transform", 1e3 / results["ours in process, exact transform"].steady_rate),
+        (
+            "read tasks, fast transform (config)",
+            1e3 / results["ours in process (read_and_transform)"].steady_rate,
+        ),
+        ("trainer design: read-task CPU (what a GPU node's CPUs pay)", read_task_ms),
+        ("trainer design: the trainer part, here on CPU (a GPU's work)", trainer_ms),
+    ]
+    print(f"\n== {name}: CPU ms per slice of each design (one process, 1 thread, HDF5 read included)")
+    print_table(
+        ["design", "CPU ms/slice", "of fastMRI's"],
+        [[label, f"{ms:.2f}", f"{ms / fastmri_ms:.2f}x"] for label, ms in designs],
+    )
+    verdict = "MET" if read_task_ms <= fastmri_ms / 4 else "NOT MET"
+    print(
+        f"  goal: the trainer design's CPU per slice <= 1/4 of fastMRI's: {verdict} "
+        f"({read_task_ms / fastmri_ms:.2f}x)"
+    )
 
 
 def print_table(headers: list[str], rows: list[list[str]]) -> None:
@@ -373,7 +430,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--ray-variants",
         choices=["config", "all"],
         default="all",
-        help="'config': only the TrainConfig settings; 'all': also 1 CPU/task and the proposed patch",
+        help="'config': only the TrainConfig settings; 'all': also the exact transform, the trainer "
+        "design and 1 CPU/task",
+    )
+    parser.add_argument(
+        "--trainer-batch", type=int, default=8, help="batch size of the trainer design's trainer part"
     )
     parser.add_argument("--skip-ray", action="store_true", help="only the in-process and DataLoader runs")
     parser.add_argument(
@@ -432,6 +493,18 @@ def main(argv: list[str] | None = None) -> int:
                 ("fastMRI DataLoader, num_workers=0", fastmri_loader(split_dir, 0, 0)),
                 (f"fastMRI DataLoader, num_workers={args.cpus}", fastmri_loader(split_dir, args.cpus, 0)),
                 ("ours in process (read_and_transform)", ours_in_process(slices, cfg)),
+                (
+                    "ours in process, exact transform",
+                    ours_in_process(slices, cfg.model_copy(update={"transform": "exact"})),
+                ),
+                (
+                    f"ours in process, {TRAINER_DESIGN}",
+                    ours_in_process(slices, cfg.model_copy(update={"transform_on": "trainer"})),
+                ),
+                (
+                    f"trainer design: the trainer part on CPU, batches of {args.trainer_batch}",
+                    trainer_part(slices, cfg, args.trainer_batch),
+                ),
             ):
                 results[name][label] = time_epochs(make, count, args.epochs)
                 print(f"  {name}: {label}: {results[name][label].steady_rate:.1f} slices/s")
@@ -530,6 +603,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{args.cpus} CPUs, ours would reach {bound:.0f} sl/s, {bound / ref.steady_rate:.2f}x the "
                 "DataLoader."
             )
+
+        for name in args.sizes:
+            print_design_costs(name, results[name], args.trainer_batch)
 
         for name in s3_slices:
             print(f"\n== {name}: reading from S3 (moto on loopback) against local files, same run")

@@ -14,35 +14,41 @@ from typing import Any
 import torch
 
 from mri_models.experiment import CHECKPOINT_FILE, HISTORY_FILE
+from mri_models.step_options import unwrap
 
 
-def _bare(model: torch.nn.Module) -> torch.nn.Module:
-    """The network inside a DDP wrapper (checkpoints hold the bare network's keys)."""
-    return getattr(model, "module", model)
+def save_checkpoint(
+    directory: str, model, optimizer, scheduler, epoch: int, history: list[dict], scaler=None
+) -> None:
+    """Write the run's state after ``epoch`` (0-based) into ``directory``.
 
-
-def save_checkpoint(directory: str, model, optimizer, scheduler, epoch: int, history: list[dict]) -> None:
-    """Write the run's state after ``epoch`` (0-based) into ``directory``."""
+    The weights are the bare network's (no DDP ``module.`` or ``torch.compile`` ``_orig_mod.`` prefix), so
+    a checkpoint loads into an eager network whatever options trained it; an fp16 run's loss scale too.
+    """
     state = {
-        "model": _bare(model).state_dict(),
+        "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "epoch": epoch,
     }
+    if scaler is not None and scaler.is_enabled():
+        state["scaler"] = scaler.state_dict()
     torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
     with open(os.path.join(directory, HISTORY_FILE), "w") as f:
         json.dump(history, f)
 
 
-def load_checkpoint(checkpoint, model, optimizer, scheduler) -> tuple[int, list[dict[str, Any]]]:
+def load_checkpoint(checkpoint, model, optimizer, scheduler, scaler=None) -> tuple[int, list[dict[str, Any]]]:
     """Restore a run from a Ray Train checkpoint; returns the next epoch and the metric history so far."""
     with checkpoint.as_directory() as directory:
         state = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
         with open(os.path.join(directory, HISTORY_FILE)) as f:
             history = json.load(f)
-    _bare(model).load_state_dict(state["model"])
+    unwrap(model).load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and scaler.is_enabled() and "scaler" in state:
+        scaler.load_state_dict(state["scaler"])
     return int(state["epoch"]) + 1, history
 
 

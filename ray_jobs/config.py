@@ -74,6 +74,12 @@ class TrainConfig(BaseModel):
     center_fractions: tuple[float, ...] = (0.08,)
     accelerations: tuple[int, ...] = (4,)
     slices_per_read: int = Field(8, ge=1, description="slices one Ray Data task reads from one file")
+    # How k-space becomes the network input (mri_models/data/transforms.py): "exact" repeats fastMRI's
+    # UnetDataTransform operation for operation (bit-equal); "fast" does the readout inverse FFT once on
+    # the rows the crop keeps (equal within float32 rounding). Where it runs: in the Ray Data read tasks,
+    # or batched on the trainer's device (the GPU on GPU nodes).
+    transform: Literal["exact", "fast"] = "fast"
+    transform_on: Literal["read_tasks", "trainer"] = "read_tasks"
     data_cache_gb: float = Field(
         0.0, ge=0.0, description="per-node local copies of remote volumes up to this size (0: stream only)"
     )
@@ -85,6 +91,10 @@ class TrainConfig(BaseModel):
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
     max_failures: int = Field(2, ge=0)
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (and cuDNN's flags)")
+    # Training step (metrics are always computed in float32).
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype of the step")
+    channels_last: bool = Field(False, description="model and inputs in channels_last memory format")
+    compile: bool = Field(False, description="torch.compile the model (eager, with a warning, if unusable)")
     val_cache_mb: float = Field(1024, ge=0, description="keep a rank's validation rows in memory up to this")
     # Monitoring.
     image_every_epochs: int = Field(

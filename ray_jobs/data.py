@@ -35,6 +35,7 @@ from typing import Any
 
 import numpy as np
 import ray.data
+import torch
 from filelock import FileLock
 
 from mri_models.data import store
@@ -42,7 +43,13 @@ from mri_models.data.cache import FileCache, default_file_cache_dir
 from mri_models.data.slice_dataset import RawSample, list_volumes, subsample_slices
 from mri_models.data.subsample import create_mask_func
 from mri_models.data.synthetic import generate_dataset
-from mri_models.data.transforms import unet_sample, volume_mask_seed
+from mri_models.data.transforms import (
+    hybrid_batch_to_images,
+    hybrid_sample,
+    unet_sample,
+    unet_sample_fast,
+    volume_mask_seed,
+)
 from mri_models.data.validate import check_root
 from mri_models.data.volume import KSPACE_KEY, TARGET_KEY
 from ray_jobs.config import SYNTHETIC_DATA, ConfigError, TrainConfig, default_data_dir
@@ -210,10 +217,20 @@ def read_and_transform(
     mask_type: str,
     center_fractions: Sequence[float],
     accelerations: Sequence[int],
+    transform: str = "exact",
+    rows: str = "network",
     cache: FileCache | None = None,
 ) -> dict[str, np.ndarray]:
-    """One read task (one file, some slices) to network rows; the Ray Data map function."""
+    """One read task (one file, some slices) to rows; the Ray Data map function.
+
+    Args:
+        transform: ``exact`` (fastMRI's operations, bit-equal) or ``fast`` (within float32 rounding).
+        rows: ``network`` rows (image, target, mean, std) or ``hybrid`` rows (k-space after the readout
+            inverse FFT, the column mask and the raw target), which the trainer turns into network rows on
+            its device (:func:`network_rows_on_device`).
+    """
     mask_func = create_mask_func(mask_type, center_fractions, accelerations)
+    make_sample = unet_sample if transform == "exact" else unet_sample_fast
     columns: dict[str, list[Any]] = defaultdict(list)
     for path, indices in zip(batch["path"], batch["slices"], strict=True):
         indices = [int(i) for i in indices]
@@ -226,23 +243,57 @@ def read_and_transform(
             mask_seed = (
                 training_mask_seed(seed, epoch, fname, slice_num) if training else volume_mask_seed(fname)
             )
-            sample = unet_sample(kspace[k], target[k], attrs, fname, slice_num, mask_func, mask_seed)
-            columns["image"].append(sample.image.numpy())
-            columns["target"].append(sample.target.numpy())
-            columns["mean"].append(float(sample.mean))
-            columns["std"].append(float(sample.std))
-            columns["max_value"].append(float(sample.max_value))
+            if rows == "hybrid":
+                hybrid = hybrid_sample(kspace[k], target[k], attrs, fname, slice_num, mask_func, mask_seed)
+                columns["hybrid"].append(hybrid.hybrid)
+                columns["mask"].append(hybrid.mask)
+                columns["target"].append(np.asarray(hybrid.target, dtype=np.float32))
+                columns["crop_size"].append(hybrid.crop_size)
+            else:
+                sample = make_sample(kspace[k], target[k], attrs, fname, slice_num, mask_func, mask_seed)
+                columns["image"].append(sample.image.numpy())
+                columns["target"].append(sample.target.numpy())
+                columns["mean"].append(float(sample.mean))
+                columns["std"].append(float(sample.std))
+            columns["max_value"].append(float(attrs.get("max", 0.0)))
             columns["fname"].append(fname)
             columns["slice_num"].append(slice_num)
-    return {
-        "image": np.stack(columns["image"]),
+    out = {
         "target": np.stack(columns["target"]),
-        "mean": np.asarray(columns["mean"], dtype=np.float32),
-        "std": np.asarray(columns["std"], dtype=np.float32),
         "max_value": np.asarray(columns["max_value"], dtype=np.float64),
         "fname": np.asarray(columns["fname"], dtype=object),
         "slice_num": np.asarray(columns["slice_num"], dtype=np.int64),
     }
+    if rows == "hybrid":
+        out.update(
+            hybrid=np.stack(columns["hybrid"]),  # one file per task: one width
+            mask=np.stack(columns["mask"]),
+            crop_size=np.asarray(columns["crop_size"], dtype=np.int64),
+        )
+    else:
+        out.update(
+            image=np.stack(columns["image"]),
+            mean=np.asarray(columns["mean"], dtype=np.float32),
+            std=np.asarray(columns["std"], dtype=np.float32),
+        )
+    return out
+
+
+def network_rows_on_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
+    """Image, normalised target, mean and std of a batch, as tensors on ``device``.
+
+    A batch of network rows is copied there; a batch of hybrid rows is transformed there, batched (mask,
+    column inverse FFT, crop, magnitude, normalisation: the GPU's work on GPU nodes, equal to the read
+    tasks' ``fast`` transform within float32 rounding).
+    """
+    if "hybrid" in batch:
+        images = hybrid_batch_to_images(
+            batch["hybrid"], batch["mask"], batch["crop_size"], batch["target"], device=device
+        )
+        return {"image": images.image, "target": images.target, "mean": images.mean, "std": images.std}
+    # Ray hands out read-only arrays; torch.tensor copies, which torch requires before any in-place use.
+    names = ("image", "target", "mean", "std")
+    return {key: torch.tensor(np.asarray(batch[key])).to(device) for key in names}
 
 
 def slice_dataset(tasks: list[dict[str, Any]], cfg: TrainConfig, *, training: bool, epoch: int = 0):
@@ -275,9 +326,20 @@ def slice_dataset(tasks: list[dict[str, Any]], cfg: TrainConfig, *, training: bo
             "mask_type": cfg.mask_type,
             "center_fractions": list(cfg.center_fractions),
             "accelerations": list(cfg.accelerations),
+            "transform": cfg.transform,
+            "rows": row_kind(cfg, training),
             "cache": data_cache(cfg),
         },
     )
+
+
+def row_kind(cfg: TrainConfig, training: bool) -> str:
+    """``hybrid`` for training rows the trainer transforms (``transform_on: trainer``), else ``network``.
+
+    Validation rows are always made by the read tasks: they are produced once per run and kept
+    (:class:`ValidationBatches`), so moving their transform would save nothing per epoch.
+    """
+    return "hybrid" if training and cfg.transform_on == "trainer" else "network"
 
 
 def data_cache(cfg: TrainConfig) -> FileCache | None:
@@ -341,6 +403,8 @@ def iter_rows_locally(
             mask_type=cfg.mask_type,
             center_fractions=cfg.center_fractions,
             accelerations=cfg.accelerations,
+            transform=cfg.transform,
+            rows=row_kind(cfg, training),
             cache=data_cache(cfg),
         )
         for i in range(len(out["slice_num"])):

@@ -42,6 +42,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--gamma", type=float, help="attention-sparsity weight (sparse_attention_unet)")
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--workers", type=int, help="Ray Train workers (DDP ranks)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], help="autocast dtype of the step")
+    parser.add_argument(
+        "--channels-last", action=argparse.BooleanOptionalAction, help="channels_last memory format"
+    )
+    parser.add_argument(
+        "--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (eager if unusable)"
+    )
     parser.add_argument(
         "--name", help="run name; rerunning a name resumes it (default from model, weights, seed)"
     )
@@ -52,7 +59,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 def _configure(args: argparse.Namespace) -> tuple[TrainConfig, PreparedData, str, str, bool, dict]:
     """Validate everything and claim the run name; raises the user errors of :mod:`ray_jobs.cli`."""
     values = profile_defaults(args.profile)
-    flags = {"model": args.model, "gamma": args.gamma, "epochs": args.epochs, "num_workers": args.workers}
+    flags = {
+        "model": args.model, "gamma": args.gamma, "epochs": args.epochs, "num_workers": args.workers,
+        "precision": args.precision, "channels_last": args.channels_last, "compile": args.compile,
+    }  # fmt: skip
     values.update({key: value for key, value in flags.items() if value is not None})
     values.update(parse_overrides(args.overrides))
     cfg = make_train_config(values)

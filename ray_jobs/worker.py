@@ -30,10 +30,26 @@ from mri_models.metrics import (
     metric_table,
 )
 from mri_models.models import build_model, get_architecture
+from mri_models.step_options import (
+    autocast,
+    compile_network,
+    float32_result,
+    make_grad_scaler,
+    optimisation_step,
+    prepare_network,
+    to_network_input,
+    unwrap,
+)
 from ray_jobs import log_to_stdout
 from ray_jobs.checkpoints import load_checkpoint, save_checkpoint
 from ray_jobs.config import TrainConfig
-from ray_jobs.data import PreparedData, ValidationBatches, slice_dataset, train_read_tasks
+from ray_jobs.data import (
+    PreparedData,
+    ValidationBatches,
+    network_rows_on_device,
+    slice_dataset,
+    train_read_tasks,
+)
 from ray_jobs.images import ValidationImages
 
 logger = logging.getLogger(__name__)
@@ -125,14 +141,16 @@ def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig):
     return optimizer, scheduler
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    # Ray hands out read-only arrays; torch.tensor copies, which torch requires before any in-place use.
-    image = torch.tensor(batch["image"]).unsqueeze(1).to(device)
-    target = torch.tensor(batch["target"]).unsqueeze(1).to(device)
-    return image, target
+def _network_batch(batch: dict[str, Any], cfg: TrainConfig, device: torch.device) -> dict[str, torch.Tensor]:
+    """The batch on the device as (N, 1, H, W) image and target (plus mean and std), in the configured
+    memory format; hybrid rows are transformed there (``transform_on: trainer``)."""
+    rows = network_rows_on_device(batch, device)
+    rows["image"] = to_network_input(rows["image"].unsqueeze(1), cfg.channels_last)
+    rows["target"] = rows["target"].unsqueeze(1)
+    return rows
 
 
-def train_epoch(model, optimizer, cfg: TrainConfig, data: PreparedData, epoch: int, device) -> dict:
+def train_epoch(model, optimizer, scaler, cfg: TrainConfig, data: PreparedData, epoch: int, device) -> dict:
     rank, world_size = _world()
     provides = get_architecture(cfg.model).provides
     weights = cfg.active_penalties
@@ -149,9 +167,13 @@ def train_epoch(model, optimizer, cfg: TrainConfig, data: PreparedData, epoch: i
         local_shuffle_seed=stream_seed(cfg.seed, epoch, rank),
     )
     for step, batch in enumerate(batches):
-        image, target = _to_device(batch, device)
         started = time.perf_counter()
-        parts = training_loss(model(image, return_attention=True), target, weights, provides)
+        rows = _network_batch(batch, cfg, device)  # on the trainer's device: counted as its compute
+        image, target = rows["image"], rows["target"]
+        with autocast(cfg.precision, device):
+            result = model(image, return_attention=True)
+        # Loss, penalties and metrics in float32, outside the autocast region.
+        parts = training_loss(float32_result(result), target, weights, provides)
         compute_seconds += time.perf_counter() - started
         # Every rank must agree to stop, or the others would wait forever in the next all-reduce.
         finite = _all_reduce_sum([float(torch.isfinite(parts.total).item())], device, world_size)[0]
@@ -163,9 +185,7 @@ def train_epoch(model, optimizer, cfg: TrainConfig, data: PreparedData, epoch: i
                 "learning rate or the penalty weights"
             )
         started = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        parts.total.backward()
-        optimizer.step()
+        optimisation_step(parts.total, optimizer, scaler)  # fp16: scaled backward, skipped if inf
         compute_seconds += time.perf_counter() - started
         n = image.shape[0]
         loss_sum += parts.total.item() * n
@@ -194,13 +214,16 @@ def validate(model, cfg: TrainConfig, batches: Iterable[dict[str, Any]], device)
     """
     _, world_size = _world()
     architecture = get_architecture(cfg.model)
-    # The bare module: validation load differs between ranks, and DDP's forward may synchronise.
-    network = getattr(model, "module", model)
+    # The bare module: validation load differs between ranks, and DDP's forward may synchronise. Eager
+    # and in float32: validation is a small share of an epoch, and its metrics must not depend on the
+    # step's precision or on compilation.
+    network = unwrap(model)
     network.eval()
     volumes, mpand = VolumeMetricAccumulator(), MpandAccumulator()
     sums: Counter[str] = Counter()  # per-slice sums of the losses, and the slice count
     for batch in batches:
-        image, target = _to_device(batch, device)
+        rows = _network_batch(batch, cfg, device)
+        image, target = rows["image"], rows["target"]
         result = network(image, return_attention=True)
         # Every penalty the network supports, unweighted, for the report; val_loss is the reconstruction.
         loss = training_loss(result, target, {}, architecture.provides, log_inactive=True)
@@ -212,8 +235,7 @@ def validate(model, cfg: TrainConfig, batches: Iterable[dict[str, Any]], device)
         if architecture.has_attention:
             mpand.add([t.cpu() for t in result.skip_norms_before], [t.cpu() for t in result.skip_norms_after])
         # Metrics on un-normalised images, as fastMRI evaluates.
-        mean = torch.tensor(batch["mean"]).view(-1, 1, 1).to(device)
-        std = torch.tensor(batch["std"]).view(-1, 1, 1).to(device)
+        mean, std = rows["mean"].view(-1, 1, 1), rows["std"].view(-1, 1, 1)
         outputs = (result.output[:, 0] * std + mean).cpu().numpy()
         targets = (target[:, 0] * std + mean).cpu().numpy()
         volumes.add_slices(batch["fname"], batch["slice_num"], outputs, targets, batch["max_value"])
@@ -269,9 +291,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.deterministic:
         use_deterministic_algorithms()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
-    model = ray.train.torch.prepare_model(build_model(cfg.model, **cfg.model_hparams()))
     device = ray.train.torch.get_device()
+    # The memory format before DDP (it must see the final parameter layout), compilation around DDP.
+    network = prepare_network(
+        build_model(cfg.model, **cfg.model_hparams()), channels_last=cfg.channels_last, compile=False,
+        device=device,
+    )  # fmt: skip
+    model = ray.train.torch.prepare_model(network)
+    if cfg.compile:
+        model = compile_network(model, device=device)  # eager with one warning where it cannot work
     optimizer, scheduler = _make_optimizer(model, cfg)
+    scaler = make_grad_scaler(cfg.precision, device)
 
     validation_batches = ValidationBatches(data, cfg, rank, _world()[1])
     images = ValidationImages(
@@ -281,13 +311,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     start_epoch, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        start_epoch, history = load_checkpoint(checkpoint, model, optimizer, scheduler)
+        start_epoch, history = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
 
     for epoch in range(start_epoch, cfg.epochs):
         started = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
         try:
-            train_metrics = train_epoch(model, optimizer, cfg, data, epoch, device)
+            train_metrics = train_epoch(model, optimizer, scaler, cfg, data, epoch, device)
         except TrainingDivergedError as err:
             # Ends the run for good: an error would make Ray Train retry max_failures times, and every
             # retry would diverge again. The last report says so (the analysis lists the run as diverged).
@@ -315,10 +345,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         history.append(metrics)
         if rank == 0:
             logger.info(format_progress(metrics, cfg.epochs, config.get("baseline")))
-            images.write(getattr(model, "module", model), validation_batches, epoch + 1, device)
+            images.write(unwrap(model), validation_batches, epoch + 1, device)
         with tempfile.TemporaryDirectory() as directory:
             if rank == 0:
-                save_checkpoint(directory, model, optimizer, scheduler, epoch, history)
+                save_checkpoint(directory, model, optimizer, scheduler, epoch, history, scaler)
             ray.train.report(
                 metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
             )

@@ -7,6 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from mri_models.data import RandomMaskFunc, SliceDataset, UnetDataTransform, unet_sample
 from ray_jobs.config import make_train_config
@@ -14,6 +15,8 @@ from ray_jobs.data import (
     TRAIN_SPLIT,
     VAL_SPLIT,
     ValidationBatches,
+    iter_rows_locally,
+    network_rows_on_device,
     prepare_data,
     slice_dataset,
     train_read_tasks,
@@ -80,7 +83,7 @@ def _rows(ds):
 
 @pytest.mark.slow
 def test_validation_rows_equal_slice_dataset_transform(ray_local, tiny_root):
-    cfg = _cfg(tiny_root, center_fractions=[0.08, 0.04], accelerations=[4, 8])
+    cfg = _cfg(tiny_root, center_fractions=[0.08, 0.04], accelerations=[4, 8], transform="exact")
     data = prepare_data(cfg, tiny_root)
     rows = _rows(
         slice_dataset(val_read_tasks(data.val_slices, 0, 1, cfg.slices_per_read), cfg, training=False)
@@ -118,7 +121,7 @@ def test_validation_batches_are_produced_once_when_they_fit(ray_local, tiny_root
 
 @pytest.mark.slow
 def test_training_masks_change_every_epoch_and_are_reproducible(ray_local, tiny_root):
-    cfg = _cfg(tiny_root)
+    cfg = _cfg(tiny_root, transform="exact")  # compared with unet_sample bit for bit below
     data = prepare_data(cfg, tiny_root)
 
     def epoch_rows(epoch):
@@ -160,3 +163,69 @@ def test_prepare_data_subsamples_reproducibly(tiny_root):
     assert a.train_slices == b.train_slices
     assert len({path for path, _ in a.train_slices}) == 2
     assert all(path.startswith(str(tiny_root / TRAIN_SPLIT)) for path, _ in a.train_slices)
+
+
+def _network_rows(batches) -> dict:
+    """(fname, slice) -> image, target, mean, std (numpy) of batches of either row kind, through the trainer's
+    conversion on the CPU."""
+    out = {}
+    for batch in batches:
+        rows = network_rows_on_device(batch, torch.device("cpu"))
+        for i, slice_num in enumerate(batch["slice_num"]):
+            out[(batch["fname"][i], int(slice_num))] = {key: rows[key][i].numpy() for key in rows}
+    return out
+
+
+def _batches(rows: list[dict], size: int) -> list[dict]:
+    """Rows grouped into batches of ``size`` (columns as lists: ragged hybrids cannot be stacked)."""
+    chunks = [rows[i : i + size] for i in range(0, len(rows), size)]
+    return [{key: [row[key] for row in chunk] for key in chunk[0]} for chunk in chunks]
+
+
+def _assert_rows_close(reference: dict, rows: dict) -> None:
+    # The fast and trainer-side transforms are float32 computations in another order: 1e-5 of the largest
+    # magnitude (tests/test_fast_transform.py says why, and checks them against fastmri itself).
+    assert rows.keys() == reference.keys() and rows
+    for key, ref in reference.items():
+        for name in ("image", "target", "mean", "std"):
+            scale = float(np.abs(ref[name]).max())
+            np.testing.assert_allclose(rows[key][name], ref[name], rtol=1e-5, atol=1e-5 * scale, err_msg=name)
+
+
+def test_fast_and_trainer_side_rows_equal_the_exact_rows(tiny_root):
+    """Training rows of every transform design agree (the same masks: seeds do not depend on the design);
+    tiny_root's volumes differ in width, so the trainer-side batches are ragged."""
+    designs = {
+        "exact": {},
+        "fast": {"transform": "fast"},
+        "trainer": {"transform": "fast", "transform_on": "trainer"},
+    }
+    rows = {}
+    for name, options in designs.items():
+        cfg = _cfg(tiny_root, **options)
+        data = prepare_data(cfg, tiny_root)
+        tasks = train_read_tasks(data.train_slices, 3, 0, 1, cfg.seed, cfg.slices_per_read)
+        batches = _batches(list(iter_rows_locally(tasks, cfg, training=True, epoch=3)), size=3)
+        assert ("hybrid" in batches[0]) == (name == "trainer")
+        rows[name] = _network_rows(batches)
+    _assert_rows_close(rows["exact"], rows["fast"])
+    _assert_rows_close(rows["exact"], rows["trainer"])
+    # Validation rows are made by the read tasks whatever transform_on says (they are kept per run).
+    cfg = _cfg(tiny_root, transform_on="trainer")
+    data = prepare_data(cfg, tiny_root)
+    val = list(iter_rows_locally(val_read_tasks(data.val_slices, 0, 1, 8), cfg, training=False))
+    assert all("image" in batch and "hybrid" not in batch for batch in val)
+
+
+@pytest.mark.slow
+def test_trainer_side_rows_through_ray_data_equal_the_exact_rows(ray_local, tiny_root):
+    """Ragged hybrid rows (volumes of different widths) batched by Ray Data, transformed on the trainer."""
+    # Batches of 3 straddle the 4-slice volumes (one read task each), so some mix two widths.
+    exact, trainer = _cfg(tiny_root), _cfg(tiny_root, transform="fast", transform_on="trainer", batch_size=3)
+    data = prepare_data(exact, tiny_root)
+    tasks = train_read_tasks(data.train_slices, 1, 0, 1, exact.seed, exact.slices_per_read)
+    reference = _network_rows(_batches(list(iter_rows_locally(tasks, exact, training=True, epoch=1)), size=4))
+    dataset = slice_dataset(tasks, trainer, training=True, epoch=1)
+    batches = list(dataset.iter_batches(batch_size=3, batch_format="numpy"))
+    assert any(len({np.shape(h) for h in batch["hybrid"]}) > 1 for batch in batches), "no ragged batch"
+    _assert_rows_close(reference, _network_rows(batches))

@@ -46,8 +46,10 @@ def _conv1x1(weight: Tensor, features: Tensor) -> Tensor:
     matrix = weight.view(weight.shape[0], features.shape[1])
     if features.shape[0] == 1:
         # fastMRI trains with batch size 1: a plain 2-D mm, no broadcast weight or batched matmul (whose
-        # backward would expand the weight and copy).
-        return torch.mm(matrix, features[0]).unsqueeze(0)
+        # backward would expand the weight and copy). A view, not ``features[0]``: the backward of a
+        # ``select`` materialises a zero-filled (1, C, P) tensor and copies the gradient into it, two
+        # passes over the plane per product that cost ~12% of the gate (6 fills + 6 copies per level).
+        return torch.mm(matrix, features.view(features.shape[1], -1)).unsqueeze(0)
     return torch.matmul(matrix, features)
 
 
