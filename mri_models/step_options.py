@@ -263,6 +263,20 @@ def to_network_input(tensor: Tensor, channels_last: bool) -> Tensor:
     return torch.empty_like(tensor, memory_format=torch.channels_last).copy_(tensor)
 
 
+def check_precision_supported(precision: Precision, device: str | torch.device) -> None:
+    """Raise one readable line when the device cannot run ``precision`` (bf16 on a pre-Ampere GPU).
+
+    Raises:
+        ValueError: naming the device and what to use instead.
+    """
+    device = _device(device)
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f"precision=bf16: {torch.cuda.get_device_name(device)} has no bfloat16 support; "
+            "use precision=fp16 (with loss scaling) or fp32"
+        )
+
+
 @contextlib.contextmanager
 def autocast(precision: Precision, device: str | torch.device) -> Iterator[None]:
     """Context for the network's forward pass in the given precision (``torch.autocast``).

@@ -285,6 +285,15 @@ PROFILES: dict[str, dict[str, Any]] = {
         # Data in S3 is read whole once per node, then from local disk: the single-coil knee train and val
         # splits (~108 GB) fit the GPU nodes' 200 GB volume (cluster.yaml). No effect on local data.
         "data_cache_gb": 150,
+        # GPU nodes: bf16 autocast with NHWC tensors is what Ampere's tensor cores (the A10G of
+        # cluster.yaml) run fastest, at 0.65x the activation memory (benchmarks/gpu_step.py). The
+        # transform's mask, column FFT and normalisation run on the GPU, so the node's CPUs only read and
+        # do the readout FFT (1.2 ms per slice, 0.23x fastMRI's 5.2 ms: benchmarks/README.md). Not
+        # compiled: on CPU Inductor made the attention gates slower (benchmarks/README.md); measure with
+        # gpu_step.py on a GPU node before turning it on.
+        "precision": "bf16",
+        "channels_last": True,
+        "transform_on": "trainer",
     },
 }
 

@@ -19,6 +19,11 @@ inverse FFT, crop, normalise) runs in the same Ray Data CPU task, next to the re
 float32 per slice travels to the trainer instead of the oversampled complex k-space and target (2.8x
 fewer bytes at fastMRI's 640 x 368 -> 320 x 320), while the transform costs the trainer's CPU nothing.
 ``benchmarks/data_pipeline.py`` measures the choice.
+
+With ``transform_on: trainer`` the read tasks stop after the mask-independent half of the transform (the
+readout inverse FFT of the rows the crop keeps) and ship that "hybrid" k-space with the slice's column mask;
+the trainer finishes the transform batched on its device (:func:`network_rows_on_device`), so on GPU nodes
+the CPUs only read. Validation rows are always finished by the read tasks: they are made once per run.
 """
 
 from __future__ import annotations

@@ -32,6 +32,7 @@ from mri_models.metrics import (
 from mri_models.models import build_model, get_architecture
 from mri_models.step_options import (
     autocast,
+    check_precision_supported,
     compile_network,
     float32_result,
     make_grad_scaler,
@@ -292,6 +293,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         use_deterministic_algorithms()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
     device = ray.train.torch.get_device()
+    check_precision_supported(cfg.precision, device)  # before any step: one line naming the device
     # The memory format before DDP (it must see the final parameter layout), compilation around DDP.
     network = prepare_network(
         build_model(cfg.model, **cfg.model_hparams()), channels_last=cfg.channels_last, compile=False,
