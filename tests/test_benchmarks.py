@@ -1,7 +1,9 @@
-"""The benchmark scripts still import and parse their flags (they are run by hand, not by the suite)."""
+"""The benchmark scripts still import and parse their flags (they are run by hand); the GPU step benchmark
+also runs its tiny CPU setting."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -18,3 +20,16 @@ def test_benchmark_script_starts(script):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "usage:" in done.stdout
+
+
+@pytest.mark.slow
+def test_gpu_step_benchmark_runs_its_tiny_setting_on_cpu():
+    """The GPU benchmark's code path (fp32 eager against bf16 + channels_last + compile, both networks,
+    peak memory) runs end to end on CPU, so it is known to work before anyone takes it to a GPU node."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_step.py"
+    command = [sys.executable, str(script), "--tiny"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    models = ("U-Net", "Sparse Attention U-Net")
+    rows = [line for line in done.stdout.splitlines() if line.startswith(models)]
+    assert len(rows) == 4 and all(re.search(r"\d\.\d\dx", row) for row in rows), done.stdout  # ratios
