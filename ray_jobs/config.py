@@ -74,10 +74,10 @@ class TrainConfig(BaseModel):
     center_fractions: tuple[float, ...] = (0.08,)
     accelerations: tuple[int, ...] = (4,)
     slices_per_read: int = Field(8, ge=1, description="slices one Ray Data task reads from one file")
-    # How k-space becomes the network input (mri_models/data/transforms.py): "exact" repeats fastMRI's
-    # UnetDataTransform operation for operation (bit-equal); "fast" does the readout inverse FFT once on
-    # the rows the crop keeps (equal within float32 rounding). Where it runs: in the Ray Data read tasks,
-    # or batched on the trainer's device (the GPU on GPU nodes).
+    # How k-space becomes the network input: "exact" repeats fastMRI's UnetDataTransform operation for
+    # operation (bit-equal, mri_models/data/transforms.py); "fast" does the readout inverse FFT once on the
+    # rows the crop keeps (equal within float32 rounding, mri_models/data/hybrid_transforms.py). Where it
+    # runs: in the Ray Data read tasks, or batched on the trainer's device (the GPU on GPU nodes).
     transform: Literal["exact", "fast"] = "fast"
     transform_on: Literal["read_tasks", "trainer"] = "read_tasks"
     data_cache_gb: float = Field(

@@ -45,16 +45,11 @@ from filelock import FileLock
 
 from mri_models.data import store
 from mri_models.data.cache import FileCache, default_file_cache_dir
+from mri_models.data.hybrid_transforms import hybrid_batch_to_images, hybrid_sample, unet_sample_fast
 from mri_models.data.slice_dataset import RawSample, list_volumes, subsample_slices
 from mri_models.data.subsample import create_mask_func
 from mri_models.data.synthetic import generate_dataset
-from mri_models.data.transforms import (
-    hybrid_batch_to_images,
-    hybrid_sample,
-    unet_sample,
-    unet_sample_fast,
-    volume_mask_seed,
-)
+from mri_models.data.transforms import unet_sample, volume_mask_seed
 from mri_models.data.validate import check_root
 from mri_models.data.volume import KSPACE_KEY, TARGET_KEY
 from ray_jobs.config import SYNTHETIC_DATA, ConfigError, TrainConfig, default_data_dir

@@ -1,5 +1,6 @@
-"""The hybrid k-space transforms (``unet_sample_fast``, ``readout_ifft``, the batched trainer-side function)
-against the ``fastmri`` package itself and against each other.
+"""The hybrid k-space transforms of ``mri_models/data/hybrid_transforms.py`` (``unet_sample_fast``,
+``readout_ifft``, the batched trainer-side function) against the ``fastmri`` package itself and against each
+other.
 
 They are not bit-for-bit (that is ``unet_sample``'s job, tested in ``test_data_parity.py``): the 2-D inverse
 FFT is done as two 1-D FFTs, unsampled columns are skipped rather than multiplied by zero, the magnitude and
@@ -18,7 +19,7 @@ from fastmri.data import subsample as ref_subsample
 from fastmri.data import transforms as ref_transforms
 
 from mri_models.data import subsample
-from mri_models.data.transforms import (
+from mri_models.data.hybrid_transforms import (
     HybridSample,
     draw_column_mask,
     hybrid_batch_to_images,
@@ -26,8 +27,8 @@ from mri_models.data.transforms import (
     masked_hybrid_to_images,
     readout_ifft,
     unet_sample_fast,
-    volume_mask_seed,
 )
+from mri_models.data.transforms import volume_mask_seed
 from tests.conftest import centre_crop, centred_ifft2
 
 MASK_PAIRS = {
