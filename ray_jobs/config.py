@@ -73,7 +73,10 @@ class TrainConfig(BaseModel):
     mask_type: Literal["random", "equispaced", "equispaced_fraction"] = "random"
     center_fractions: tuple[float, ...] = (0.08,)
     accelerations: tuple[int, ...] = (4,)
-    slices_per_read: int = Field(8, ge=1, description="slices one Ray Data task reads from one file")
+    slices_per_read: int = Field(8, ge=1, description="consecutive slices of one file read at once (a chunk)")
+    chunks_per_task: int = Field(
+        4, ge=1, description="chunks one Ray Data task reads: fewer, larger tasks, the same rows in order"
+    )
     # How k-space becomes the network input: "exact" repeats fastMRI's UnetDataTransform operation for
     # operation (bit-equal, mri_models/data/transforms.py); "fast" does the readout inverse FFT once on the
     # rows the crop keeps (equal within float32 rounding, mri_models/data/hybrid_transforms.py). Where it

@@ -229,3 +229,23 @@ def test_trainer_side_rows_through_ray_data_equal_the_exact_rows(ray_local, tiny
     batches = list(dataset.iter_batches(batch_size=3, batch_format="numpy"))
     assert any(len({np.shape(h) for h in batch["hybrid"]}) > 1 for batch in batches), "no ragged batch"
     _assert_rows_close(reference, _network_rows(batches))
+
+
+@pytest.mark.slow
+def test_several_chunks_per_task_give_the_same_rows_in_the_same_order(ray_local, tiny_root):
+    cfg = _cfg(tiny_root, slices_per_read=2)  # 8 chunks of 2 slices: tasks of 1, 3 (uneven) and 8 chunks
+    data = prepare_data(cfg, tiny_root)
+    tasks = train_read_tasks(data.train_slices, 2, 0, 1, cfg.seed, cfg.slices_per_read)
+
+    def ordered_rows(chunks_per_task: int) -> list:
+        grouped = cfg.model_copy(update={"chunks_per_task": chunks_per_task})
+        dataset = slice_dataset(tasks, grouped, training=True)
+        return [
+            (batch["fname"][i], int(batch["slice_num"][i]), batch["image"][i].tobytes())
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy")
+            for i in range(len(batch["slice_num"]))
+        ]
+
+    one = ordered_rows(1)
+    assert len(one) == 16
+    assert ordered_rows(3) == one and ordered_rows(8) == one

@@ -396,7 +396,10 @@ def hybrid_batch_to_images(
     device = torch.device(device or "cpu")
 
     def stack(items: Sequence[Any], where: list[int]) -> torch.Tensor:
-        return torch.stack([torch.as_tensor(np.asarray(items[i])) for i in where]).to(device)
+        if all(isinstance(items[i], torch.Tensor) for i in where):
+            return torch.stack([items[i] for i in where]).to(device)
+        # np.stack copies into one new, writable array (Ray hands out read-only ones), which torch shares.
+        return torch.from_numpy(np.stack([np.asarray(items[i]) for i in where])).to(device)
 
     groups: dict[int, list[int]] = {}
     for i in range(count):
