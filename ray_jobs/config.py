@@ -74,8 +74,9 @@ class TrainConfig(BaseModel):
     center_fractions: tuple[float, ...] = (0.08,)
     accelerations: tuple[int, ...] = (4,)
     slices_per_read: int = Field(8, ge=1, description="consecutive slices of one file read at once (a chunk)")
+    # 1 until understood: with 4, a 2-rank DDP test run hung in the Ray Data pipelines (benchmarks/README.md).
     chunks_per_task: int = Field(
-        4, ge=1, description="chunks one Ray Data task reads: fewer, larger tasks, the same rows in order"
+        1, ge=1, description="chunks one Ray Data task reads: fewer, larger tasks, the same rows in order"
     )
     # How k-space becomes the network input: "exact" repeats fastMRI's UnetDataTransform operation for
     # operation (bit-equal, mri_models/data/transforms.py); "fast" does the readout inverse FFT once on the
