@@ -22,25 +22,14 @@ import scipy.fft
 import torch
 
 from mri_models.data.subsample import MaskFunc, Seed
-from mri_models.data.transforms import CLAMP, NORMALISATION_EPS, UnetSample, crop_bounds, center_crop
-
-
-def unet_crop_size(num_cols: int, target: np.ndarray | None, attrs: Mapping[str, Any]) -> tuple[int, int]:
-    """The (rows, cols) ``unet_sample`` crops to: the target's, else ``recon_size``, with fastMRI's guard.
-
-    Args:
-        num_cols: number of k-space (and so image) columns.
-        target: (h, w) target of the slice, or None.
-        attrs: file attributes merged with header metadata (``recon_size`` is used without target).
-    """
-    if target is not None:
-        crop_size = (int(target.shape[-2]), int(target.shape[-1]))
-    else:
-        crop_size = (int(attrs["recon_size"][0]), int(attrs["recon_size"][1]))
-    # fastMRI's guard for a few brain volumes (FLAIR 203) narrower than the recon size.
-    if num_cols < crop_size[1]:
-        crop_size = (num_cols, num_cols)
-    return crop_size
+from mri_models.data.transforms import (
+    CLAMP,
+    NORMALISATION_EPS,
+    UnetSample,
+    center_crop,
+    crop_bounds,
+    unet_crop_size,
+)
 
 
 def _unshifted_positions(n: int, start: int, length: int) -> np.ndarray:

@@ -126,7 +126,9 @@ def list_files(directory: str, suffix: str = ".h5") -> list[FileEntry]:
     except OSError as err:
         raise DataStoreError(f"{directory}: {_first_line(err)}") from None
     entries = [
-        FileEntry(join(directory, info.base_name), info.base_name, int(info.size or 0), int(info.mtime_ns or 0))
+        FileEntry(
+            join(directory, info.base_name), info.base_name, int(info.size or 0), int(info.mtime_ns or 0)
+        )
         for info in infos
         if info.type == pafs.FileType.File and info.base_name.endswith(suffix)
     ]

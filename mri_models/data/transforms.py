@@ -118,6 +118,24 @@ def volume_mask_seed(fname: str) -> tuple[int, ...]:
     return tuple(map(ord, fname))
 
 
+def unet_crop_size(num_cols: int, target: np.ndarray | None, attrs: Mapping[str, Any]) -> tuple[int, int]:
+    """The (rows, cols) ``unet_sample`` crops to: the target's, else ``recon_size``, with fastMRI's guard.
+
+    Args:
+        num_cols: number of k-space (and so image) columns.
+        target: (h, w) target of the slice, or None.
+        attrs: file attributes merged with header metadata (``recon_size`` is used without target).
+    """
+    if target is not None:
+        crop_size = (int(target.shape[-2]), int(target.shape[-1]))
+    else:
+        crop_size = (int(attrs["recon_size"][0]), int(attrs["recon_size"][1]))
+    # fastMRI's guard for a few brain volumes (FLAIR 203) narrower than the recon size.
+    if num_cols < crop_size[1]:
+        crop_size = (num_cols, num_cols)
+    return crop_size
+
+
 def unet_sample(
     kspace: np.ndarray,
     target: np.ndarray | None,
@@ -143,13 +161,7 @@ def unet_sample(
     if mask_func is not None:
         kspace_torch = apply_mask(kspace_torch, mask_func, seed=mask_seed)[0]
     image = ifft2c(kspace_torch)
-    if target is not None:
-        crop_size = (target.shape[-2], target.shape[-1])
-    else:
-        crop_size = (attrs["recon_size"][0], attrs["recon_size"][1])
-    # fastMRI's guard for a few brain volumes (FLAIR 203) narrower than the recon size.
-    if image.shape[-2] < crop_size[1]:
-        crop_size = (image.shape[-2], image.shape[-2])
+    crop_size = unet_crop_size(image.shape[-2], target, attrs)
     image = complex_abs(complex_center_crop(image, crop_size))
     image, mean, std = normalize_instance(image, eps=NORMALISATION_EPS)
     image = image.clamp(-CLAMP, CLAMP)
