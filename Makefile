@@ -34,9 +34,9 @@ browser:
 test: lint browser
 	$(PY) -m pytest -q
 
-# The multi-node / node-loss test alone, printing its node-loss timeline (opt-in: tests/test_multinode.py).
+# The multi-node / node-loss test alone (it is part of `make test`), printing its node-loss timeline.
 test-multinode: install
-	MRI_MULTINODE_TESTS=1 $(PY) -m pytest -q -s tests/test_multinode.py
+	$(PY) -m pytest -q -s tests/test_multinode.py
 
 # A local Ray head (token authentication on) unless one is running; then the cluster check.
 RAY_HEAD := . $(VENV)/bin/activate && export RAY_AUTH_MODE=token && \

@@ -93,6 +93,26 @@ def make_fastmri_volume(
     return path
 
 
+class DriverProcess(subprocess.Popen):
+    """A sweep or study driver started in a session of its own, its output going to a log file.
+
+    Never to a pipe: a pipe that nobody reads while the driver runs fills at 64 KiB, and then the driver's
+    next print blocks. A Tune driver printing the worker logs Ray forwards to it stops its control loop
+    there, while its trials keep training and no result reaches Tune: the sweep hangs.
+    """
+
+    def __init__(self, command: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        with log.open("w") as out:  # the child keeps its own descriptor
+            super().__init__(command, env=env, stdout=out, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)  # fmt: skip
+
+    def output(self, timeout: float | None = None) -> str:
+        """Wait for the driver to end (``timeout`` seconds at most) and return everything it printed."""
+        self.wait(timeout=timeout)
+        return self.log.read_text()
+
+
 def finished_trials(experiment: Path, last_epoch: int = 2) -> dict[str, str]:
     """``result.json`` of every Tune trial of ``experiment`` that reported ``last_epoch`` (smoke: 2)."""
     finished = {}
@@ -103,7 +123,7 @@ def finished_trials(experiment: Path, last_epoch: int = 2) -> dict[str, str]:
     return finished
 
 
-def kill_once_a_trial_finished(driver: subprocess.Popen, experiment: Path) -> dict[str, str]:
+def kill_once_a_trial_finished(driver: DriverProcess, experiment: Path) -> dict[str, str]:
     """SIGKILL a sweep driver's process group once one of its trials finished; returns those trials."""
     deadline = time.monotonic() + 300
     while not finished_trials(experiment) and time.monotonic() < deadline and driver.poll() is None:

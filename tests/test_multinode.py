@@ -23,15 +23,7 @@ import pandas as pd
 import pytest
 
 from ray_jobs.tune import TRIAL_DRIVER_RESOURCE
-from tests.conftest import _free_port
-
-# Opt-in (`make test-multinode`, MRI_MULTINODE_TESTS=1) until one intermittent failure is understood: in
-# about one run in five beside the suite's shared head, no trial of this cluster reports its first epoch
-# within 400 s (seen last session and in one of four fresh-clone CI runs of 2026-11-24, when its head's
-# metrics servers also failed to bind ports the shared head holds). Alone it has always passed.
-pytestmark = pytest.mark.skipif(
-    not os.environ.get("MRI_MULTINODE_TESTS"), reason="run with `make test-multinode` (MRI_MULTINODE_TESTS=1)"
-)
+from tests.conftest import DriverProcess, _free_port
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -107,47 +99,58 @@ def _kill_sessions(sessions: set[int]) -> None:
                 os.kill(int(stat.parent.name), signal.SIGKILL)
 
 
+def _own_ports() -> list[str]:
+    """``ray start`` flags giving a node free ports of its own for every server it starts.
+
+    The suite's shared head holds Ray's default ports; a second cluster on the same machine must not race
+    it for them (a node whose metrics agent cannot bind leaves its workers logging export errors).
+    """
+    flags = ["node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+             "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port"]  # fmt: skip
+    return [f"--{flag}={_free_port()}" for flag in flags]
+
+
 @pytest.fixture
 def multinode_cluster() -> Iterator[MultiNodeCluster]:
     port, dashboard_port = _free_port(), _free_port()
     address = f"127.0.0.1:{port}"
     env = {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    # The head's dashboard and autoscaler metrics servers take their ports from the environment only.
+    head_env = {
+        **env,
+        "DASHBOARD_METRIC_PORT": str(_free_port()),
+        "AUTOSCALER_METRIC_PORT": str(_free_port()),
+    }
     sessions: set[int] = set()
     try:
         resources = json.dumps({TRIAL_DRIVER_RESOURCE: 1000})
         sessions.add(_ray_start(
             ["--head", f"--port={port}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
-             "--num-cpus=0", f"--resources={resources}"], env,
+             f"--ray-client-server-port={_free_port()}", "--num-cpus=0", f"--resources={resources}",
+             *_own_ports()], head_env,
         ))  # fmt: skip
         worker_ports = []
         for index in range(2):
-            node_manager_port = _free_port()
+            flags = _own_ports()
             marker = json.dumps({f"{WORKER_MARKER}{index}": 1})
-            sessions.add(_ray_start(
-                [f"--address={address}", "--num-cpus=1", f"--resources={marker}",
-                 f"--node-manager-port={node_manager_port}", f"--object-manager-port={_free_port()}",
-                 f"--dashboard-agent-listen-port={_free_port()}",
-                 f"--dashboard-agent-grpc-port={_free_port()}", f"--metrics-export-port={_free_port()}",
-                 f"--runtime-env-agent-port={_free_port()}"], env,
-            ))  # fmt: skip
-            worker_ports.append(node_manager_port)
+            sessions.add(
+                _ray_start([f"--address={address}", "--num-cpus=1", f"--resources={marker}", *flags], env)
+            )
+            worker_ports.append(int(flags[0].split("=")[1]))  # the node manager's port names the raylet
         yield MultiNodeCluster(address, f"http://127.0.0.1:{dashboard_port}", env, worker_ports)
     finally:
         _kill_sessions(sessions)
 
 
-def _sweep(cluster: MultiNodeCluster, storage: Path, name: str) -> subprocess.Popen:
+def _sweep(cluster: MultiNodeCluster, storage: Path, name: str) -> DriverProcess:
     """The smoke gamma sweep (3 trials, one seed) at full budget; chans 16 makes epochs last seconds."""
     overrides = ["seeds=[0]", f"epochs={EPOCHS}", "image_every_epochs=0", "scheduler.type=fifo",
                  "cpus_per_worker=0.75", "chans=16"]  # fmt: skip
     command = [sys.executable, str(REPO / "sweeps" / "gamma_sweep.py"), "--profile", "smoke",
                "--storage", str(storage), "--name", name]  # fmt: skip
     command += [arg for override in overrides for arg in ("--set", override)]
-    return subprocess.Popen(
-        command, env=cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
+    return DriverProcess(command, cluster.env, storage / f"{name}.log")
 
 
 def _reports(experiment: Path) -> dict[str, list[dict]]:
@@ -180,7 +183,7 @@ def test_sweep_spreads_over_nodes_and_survives_a_lost_node(multinode_cluster, tm
             seen.append((round(time.monotonic() - deadline + 400), progress, sorted(busy)))
     if victim is None or driver.poll() is not None:
         driver.kill()
-        out = driver.communicate()[0]
+        out = driver.output()
         pytest.fail(f"no trial mid-run on a worker node; polls (s, epochs per trial, nodes with a live Train "
                     f"worker): {seen[-5:]}; worker nodes {nodes}; driver output:\n{out[-4000:]}")  # fmt: skip
     before = _reports(experiment)
@@ -189,7 +192,7 @@ def test_sweep_spreads_over_nodes_and_survives_a_lost_node(multinode_cluster, tm
     while cluster.node_state(nodes[victim]) != "DEAD" and time.time() - killed_at < 120:
         time.sleep(0.5)
     detected_after = time.time() - killed_at
-    out, _ = driver.communicate(timeout=900)
+    out = driver.output(timeout=900)
     finished_after = time.time() - killed_at
     assert driver.returncode == 0, out[-5000:]
 

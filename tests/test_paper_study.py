@@ -30,7 +30,7 @@ from mri_models.cost import count_parameters, measure_costs
 from mri_models.experiment import StudyLayout
 from mri_models.models import build_model
 from tests.analysis_fixtures import ZERO_FILLED, TrialPlan, canned_spec, make_data_root, write_experiment
-from tests.conftest import kill_once_a_trial_finished
+from tests.conftest import DriverProcess, kill_once_a_trial_finished
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -249,28 +249,25 @@ def test_smoke_study_submitted_as_a_job(ray_head, tmp_path):
     assert "findings:" in done.stdout and "report:" in done.stdout
 
 
-def _study_process(ray_head, storage: Path, *extra: str) -> subprocess.Popen:
+def _study_process(ray_head, storage: Path, log: str, *extra: str) -> DriverProcess:
     command = [sys.executable, str(REPO / "sweeps" / "paper_study.py"), "--profile", "smoke", "--storage",
                str(storage), "--name", "killed", "--set", "seeds=[0]", *extra]  # fmt: skip
-    return subprocess.Popen(
-        command, env=ray_head.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        start_new_session=True,
-    )  # fmt: skip
+    return DriverProcess(command, ray_head.env, storage / f"{log}.log")
 
 
 @pytest.mark.slow
 def test_interrupted_study_resumes_where_it_stopped(ray_head, tmp_path):
     layout = StudyLayout(str(tmp_path / "killed"))
     comparison = Path(layout.model_comparison.path)
-    driver = _study_process(ray_head, tmp_path)
+    driver = _study_process(ray_head, tmp_path, "first")
     finished_before = kill_once_a_trial_finished(driver, comparison)
 
-    refused = _study_process(ray_head, tmp_path)
-    out, _ = refused.communicate(timeout=60)
+    refused = _study_process(ray_head, tmp_path, "refused")
+    out = refused.output(timeout=60)
     assert refused.returncode == 2 and "pass --resume" in out and out.count("\n") <= 3, out
 
-    resumed = _study_process(ray_head, tmp_path, "--resume")
-    out, _ = resumed.communicate(timeout=900)
+    resumed = _study_process(ray_head, tmp_path, "resumed", "--resume")
+    out = resumed.output(timeout=900)
     assert resumed.returncode == 0, out[-4000:]
     for name, text in finished_before.items():
         assert (comparison / name / "result.json").read_text() == text, f"{name} was run again"
@@ -280,7 +277,7 @@ def test_interrupted_study_resumes_where_it_stopped(ray_head, tmp_path):
     assert Path(layout.report_dir, "report.md").is_file()
 
     # Resuming a finished study trains nothing again: both sweeps are recorded as finished.
-    again = _study_process(ray_head, tmp_path, "--resume")
-    out, _ = again.communicate(timeout=300)
+    again = _study_process(ray_head, tmp_path, "again", "--resume")
+    out = again.output(timeout=300)
     assert again.returncode == 0, out[-4000:]
     assert "model_comparison: finished earlier" in out and "gamma_sweep: finished earlier" in out

@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from mri_models.experiment import ASHA_STATE_FILE
 from ray_jobs.images import image_epochs
 from sweeps.run import sweep_main
-from tests.conftest import kill_once_a_trial_finished
+from tests.conftest import DriverProcess, kill_once_a_trial_finished
 
 REPO = Path(__file__).resolve().parents[1]
 GAMMA_SWEEP = REPO / "sweeps" / "gamma_sweep.py"
@@ -95,44 +95,24 @@ def test_smoke_gamma_sweep_submitted_as_a_job(ray_head, tmp_path):
     assert all(name in report for name in pngs)
 
 
-def _start_sweep(ray_head, storage: Path, *extra: str) -> subprocess.Popen:
-    command = [
-        sys.executable,
-        str(GAMMA_SWEEP),
-        "--profile",
-        "smoke",
-        "--storage",
-        str(storage),
-        "--name",
-        "killed",
-        "--set",
-        "seeds=[0]",
-        "--set",
-        "max_concurrent_trials=1",
-        *extra,
-    ]
-    return subprocess.Popen(
-        command,
-        env=ray_head.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
+def _start_sweep(ray_head, storage: Path, log: str, *extra: str) -> DriverProcess:
+    command = [sys.executable, str(GAMMA_SWEEP), "--profile", "smoke", "--storage", str(storage), "--name",
+               "killed", "--set", "seeds=[0]", "--set", "max_concurrent_trials=1", *extra]  # fmt: skip
+    return DriverProcess(command, ray_head.env, storage / f"{log}.log")
 
 
 @pytest.mark.slow
 def test_killed_driver_resumes_without_rerunning_finished_trials(ray_head, tmp_path):
     experiment = tmp_path / "killed"
-    driver = _start_sweep(ray_head, tmp_path)
+    driver = _start_sweep(ray_head, tmp_path, "first")
     finished_before = kill_once_a_trial_finished(driver, experiment)
 
-    again = _start_sweep(ray_head, tmp_path)
-    out, _ = again.communicate(timeout=30)
+    again = _start_sweep(ray_head, tmp_path, "again")
+    out = again.output(timeout=30)
     assert again.returncode == 2 and "pass --resume" in out
 
-    resumed = _start_sweep(ray_head, tmp_path, "--resume")
-    out, _ = resumed.communicate(timeout=600)
+    resumed = _start_sweep(ray_head, tmp_path, "resumed", "--resume")
+    out = resumed.output(timeout=600)
     assert resumed.returncode == 0, out[-4000:]
     trials = _trials(experiment)
     assert len(trials) == 3 and set(trials["status"]) <= {"completed", "stopped"}
