@@ -419,6 +419,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=TrainConfig.model_fields["slices_per_read"].default,
         help="slices per Ray Data read task (TrainConfig default)",
     )
+    parser.add_argument(
+        "--chunks-per-task",
+        type=int,
+        default=TrainConfig.model_fields["chunks_per_task"].default,
+        help="chunks of --slices-per-read slices one Ray Data task reads (TrainConfig default)",
+    )
     parser.add_argument("--batch-size", type=int, default=1, help="iter_batches batch size (fastMRI uses 1)")
     parser.add_argument(
         "--shuffle-buffer",
@@ -451,7 +457,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(
-        seed=0, slices_per_read=args.slices_per_read, data_cpus_per_task=args.data_cpus_per_task
+        seed=0,
+        slices_per_read=args.slices_per_read,
+        chunks_per_task=args.chunks_per_task,
+        data_cpus_per_task=args.data_cpus_per_task,
     )
     tmp = None
     root = args.data_root
@@ -461,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"data pipeline benchmark {time.strftime('%Y-%m-%d %H:%M')}  cpus={args.cpus} (os {os.cpu_count()})  "
         f"torch threads={args.threads}  volumes={args.volumes} x slices={args.slices}  epochs={args.epochs}  "
-        f"slices_per_read={cfg.slices_per_read}  data_cpus_per_task={cfg.data_cpus_per_task}"
+        f"slices_per_read={cfg.slices_per_read}  chunks_per_task={cfg.chunks_per_task}  "
+        f"data_cpus_per_task={cfg.data_cpus_per_task}"
     )
     try:
         datasets = {}

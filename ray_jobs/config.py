@@ -74,9 +74,11 @@ class TrainConfig(BaseModel):
     center_fractions: tuple[float, ...] = (0.08,)
     accelerations: tuple[int, ...] = (4,)
     slices_per_read: int = Field(8, ge=1, description="consecutive slices of one file read at once (a chunk)")
-    # 1 until understood: with 4, a 2-rank DDP test run hung in the Ray Data pipelines (benchmarks/README.md).
+    # 8 (64 slices per Ray task): Ray Data's per-task and block costs shrink against the work, 0.91x -> ~1.6x
+    # fastMRI's DataLoader at 640 x 368 on 2 cores (benchmarks/README.md). It decides block boundaries, which
+    # the trainer's local shuffle buffer sees: a run's batches depend on it as they do on its seed.
     chunks_per_task: int = Field(
-        1, ge=1, description="chunks one Ray Data task reads: fewer, larger tasks, the same rows in order"
+        8, ge=1, description="chunks one Ray Data task reads: fewer, larger tasks, the same rows in order"
     )
     # How k-space becomes the network input: "exact" repeats fastMRI's UnetDataTransform operation for
     # operation (bit-equal, mri_models/data/transforms.py); "fast" does the readout inverse FFT once on the
