@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +31,12 @@ from mri_models.data.volume import build_ismrmrd_header, write_volume
 # ~/.ray/auth_token, after which the user's own `ray start --head` + `ray.init()` fails to authenticate.
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+
+# matplotlib keeps its font cache and config in ~/.cache/matplotlib and ~/.config/matplotlib unless
+# MPLCONFIGDIR says otherwise; the tests (and the analysis subprocesses, which inherit it) use a temporary
+# one, removed when the session ends.
+_MATPLOTLIB_DIR = tempfile.TemporaryDirectory(prefix="mri_models_tests_mpl_")
+os.environ.setdefault("MPLCONFIGDIR", _MATPLOTLIB_DIR.name)
 
 
 @pytest.fixture(scope="session", autouse=True)
