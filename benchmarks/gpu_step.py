@@ -30,7 +30,7 @@ from collections.abc import Callable
 import torch
 from train_step import Variant, print_table
 
-from mri_models.cost import _cpu_allocator_peak
+from mri_models.cost import peak_bytes_during
 from mri_models.losses import training_loss
 from mri_models.models import AttentionOutput, ImageOutput, build_model
 from mri_models.step_options import (
@@ -86,22 +86,6 @@ def make_step(
     return step, variant.compile and not caught
 
 
-def peak_step_bytes(step: Callable[[], None], device: torch.device) -> int:
-    """Peak bytes allocated during one step above what was allocated before it."""
-    if device.type == "cuda":
-        _sync(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        _sync(device)
-        return torch.cuda.max_memory_allocated(device) - before
-    with torch.profiler.profile(
-        activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True
-    ) as prof:
-        step()
-    return _cpu_allocator_peak(prof.profiler.kineto_results.events())
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -155,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
             steps[key]()
     _sync(device)
     print(f"built and warmed up (compiling included) in {time.perf_counter() - started:.0f} s")
-    peaks = {key: peak_step_bytes(steps[key], device) for key in keys}
+    peaks = {key: peak_bytes_during(steps[key], device) for key in keys}
     times: dict = {key: [] for key in keys}
     for round_index in range(args.rounds):
         order = keys[round_index % len(keys) :] + keys[: round_index % len(keys)]

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -83,23 +83,32 @@ def _cpu_allocator_peak(events) -> int:
     return peak
 
 
+def peak_bytes_during(step: Callable[[], None], device: torch.device) -> int:
+    """Peak bytes ``step()`` allocates on ``device`` above what was allocated before it.
+
+    CUDA: the caching allocator's peak statistics. CPU: the profiler's allocator events (there is no CPU
+    peak counter), summed in time order.
+    """
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        step()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    with torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
+        step()
+    return _cpu_allocator_peak(profiler.profiler.kineto_results.events())
+
+
 def peak_step_bytes(
     network: torch.nn.Module, image: torch.Tensor, model: str, weights: Mapping[str, float]
 ) -> int:
     """Peak bytes one training step allocates above what was allocated before it (fresh Adam, no grads)."""
     optimizer = torch.optim.Adam(network.parameters(), lr=1e-4)
     network.zero_grad(set_to_none=True)
-    if image.device.type == "cuda":
-        torch.cuda.synchronize(image.device)
-        before = torch.cuda.memory_allocated(image.device)
-        torch.cuda.reset_peak_memory_stats(image.device)
-        _training_step(network, optimizer, image, model, weights)
-        torch.cuda.synchronize(image.device)
-        return torch.cuda.max_memory_allocated(image.device) - before
-    activities = [torch.profiler.ProfilerActivity.CPU]
-    with torch.profiler.profile(activities=activities, profile_memory=True) as profiler:
-        _training_step(network, optimizer, image, model, weights)
-    return _cpu_allocator_peak(profiler.profiler.kineto_results.events())
+    return peak_bytes_during(lambda: _training_step(network, optimizer, image, model, weights), image.device)
 
 
 @torch.no_grad()
