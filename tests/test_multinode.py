@@ -99,15 +99,16 @@ def _kill_sessions(sessions: set[int]) -> None:
                 os.kill(int(stat.parent.name), signal.SIGKILL)
 
 
-def _own_ports() -> list[str]:
-    """``ray start`` flags giving a node free ports of its own for every server it starts.
+def _own_ports(node_manager_port: int) -> list[str]:
+    """``ray start`` flags giving a node free ports of its own for every server it starts (its raylet on
+    ``node_manager_port``).
 
     The suite's shared head holds Ray's default ports; a second cluster on the same machine must not race
     it for them (a node whose metrics agent cannot bind leaves its workers logging export errors).
     """
-    flags = ["node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+    flags = ["object-manager-port", "dashboard-agent-listen-port",
              "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port"]  # fmt: skip
-    return [f"--{flag}={_free_port()}" for flag in flags]
+    return [f"--node-manager-port={node_manager_port}", *(f"--{flag}={_free_port()}" for flag in flags)]
 
 
 @pytest.fixture
@@ -128,16 +129,20 @@ def multinode_cluster() -> Iterator[MultiNodeCluster]:
         sessions.add(_ray_start(
             ["--head", f"--port={port}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
              f"--ray-client-server-port={_free_port()}", "--num-cpus=0", f"--resources={resources}",
-             *_own_ports()], head_env,
+             *_own_ports(_free_port())], head_env,
         ))  # fmt: skip
         worker_ports = []
         for index in range(2):
-            flags = _own_ports()
+            node_manager_port = _free_port()  # names the raylet to kill later
             marker = json.dumps({f"{WORKER_MARKER}{index}": 1})
-            sessions.add(
-                _ray_start([f"--address={address}", "--num-cpus=1", f"--resources={marker}", *flags], env)
-            )
-            worker_ports.append(int(flags[0].split("=")[1]))  # the node manager's port names the raylet
+            flags = [
+                f"--address={address}",
+                "--num-cpus=1",
+                f"--resources={marker}",
+                *_own_ports(node_manager_port),
+            ]
+            sessions.add(_ray_start(flags, env))
+            worker_ports.append(node_manager_port)
         yield MultiNodeCluster(address, f"http://127.0.0.1:{dashboard_port}", env, worker_ports)
     finally:
         _kill_sessions(sessions)
