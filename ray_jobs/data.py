@@ -50,7 +50,7 @@ from mri_models.data.hybrid_transforms import hybrid_batch_to_images, hybrid_sam
 from mri_models.data.slice_dataset import RawSample, list_volumes, subsample_slices
 from mri_models.data.subsample import create_mask_func
 from mri_models.data.synthetic import generate_dataset
-from mri_models.data.transforms import unet_sample, volume_mask_seed
+from mri_models.data.transforms import unet_crop_size, unet_sample, volume_mask_seed
 from mri_models.data.validate import check_root
 from mri_models.data.volume import KSPACE_KEY, TARGET_KEY
 from ray_jobs.config import SYNTHETIC_DATA, ConfigError, TrainConfig, default_data_dir
@@ -221,8 +221,13 @@ def read_and_transform(
     transform: str = "exact",
     rows: str = "network",
     cache: FileCache | None = None,
-) -> dict[str, np.ndarray]:
-    """One read task (one file, some slices) to rows; the Ray Data map function.
+) -> Iterator[dict[str, np.ndarray]]:
+    """Read tasks (each one file and some of its slices) to rows; the Ray Data map function.
+
+    Yields one batch of rows per read task, in order, which Ray Data appends to the task's block. Every
+    column of a batch is one array made where the transform writes (one file: one shape), never a stack
+    of per-slice arrays: Arrow takes contiguous arrays without copying, so a slice's rows are copied only
+    once more, into the object store.
 
     Args:
         transform: ``exact`` (fastMRI's operations, bit-equal) or ``fast`` (within float32 rounding).
@@ -231,8 +236,6 @@ def read_and_transform(
             its device (:func:`network_rows_on_device`).
     """
     mask_func = create_mask_func(mask_type, center_fractions, accelerations)
-    make_sample = unet_sample if transform == "exact" else unet_sample_fast
-    columns: dict[str, list[Any]] = defaultdict(list)
     for path, indices in zip(batch["path"], batch["slices"], strict=True):
         indices = [int(i) for i in indices]
         fname = os.path.basename(path)
@@ -240,55 +243,62 @@ def read_and_transform(
             kspace = hf[KSPACE_KEY][indices]  # one read for the whole chunk
             target = hf[TARGET_KEY][indices]
             attrs = dict(hf.attrs)
-        for k, slice_num in enumerate(indices):
-            mask_seed = (
-                training_mask_seed(seed, epoch, fname, slice_num) if training else volume_mask_seed(fname)
-            )
-            if rows == "hybrid":
-                hybrid = hybrid_sample(kspace[k], target[k], attrs, fname, slice_num, mask_func, mask_seed)
-                columns["hybrid"].append(hybrid.hybrid)
-                columns["mask"].append(hybrid.mask)
-                columns["target"].append(np.asarray(hybrid.target, dtype=np.float32))
-                columns["crop_size"].append(hybrid.crop_size)
-            else:
-                sample = make_sample(kspace[k], target[k], attrs, fname, slice_num, mask_func, mask_seed)
-                columns["image"].append(sample.image.numpy())
-                columns["target"].append(sample.target.numpy())
-                columns["mean"].append(float(sample.mean))
-                columns["std"].append(float(sample.std))
-            columns["max_value"].append(float(attrs.get("max", 0.0)))
-            columns["fname"].append(fname)
-            columns["slice_num"].append(slice_num)
-    out = {
-        "target": _stack(columns["target"]),
-        "max_value": np.asarray(columns["max_value"], dtype=np.float64),
-        "fname": np.asarray(columns["fname"], dtype=object),
-        "slice_num": np.asarray(columns["slice_num"], dtype=np.int64),
+        mask_seeds = [
+            training_mask_seed(seed, epoch, fname, slice_num) if training else volume_mask_seed(fname)
+            for slice_num in indices
+        ]
+        if rows == "hybrid":
+            out = _hybrid_rows(kspace, target, attrs, fname, indices, mask_func, mask_seeds)
+        else:
+            out = _network_rows(kspace, target, attrs, fname, indices, mask_func, mask_seeds, transform)
+        out.update(
+            max_value=np.full(len(indices), float(attrs.get("max", 0.0)), dtype=np.float64),
+            fname=np.asarray([fname] * len(indices), dtype=object),
+            slice_num=np.asarray(indices, dtype=np.int64),
+        )
+        yield out
+
+
+def _hybrid_rows(kspace, target, attrs, fname, indices, mask_func, mask_seeds) -> dict[str, np.ndarray]:
+    """One file's hybrid rows: each slice's readout IFFT is written into the chunk's array."""
+    crop_size = unet_crop_size(kspace.shape[-1], target[0], attrs)  # one file: one size
+    hybrid = np.zeros((len(indices), crop_size[0], kspace.shape[-1]), dtype=np.complex64)
+    masks = []
+    for k, slice_num in enumerate(indices):
+        sample = hybrid_sample(
+            kspace[k], target[k], attrs, fname, slice_num, mask_func, mask_seeds[k], out=hybrid[k]
+        )
+        masks.append(sample.mask)
+    return {
+        # (re, im) interleaved float32: Arrow has no complex type; a view, not a copy
+        "hybrid": hybrid.view(np.float32).reshape(*hybrid.shape, 2),
+        "mask": np.stack(masks),
+        "target": np.asarray(target, dtype=np.float32),  # the chunk as read: no per-slice copies
+        "crop_size": np.tile(np.asarray(crop_size, dtype=np.int64), (len(indices), 1)),
     }
-    if rows == "hybrid":
-        out.update(
-            hybrid=_stack(columns["hybrid"]),
-            mask=_stack(columns["mask"]),
-            crop_size=np.asarray(columns["crop_size"], dtype=np.int64),
-        )
-    else:
-        out.update(
-            image=_stack(columns["image"]),
-            mean=np.asarray(columns["mean"], dtype=np.float32),
-            std=np.asarray(columns["std"], dtype=np.float32),
-        )
-    return out
 
 
-def _stack(arrays: list[np.ndarray]) -> np.ndarray:
-    """One array of the rows' arrays, or an object array of them when their shapes differ (a task reads
-    several files, and k-space widths differ between volumes: Ray Data keeps them as variable-shaped
-    tensors)."""
-    if len({array.shape for array in arrays}) == 1:
-        return np.stack(arrays)
-    ragged = np.empty(len(arrays), dtype=object)
-    ragged[:] = arrays
-    return ragged
+def _network_rows(
+    kspace, target, attrs, fname, indices, mask_func, mask_seeds, transform
+) -> dict[str, np.ndarray]:
+    """One file's network rows (image, normalised target, mean, std).
+
+    The fast transform writes each slice's image and target into the chunk's arrays; the exact one is
+    fastMRI's own code, whose tensors are copied in.
+    """
+    crop_size = unet_crop_size(kspace.shape[-1], target[0], attrs)  # one file: one size
+    images = np.empty((len(indices), *crop_size), dtype=np.float32)
+    targets = np.empty_like(images)
+    means, stds = np.empty(len(indices), dtype=np.float32), np.empty(len(indices), dtype=np.float32)
+    for k, slice_num in enumerate(indices):
+        arguments = (kspace[k], target[k], attrs, fname, slice_num, mask_func, mask_seeds[k])
+        if transform == "exact":
+            sample = unet_sample(*arguments)
+            images[k], targets[k] = sample.image.numpy(), sample.target.numpy()
+        else:
+            sample = unet_sample_fast(*arguments, out=(images[k], targets[k]))
+        means[k], stds[k] = float(sample.mean), float(sample.std)
+    return {"image": images, "target": targets, "mean": means, "std": stds}
 
 
 def network_rows_on_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:
@@ -412,7 +422,7 @@ def iter_rows_locally(
             "path": np.asarray([task["path"]], dtype=object),
             "slices": np.asarray([task["slices"]], dtype=object),
         }
-        out = read_and_transform(
+        for out in read_and_transform(
             batch,
             training=training,
             epoch=epoch,
@@ -423,6 +433,6 @@ def iter_rows_locally(
             transform=cfg.transform,
             rows=row_kind(cfg, training),
             cache=data_cache(cfg),
-        )
-        for i in range(len(out["slice_num"])):
-            yield {key: value[i] for key, value in out.items()}
+        ):
+            for i in range(len(out["slice_num"])):
+                yield {key: value[i] for key, value in out.items()}

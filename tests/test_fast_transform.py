@@ -121,6 +121,31 @@ def test_fast_sample_leaves_the_mask_stream_as_unet_sample_does():
     assert torch.equal(ours((1, 64, 40, 2))[0], ref((1, 64, 40, 2))[0])
 
 
+def test_writing_into_given_arrays_gives_the_same_sample():
+    # Read tasks pass rows of their batch arrays as ``out`` so nothing is stacked afterwards: the values
+    # must be the allocating call's exactly, in the given memory.
+    kspace, target = _slice(640, 368, seed=7)
+    mask_func = subsample.RandomMaskFunc([0.08], [4])
+    plain = unet_sample_fast(kspace, target, {"max": 1.0}, "f.h5", 3, mask_func, (1, 2))
+    image_out, target_out = np.full((2, *RECON), np.nan, np.float32)
+    written = unet_sample_fast(
+        kspace, target, {"max": 1.0}, "f.h5", 3, mask_func, (1, 2), out=(image_out, target_out)
+    )
+    assert np.shares_memory(written.image.numpy(), image_out)
+    assert np.shares_memory(written.target.numpy(), target_out)
+    for name in ("image", "target", "mean", "std"):
+        assert torch.equal(getattr(written, name), getattr(plain, name)), name
+
+    columns = np.arange(1, 368, 3)
+    hybrid_out = np.zeros((320, 368), np.complex64)
+    assert readout_ifft(kspace, 320, columns, out=hybrid_out) is hybrid_out
+    np.testing.assert_array_equal(hybrid_out, readout_ifft(kspace, 320, columns))
+    full_out = np.zeros((320, 368), np.complex64)
+    np.testing.assert_array_equal(readout_ifft(kspace, 320, out=full_out), readout_ifft(kspace, 320))
+    with pytest.raises(ValueError, match=r"out must be a complex64 array of shape \(320, 368\)"):
+        readout_ifft(kspace, 320, columns, out=np.zeros((320, 369), np.complex64))
+
+
 @pytest.mark.parametrize("rows", [640, 641])
 @pytest.mark.parametrize("cols", [368, 369])
 def test_readout_ifft_is_the_row_half_of_ifft2c(rows, cols):
