@@ -106,6 +106,14 @@ class Epochs:
         return sum(self._steady(self.slices)) / sum(self._steady(self.seconds))
 
     @property
+    def streaming_rate(self) -> float:
+        """Slices per second after each epoch's first batch, over every epoch but the first: the rate once
+        the pipeline runs, without the per-epoch start-up that a 35k-slice epoch amortises."""
+        slices = [n - first for n, first in zip(self.slices, self.first_slices, strict=True)]
+        seconds = [t - first for t, first in zip(self.seconds, self.first_batch, strict=True)]
+        return sum(self._steady(slices)) / sum(self._steady(seconds))
+
+    @property
     def steady_first_batch(self) -> float:
         return statistics.median(self._steady(self.first_batch))
 
@@ -584,16 +592,17 @@ def main(argv: list[str] | None = None) -> int:
                     f"{epochs.cold_rate:.1f}",
                     f"{epochs.steady_rate:.1f}",
                     f"{epochs.steady_rate / ref.steady_rate:.2f}x",
+                    f"{epochs.streaming_rate:.1f}",
+                    f"{epochs.streaming_rate / ref.streaming_rate:.2f}x",
                     f"{1e3 * epochs.first_batch[0]:.0f}",
                     f"{1e3 * epochs.steady_first_batch:.0f}",
                 ])  # fmt: skip
-            print_table(
-                ["method", "epoch 1 sl/s", "steady sl/s", "ratio", "1st batch ms, ep 1", "1st batch ms"],
-                rows,
-            )
+            headers = ["method", "epoch 1 sl/s", "steady sl/s", "ratio", "after 1st batch sl/s", "ratio"]
+            print_table([*headers, "1st batch ms, ep 1", "1st batch ms"], rows)
         print(
             "\nslices/s: 'epoch 1' = the first, cold epoch; 'steady' = whole later epochs (with each epoch's "
-            "start-up);\n'1st batch' = ms from the start of an epoch to its first batch (median of later "
+            "start-up);\n'after 1st batch' = the same epochs without each epoch's start-up (the streaming "
+            "rate);\n'1st batch' = ms from the start of an epoch to its first batch (median of later "
             "epochs): a fixed cost per epoch, small against a real 35k-slice epoch."
         )
         if "real" in results and not args.skip_ray:
@@ -602,8 +611,12 @@ def main(argv: list[str] | None = None) -> int:
             for label, _, _ in ray_variants(cfg, args):
                 ours = results["real"][label]
                 ratio = ours.steady_rate / ref.steady_rate
+                streaming = ours.streaming_rate / ref.streaming_rate
                 caveat = "  (--quick: start-up dominated, not conclusive)" if args.quick else ""
-                print(f"  {label}: {'MET' if ratio >= 2.0 else 'NOT MET'} ({ratio:.2f}x){caveat}")
+                print(
+                    f"  {label}: {'MET' if ratio >= 2.0 else 'NOT MET'} ({ratio:.2f}x whole epochs, "
+                    f"{streaming:.2f}x after the first batch){caveat}"
+                )
             ours_one = results["real"]["ours in process (read_and_transform)"].steady_rate
             theirs_one = results["real"]["fastMRI DataLoader, num_workers=0"].steady_rate
             bound = args.cpus * ours_one

@@ -260,22 +260,28 @@ def read_and_transform(
 
 
 def _hybrid_rows(kspace, target, attrs, fname, indices, mask_func, mask_seeds) -> dict[str, np.ndarray]:
-    """One file's hybrid rows: each slice's readout IFFT is written into the chunk's array."""
-    crop_size = unet_crop_size(kspace.shape[-1], target[0], attrs)  # one file: one size
-    hybrid = np.zeros((len(indices), crop_size[0], kspace.shape[-1]), dtype=np.complex64)
-    masks = []
-    for k, slice_num in enumerate(indices):
-        sample = hybrid_sample(
-            kspace[k], target[k], attrs, fname, slice_num, mask_func, mask_seeds[k], out=hybrid[k]
-        )
-        masks.append(sample.mask)
+    """One file's hybrid rows, compact: each slice ships only the columns its mask keeps (a third of the
+    full width's bytes at 4x); the trainer scatters them back (:func:`hybrid_batch_to_images`)."""
+    samples = [
+        hybrid_sample(kspace[k], target[k], attrs, fname, slice_num, mask_func, mask_seeds[k], compact=True)
+        for k, slice_num in enumerate(indices)
+    ]
     return {
-        # (re, im) interleaved float32: Arrow has no complex type; a view, not a copy
-        "hybrid": hybrid.view(np.float32).reshape(*hybrid.shape, 2),
-        "mask": np.stack(masks),
+        "hybrid": _stack([sample.hybrid for sample in samples]),
+        "mask": np.stack([sample.mask for sample in samples]),
         "target": np.asarray(target, dtype=np.float32),  # the chunk as read: no per-slice copies
-        "crop_size": np.tile(np.asarray(crop_size, dtype=np.int64), (len(indices), 1)),
+        "crop_size": np.asarray([sample.crop_size for sample in samples], dtype=np.int64),
     }
+
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    """One array of the rows' arrays, or an object array of them when their shapes differ (random masks
+    keep different numbers of columns: Ray Data keeps them as variable-shaped tensors)."""
+    if len({array.shape for array in arrays}) == 1:
+        return np.stack(arrays)
+    ragged = np.empty(len(arrays), dtype=object)
+    ragged[:] = arrays
+    return ragged
 
 
 def _network_rows(

@@ -136,15 +136,6 @@ def test_writing_into_given_arrays_gives_the_same_sample():
     for name in ("image", "target", "mean", "std"):
         assert torch.equal(getattr(written, name), getattr(plain, name)), name
 
-    columns = np.arange(1, 368, 3)
-    hybrid_out = np.zeros((320, 368), np.complex64)
-    assert readout_ifft(kspace, 320, columns, out=hybrid_out) is hybrid_out
-    np.testing.assert_array_equal(hybrid_out, readout_ifft(kspace, 320, columns))
-    full_out = np.zeros((320, 368), np.complex64)
-    np.testing.assert_array_equal(readout_ifft(kspace, 320, out=full_out), readout_ifft(kspace, 320))
-    with pytest.raises(ValueError, match=r"out must be a complex64 array of shape \(320, 368\)"):
-        readout_ifft(kspace, 320, columns, out=np.zeros((320, 369), np.complex64))
-
 
 @pytest.mark.parametrize("rows", [640, 641])
 @pytest.mark.parametrize("cols", [368, 369])
@@ -187,7 +178,14 @@ def test_column_masks_equal_fastmri():
     np.testing.assert_array_equal(draw_column_mask(None, 5), np.ones(5, dtype=np.float32))
 
 
-def _hybrid_batch(rows: int, cols: int, count: int, sampled_columns_only: bool, with_target: bool = True):
+def _hybrid_batch(
+    rows: int,
+    cols: int,
+    count: int,
+    sampled_columns_only: bool,
+    with_target: bool = True,
+    compact: bool = False,
+):
     """Slices of one shape with different masks (random and equispaced, several seeds) as the read task
     would ship them, and ``unet_sample_fast``'s examples of the same slices."""
     mask_funcs = [
@@ -203,7 +201,15 @@ def _hybrid_batch(rows: int, cols: int, count: int, sampled_columns_only: bool, 
         mask_func, seed = mask_funcs[i % len(mask_funcs)], (7, i)
         shipped.append(
             hybrid_sample(
-                kspace, target, attrs, "f.h5", i, mask_func, seed, sampled_columns_only=sampled_columns_only
+                kspace,
+                target,
+                attrs,
+                "f.h5",
+                i,
+                mask_func,
+                seed,
+                sampled_columns_only=sampled_columns_only,
+                compact=compact,
             )
         )
         expected.append(unet_sample_fast(kspace, target, attrs, "f.h5", i, mask_func, seed))
@@ -264,6 +270,39 @@ def test_ragged_batch_of_mixed_widths():
     _assert_batch_matches(out, expected)
     with pytest.raises(ValueError, match="share one crop size"):
         hybrid_batch_to_images(columns["hybrid"][:2], columns["mask"][:2], [(320, 320), (300, 300)])
+
+
+@pytest.mark.parametrize(("rows", "cols"), SIZES)
+def test_compact_rows_are_the_sampled_columns_and_give_the_same_images(rows, cols):
+    # What read tasks ship: only the mask's sampled columns, scattered back by the batch function.
+    shipped, expected = _hybrid_batch(rows, cols, 4, True, compact=True)
+    full, _ = _hybrid_batch(rows, cols, 4, True)
+    for compact, wide in zip(shipped, full, strict=True):
+        sampled = np.flatnonzero(compact.mask)
+        assert compact.hybrid.shape == (compact.crop_size[0], len(sampled), 2)
+        np.testing.assert_array_equal(compact.hybrid, wide.hybrid[:, sampled])
+    assert len({s.hybrid.shape for s in shipped}) > 1  # random and equispaced masks: a ragged batch
+    ragged = np.empty(len(shipped), dtype=object)  # as Ray Data hands variable-shaped tensors
+    ragged[:] = [s.hybrid for s in shipped]
+    out = hybrid_batch_to_images(
+        ragged, [s.mask for s in shipped], [s.crop_size for s in shipped], [s.target for s in shipped]
+    )
+    _assert_batch_matches(out, expected)
+
+
+def test_compact_rows_of_mixed_widths_and_a_wrong_width():
+    wide, wide_expected = _hybrid_batch(640, 368, 3, True, compact=True)
+    odd, odd_expected = _hybrid_batch(640, 371, 2, True, compact=True)
+    order = [0, 3, 1, 4, 2]
+    shipped = [(wide + odd)[i] for i in order]
+    out = hybrid_batch_to_images(
+        [s.hybrid for s in shipped], [s.mask for s in shipped], [s.crop_size for s in shipped],
+        [s.target for s in shipped],
+    )  # fmt: skip
+    _assert_batch_matches(out, [(wide_expected + odd_expected)[i] for i in order])
+    hybrids = [wide[0].hybrid[:, 1:], wide[1].hybrid]  # one row lost a column on the way
+    with pytest.raises(ValueError, match="neither the k-space's 368 columns nor the masks' sampled ones"):
+        hybrid_batch_to_images(hybrids, [s.mask for s in wide[:2]], [s.crop_size for s in wide[:2]])
 
 
 def test_batched_rejects_mismatched_shapes():
