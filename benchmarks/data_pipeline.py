@@ -15,7 +15,8 @@ Everything is measured in this run on the same synthetic files (written by
 
 Then a per-slice profile (in process) of where the time goes (HDF5 read, mask + inverse FFT, crop /
 magnitude / normalisation) and the bytes per row the trainer receives when the transform runs in the Ray
-Data tasks (image + target) versus on the training worker (raw k-space + target).
+Data tasks (image + target) versus on the training worker (raw k-space + target) and the trainer design
+(the mask's sampled columns of the hybrid k-space + target).
 
 With ``--s3`` the same files are also uploaded to a real S3-protocol server started here (``moto_server``
 on loopback, from the test extra) and read from ``s3://`` by the shipped pipeline (in process and through
@@ -47,6 +48,7 @@ import h5py
 import torch
 
 from mri_models.data import store
+from mri_models.data.hybrid_transforms import hybrid_sample
 from mri_models.data.synthetic import generate_dataset
 from mri_models.data.transforms import (
     CLAMP,
@@ -267,11 +269,19 @@ def profile_slices(
                     steps[key].append(seconds)
                 if not nbytes:
                     scalars = 3 * 4 + 8 + 8 + len(fname)  # mean, std (f32), max (f64), slice_num, fname
+                    hybrid = hybrid_sample(
+                        kspace_chunk[k], target_chunk[k], attrs, fname, slice_num, mask_func,
+                        training_mask_seed(cfg.seed, 0, fname, slice_num), compact=True,
+                    )  # fmt: skip
                     nbytes = {
                         "transform in Ray Data tasks: image + target (+ scalars)": sample.image.numpy().nbytes
                         + sample.target.numpy().nbytes
                         + scalars,
                         "transform on the worker: k-space + target (+ attrs)": kspace.nbytes
+                        + target.nbytes
+                        + scalars,
+                        "trainer design: sampled hybrid columns + mask + target": hybrid.hybrid.nbytes
+                        + hybrid.mask.nbytes
                         + target.nbytes
                         + scalars,
                     }
