@@ -21,9 +21,10 @@ fewer bytes at fastMRI's 640 x 368 -> 320 x 320), while the transform costs the 
 ``benchmarks/data_pipeline.py`` measures the choice.
 
 With ``transform_on: trainer`` the read tasks stop after the mask-independent half of the transform (the
-readout inverse FFT of the rows the crop keeps) and ship that "hybrid" k-space with the slice's column mask;
-the trainer finishes the transform batched on its device (:func:`network_rows_on_device`), so on GPU nodes
-the CPUs only read. Validation rows are always finished by the read tasks: they are made once per run.
+readout inverse FFT of the rows the crop keeps) and ship that "hybrid" k-space, only the columns the
+slice's mask keeps (0.68 MB a row at 640 x 368 and 4x, less than the 0.82 MB of image + target), with the
+mask; the trainer finishes the transform batched on its device (:func:`network_rows_on_device`), so on GPU
+nodes the CPUs only read. Validation rows are always finished by the read tasks: they are made once per run.
 """
 
 from __future__ import annotations
@@ -231,9 +232,9 @@ def read_and_transform(
 
     Args:
         transform: ``exact`` (fastMRI's operations, bit-equal) or ``fast`` (within float32 rounding).
-        rows: ``network`` rows (image, target, mean, std) or ``hybrid`` rows (k-space after the readout
-            inverse FFT, the column mask and the raw target), which the trainer turns into network rows on
-            its device (:func:`network_rows_on_device`).
+        rows: ``network`` rows (image, target, mean, std) or ``hybrid`` rows (the sampled columns of the
+            k-space after the readout inverse FFT, the column mask and the raw target), which the trainer
+            turns into network rows on its device (:func:`network_rows_on_device`).
     """
     mask_func = create_mask_func(mask_type, center_fractions, accelerations)
     buffer = None
