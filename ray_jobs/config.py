@@ -294,7 +294,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         # GPU nodes: bf16 autocast with NHWC tensors is what Ampere's tensor cores (the A10G of
         # cluster.yaml) run fastest, at 0.65x the activation memory (benchmarks/gpu_step.py). The
         # transform's mask, column FFT and normalisation run on the GPU, so the node's CPUs only read and
-        # do the readout FFT (1.2 ms per slice, 0.23x fastMRI's 5.2 ms: benchmarks/README.md). Not
+        # do the readout FFT of the sampled columns (0.9 ms per slice, 0.17x fastMRI's 5.2 ms, and 2.1-2.3x
+        # the slices/s of fastMRI's DataLoader through Ray Data on 2 cores: benchmarks/README.md). Not
         # compiled: on CPU Inductor made the attention gates slower (benchmarks/README.md); measure with
         # gpu_step.py on a GPU node before turning it on.
         "precision": "bf16",
