@@ -271,7 +271,7 @@ def profile_slices(
                     scalars = 3 * 4 + 8 + 8 + len(fname)  # mean, std (f32), max (f64), slice_num, fname
                     hybrid = hybrid_sample(
                         kspace_chunk[k], target_chunk[k], attrs, fname, slice_num, mask_func,
-                        training_mask_seed(cfg.seed, 0, fname, slice_num), compact=True,
+                        training_mask_seed(cfg.seed, 0, fname, slice_num),
                     )  # fmt: skip
                     nbytes = {
                         "transform in Ray Data tasks: image + target (+ scalars)": sample.image.numpy().nbytes

@@ -281,7 +281,7 @@ def _hybrid_rows(kspace, target, attrs, fname, indices, mask_func, mask_seeds) -
     """One file's hybrid rows, compact: each slice ships only the columns its mask keeps (a third of the
     full width's bytes at 4x); the trainer scatters them back (:func:`hybrid_batch_to_images`)."""
     samples = [
-        hybrid_sample(kspace[k], target[k], attrs, fname, slice_num, mask_func, mask_seeds[k], compact=True)
+        hybrid_sample(kspace[k], target[k], attrs, fname, slice_num, mask_func, mask_seeds[k])
         for k, slice_num in enumerate(indices)
     ]
     return {

@@ -182,9 +182,8 @@ def _hybrid_batch(
     rows: int,
     cols: int,
     count: int,
-    sampled_columns_only: bool,
+    columns: str,
     with_target: bool = True,
-    compact: bool = False,
 ):
     """Slices of one shape with different masks (random and equispaced, several seeds) as the read task
     would ship them, and ``unet_sample_fast``'s examples of the same slices."""
@@ -208,8 +207,7 @@ def _hybrid_batch(
                 i,
                 mask_func,
                 seed,
-                sampled_columns_only=sampled_columns_only,
-                compact=compact,
+                columns=columns,
             )
         )
         expected.append(unet_sample_fast(kspace, target, attrs, "f.h5", i, mask_func, seed))
@@ -228,9 +226,9 @@ def _assert_batch_matches(out, expected, with_target: bool = True) -> None:
 
 
 @pytest.mark.parametrize(("rows", "cols"), SIZES)
-@pytest.mark.parametrize("sampled_columns_only", [True, False], ids=["sampled", "all-columns"])
-def test_batched_device_function_matches_per_slice(rows, cols, sampled_columns_only):
-    shipped, expected = _hybrid_batch(rows, cols, 4, sampled_columns_only)
+@pytest.mark.parametrize("columns", ["sampled", "all"])
+def test_batched_device_function_matches_per_slice(rows, cols, columns):
+    shipped, expected = _hybrid_batch(rows, cols, 4, columns)
     first = shipped[0]
     assert isinstance(first, HybridSample)
     assert first.hybrid.dtype == np.float32 and first.hybrid.shape == (first.crop_size[0], cols, 2)
@@ -247,7 +245,7 @@ def test_batched_device_function_matches_per_slice(rows, cols, sampled_columns_o
 
 
 def test_batched_device_function_without_targets():
-    shipped, expected = _hybrid_batch(640, 368, 3, True, with_target=False)
+    shipped, expected = _hybrid_batch(640, 368, 3, "sampled", with_target=False)
     out = hybrid_batch_to_images(
         [s.hybrid for s in shipped], [s.mask for s in shipped], [s.crop_size for s in shipped]
     )
@@ -255,8 +253,8 @@ def test_batched_device_function_without_targets():
 
 
 def test_ragged_batch_of_mixed_widths():
-    wide, wide_expected = _hybrid_batch(640, 368, 3, True)
-    odd, odd_expected = _hybrid_batch(640, 371, 2, True)
+    wide, wide_expected = _hybrid_batch(640, 368, 3, "sampled")
+    odd, odd_expected = _hybrid_batch(640, 371, 2, "sampled")
     order = [0, 3, 1, 4, 2]  # interleaved, as rows of different volumes arrive in one Ray Data batch
     shipped = [(wide + odd)[i] for i in order]
     expected = [(wide_expected + odd_expected)[i] for i in order]
@@ -275,8 +273,8 @@ def test_ragged_batch_of_mixed_widths():
 @pytest.mark.parametrize(("rows", "cols"), SIZES)
 def test_compact_rows_are_the_sampled_columns_and_give_the_same_images(rows, cols):
     # What read tasks ship: only the mask's sampled columns, scattered back by the batch function.
-    shipped, expected = _hybrid_batch(rows, cols, 4, True, compact=True)
-    full, _ = _hybrid_batch(rows, cols, 4, True)
+    shipped, expected = _hybrid_batch(rows, cols, 4, "compact")
+    full, _ = _hybrid_batch(rows, cols, 4, "sampled")
     for compact, wide in zip(shipped, full, strict=True):
         sampled = np.flatnonzero(compact.mask)
         assert compact.hybrid.shape == (compact.crop_size[0], len(sampled), 2)
@@ -291,8 +289,8 @@ def test_compact_rows_are_the_sampled_columns_and_give_the_same_images(rows, col
 
 
 def test_compact_rows_of_mixed_widths_and_a_wrong_width():
-    wide, wide_expected = _hybrid_batch(640, 368, 3, True, compact=True)
-    odd, odd_expected = _hybrid_batch(640, 371, 2, True, compact=True)
+    wide, wide_expected = _hybrid_batch(640, 368, 3, "compact")
+    odd, odd_expected = _hybrid_batch(640, 371, 2, "compact")
     order = [0, 3, 1, 4, 2]
     shipped = [(wide + odd)[i] for i in order]
     out = hybrid_batch_to_images(
@@ -313,3 +311,9 @@ def test_batched_rejects_mismatched_shapes():
         masked_hybrid_to_images(hybrid, torch.ones(2, 368), (300, 300))
     with pytest.raises(ValueError, match="trailing"):
         masked_hybrid_to_images(torch.zeros(2, 320, 368, 3), torch.ones(2, 368), (320, 320))
+
+
+def test_hybrid_sample_rejects_an_unknown_column_layout():
+    kspace, target = _slice(640, 368, seed=0)
+    with pytest.raises(ValueError, match="columns must be one of compact, sampled, all, got 'full'"):
+        hybrid_sample(kspace, target, {"max": 1.0}, "f.h5", 0, None, None, columns="full")

@@ -240,6 +240,10 @@ class HybridSample(NamedTuple):
     slice_num: int
 
 
+# The column layouts ``hybrid_sample`` can ship.
+HYBRID_COLUMNS = ("compact", "sampled", "all")
+
+
 def hybrid_sample(
     kspace: np.ndarray,
     target: np.ndarray | None,
@@ -249,8 +253,7 @@ def hybrid_sample(
     mask_func: MaskFunc | None = None,
     mask_seed: Seed = None,
     *,
-    sampled_columns_only: bool = True,
-    compact: bool = False,
+    columns: str = "compact",
 ) -> HybridSample:
     """The read-task half of the hybrid design: mask draw and readout IFFT (``unet_sample``'s arguments).
 
@@ -264,22 +267,27 @@ def hybrid_sample(
         slice_num: slice index.
         mask_func: under-sampling mask function; None keeps the k-space fully sampled (an all-ones mask).
         mask_seed: seed of this slice's mask (None draws from the mask function's own stream).
-        sampled_columns_only: transform only the columns the mask keeps (the others are zero, which the
-            trainer's mask multiplication gives anyway): about 3x less readout work at 4x acceleration. False
-            ships the complete mask-independent hybrid (for caching it across epochs).
-        compact: ship only the columns the mask keeps, ``(crop_rows, K, 2)`` for the mask's K non-zero
-            columns in order, instead of the full width with zeros elsewhere: a third of the bytes at 4x
-            acceleration. ``hybrid_batch_to_images`` scatters them back on the trainer's device.
+        columns: which columns the hybrid holds (``HYBRID_COLUMNS``). ``compact`` (what read tasks ship):
+            only the mask's K non-zero columns in order, ``(crop_rows, K, 2)``, a third of the full width's
+            bytes at 4x acceleration; ``hybrid_batch_to_images`` scatters them back on the trainer's device.
+            ``sampled``: the full width with zeros in the unsampled columns (which the trainer's mask
+            multiplication gives anyway). ``all``: the complete mask-independent hybrid (to cache it across
+            epochs), about 3x the readout work of the other two at 4x acceleration.
+
+    Raises:
+        ValueError: the k-space is not one 2-D slice, or ``columns`` is not one of ``HYBRID_COLUMNS``.
     """
+    if columns not in HYBRID_COLUMNS:
+        raise ValueError(f"columns must be one of {', '.join(HYBRID_COLUMNS)}, got {columns!r}")
     if kspace.ndim != 2:
         raise ValueError(f"expected one (rows, cols) k-space slice, got shape {kspace.shape}")
     cols = kspace.shape[-1]
     crop_size = unet_crop_size(cols, target, attrs)
     mask = draw_column_mask(mask_func, cols, mask_seed)
-    if compact:
+    if columns == "compact":
         hybrid = _readout_rows(kspace, crop_size[0], np.flatnonzero(mask))
     else:
-        hybrid = readout_ifft(kspace, crop_size[0], np.flatnonzero(mask) if sampled_columns_only else None)
+        hybrid = readout_ifft(kspace, crop_size[0], np.flatnonzero(mask) if columns == "sampled" else None)
     parts = hybrid.view(np.float32).reshape(*hybrid.shape, 2)  # (re, im) interleaved: no copy
     return HybridSample(parts, mask, target, crop_size, attrs.get("max", 0.0), fname, slice_num)
 
@@ -403,9 +411,6 @@ def hybrid_batch_to_images(
         # np.stack copies into one new, writable array (Ray hands out read-only ones), which torch shares.
         return torch.from_numpy(np.stack([np.asarray(items[i]) for i in where])).to(device)
 
-    groups: dict[int, list[int]] = {}
-    for i in range(count):
-        groups.setdefault(int(np.shape(masks[i])[-1]), []).append(i)
     def full_width(where: list[int]) -> torch.Tensor:
         cols = int(np.shape(masks[where[0]])[-1])
         widths = [np.shape(hybrids[i])[-2] if np.ndim(hybrids[i]) == 3 else cols for i in where]
@@ -423,6 +428,9 @@ def hybrid_batch_to_images(
         full.permute(0, 2, 1, 3)[torch.from_numpy(sampled).to(device)] = torch.from_numpy(values).to(device)
         return full
 
+    groups: dict[int, list[int]] = {}
+    for i in range(count):
+        groups.setdefault(int(np.shape(masks[i])[-1]), []).append(i)
     parts = []
     for where in groups.values():
         out = masked_hybrid_to_images(
