@@ -3,18 +3,20 @@
 Reads only files on disk (local path or s3:// through pyarrow), so it works on a laptop after the cluster is
 gone, on interrupted experiments, and on trials that errored or were stopped early. Per trial directory
 (the ones holding ``params.json``, see :mod:`mri_models.experiment`) it reads the searched parameters,
-``result.json`` (one JSON object per reported epoch), and ``error.txt`` when the trial failed. The sweep's
-ASHA state (``asha_state.txt``) says which trials the scheduler stopped early. The metric columns follow
-the metric table (:func:`mri_models.metrics.metric_table`); the best epoch is the best by its primary
-metric (SSIM).
+``result.json`` (one JSON object per reported epoch) and ``error.txt`` (every failed attempt); Tune's
+experiment state says how each trial ended, and the sweep's ASHA state (``asha_state.txt``) which trials the
+scheduler stopped early. The metric columns follow the metric table
+(:func:`mri_models.metrics.metric_table`); the best epoch is the best by its primary metric (SSIM).
 
-Trial status:
+Trial status, from the final attempt (:mod:`analysis.outcome`; a retried trial is judged by its retry):
 - ``completed``: reached the configured number of epochs;
 - ``stopped``: stopped early by ASHA;
 - ``diverged``: the loss became NaN/Inf (the trainer's last report has ``diverged`` set; older trials
   failed with the divergence in ``error.txt``);
-- ``errored``: failed for any other reason;
+- ``errored``: the final attempt failed for any other reason;
 - ``unfinished``: neither (the sweep was interrupted; ``--resume`` continues it).
+``attempts`` counts the failed attempts and the final one; ``earlier_error`` is the last error of an
+attempt that Tune retried, so a recovered trial shows as recovered.
 
 Run ``python -m analysis.collect --experiment PATH`` to (re)write ``PATH/results/trials.csv`` and
 ``epochs.csv`` (and Parquet copies).
@@ -30,6 +32,7 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from analysis.outcome import parse_failures, trial_outcome, tune_trial_states
 from mri_models import experiment as storage
 from mri_models.experiment import ExperimentLayout
 from mri_models.losses import penalty_terms
@@ -58,16 +61,6 @@ class Experiment:
     problems: list[str]
 
 
-def _status(error: str | None, epochs_run: int, max_epochs: int | None, stopped_by_asha: bool) -> str:
-    if error is not None:
-        return "diverged" if "diverged" in error else "errored"
-    if max_epochs is not None and epochs_run >= max_epochs:
-        return "completed"
-    if stopped_by_asha:
-        return "stopped"
-    return "unfinished"
-
-
 def collect(path: str) -> Experiment:
     """Read an experiment directory (local or s3://) into per-epoch and per-trial tables.
 
@@ -82,25 +75,18 @@ def collect(path: str) -> Experiment:
         raise FileNotFoundError(f"experiment directory {path} does not exist")
     sweep = storage.read_json(layout.sweep_file) or {}
     stopped = set((storage.read_json(layout.asha_state_file) or {}).get("stopped_trials", []))
+    tune_states = tune_trial_states(layout)
     search_keys = sweep.get("search_keys")
     max_epochs = sweep.get("max_epochs")
     problems: list[str] = []
     trial_rows, epoch_rows = [], []
     for trial_dir in layout.trial_dirs():
         config = storage.read_json(trial_dir.params_file) or {}
-        results_text = storage.read_text(trial_dir.result_file) or ""
-        reports = []
-        for line in results_text.splitlines():
-            try:
-                reports.append(json.loads(line))
-            except json.JSONDecodeError:
-                problems.append(
-                    f"{trial_dir.name}: unreadable line in result.json (trial interrupted mid-write?)"
-                )
+        reports = _read_reports(trial_dir.name, storage.read_text(trial_dir.result_file) or "", problems)
         trial_id = (reports[0].get("trial_id") if reports else None) or trial_dir.trial_id_from_name()
-        error = storage.read_text(trial_dir.error_file)
-        if reports and reports[-1].get("diverged"):
-            error = f"training diverged at epoch {reports[-1].get('epoch')} (loss NaN or Inf)"
+        failures = parse_failures(storage.read_text(trial_dir.error_file))
+        outcome = trial_outcome(reports, failures, tune_states.get(trial_id), max_epochs, trial_id in stopped)
+        reports = _last_report_per_epoch(reports)
         keys = search_keys or sorted(config)
         config_columns = {key: config.get(key) for key in keys}
         for report in reports:
@@ -108,8 +94,8 @@ def collect(path: str) -> Experiment:
             row.update({k: v for k, v in report.items() if k not in _TUNE_KEYS and not isinstance(v, dict)})
             epoch_rows.append(row)
         epochs_run = int(max((r.get("epoch", 0) for r in reports), default=0))
-        status = _status(error, epochs_run, max_epochs, trial_id in stopped)
-        row = {"trial_id": trial_id, **config_columns, "status": status, "epochs_run": epochs_run}
+        row = {"trial_id": trial_id, **config_columns, "status": outcome.status, "epochs_run": epochs_run,
+               "attempts": outcome.attempts}  # fmt: skip
         for metric in summarised_metrics():
             values = [r.get(metric) for r in reports]
             values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
@@ -121,16 +107,43 @@ def collect(path: str) -> Experiment:
         best = max(reports, key=lambda r: sign * _number(r.get(PRIMARY_METRIC), sign), default=None)
         for metric in (*metric_table(), "epoch"):
             row[f"best_{metric}"] = _number(best.get(metric)) if best else math.nan
-        row["error"] = error.strip().splitlines()[-1][:300] if error else ""
+        row["error"] = outcome.error
+        row["earlier_error"] = outcome.earlier_error
         row["trial_dir"] = trial_dir.name
         trial_rows.append(row)
-        if error:
-            problems.append(f"trial {trial_id} {status}: {row['error']}")
+        if outcome.error:
+            problems.append(f"trial {trial_id} {outcome.status}: {outcome.error}")
+        elif outcome.earlier_error:
+            problems.append(
+                f"trial {trial_id} {outcome.status} after {outcome.attempts} attempts (Tune retried it; "
+                f"last earlier error: {outcome.earlier_error})"
+            )
     trials = pd.DataFrame(trial_rows)
     epochs = pd.DataFrame(epoch_rows)
     if trials.empty:
         problems.append(f"no trials found under {path}")
     return Experiment(path, trials, epochs, problems)
+
+
+def _read_reports(trial_name: str, text: str, problems: list[str]) -> list[dict]:
+    """The JSON lines of a ``result.json``; an unreadable line is a problem, not an error."""
+    reports = []
+    for line in text.splitlines():
+        try:
+            reports.append(json.loads(line))
+        except json.JSONDecodeError:
+            problems.append(f"{trial_name}: unreadable line in result.json (trial interrupted mid-write?)")
+    return reports
+
+
+def _last_report_per_epoch(reports: list[dict]) -> list[dict]:
+    """One report per epoch, the last one written: a retried attempt that reported an epoch again (it
+    resumed from a checkpoint older than its predecessor's last report) replaces the earlier report."""
+    by_epoch = {}
+    for report in reports:
+        by_epoch.pop(report.get("epoch"), None)  # re-insert, so the order is that of the last reports
+        by_epoch[report.get("epoch")] = report
+    return list(by_epoch.values())
 
 
 def _number(value, sign: float = 1.0) -> float:
@@ -156,6 +169,18 @@ def write_tables(path: str, out_dir: str | None = None) -> Experiment:
     return experiment
 
 
+def status_counts(trials: pd.DataFrame) -> str:
+    """``"3 stopped, 2 completed, 1 errored; 1 recovered after a retry"``, or ``"none"``."""
+    if trials.empty:
+        return "none"
+    text = ", ".join(f"{n} {s}" for s, n in trials["status"].value_counts().items())
+    if "attempts" in trials:  # tables written before attempts were counted have no such column
+        recovered = int(((trials["attempts"] > 1) & ~trials["status"].isin(("errored", "diverged"))).sum())
+        if recovered:
+            text += f"; {recovered} recovered after a retry"
+    return text
+
+
 def summary(experiment: Experiment, search_keys: list[str], top: int = 5) -> str:
     """Status counts and the best configurations by the primary metric's mean best value over seeds."""
     trials = experiment.trials
@@ -163,7 +188,6 @@ def summary(experiment: Experiment, search_keys: list[str], top: int = 5) -> str
         return "\n".join(["0 trials", *(f"note: {problem}" for problem in experiment.problems)])
     metric = metric_table()[PRIMARY_METRIC]
     column = f"best_{PRIMARY_METRIC}"
-    counts = ", ".join(f"{n} {s}" for s, n in trials["status"].value_counts().items())
     keys = [key for key in search_keys if key != "seed" and key in trials]
     ranked = (
         trials.groupby(keys, dropna=False)[column]
@@ -174,7 +198,7 @@ def summary(experiment: Experiment, search_keys: list[str], top: int = 5) -> str
     )
     return "\n".join(
         [
-            f"\n{len(trials)} trials: {counts}",
+            f"\n{len(trials)} trials: {status_counts(trials)}",
             f"best configurations by validation {metric.label} (mean over seeds):",
             ranked.head(top).to_string(),
             f"tables: {ExperimentLayout(experiment.path).results_dir}/trials.csv and epochs.csv",
@@ -195,9 +219,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     for problem in experiment.problems:
         print(f"warning: {problem}")
-    counts = experiment.trials["status"].value_counts().to_dict() if not experiment.trials.empty else {}
     print(
-        f"{len(experiment.trials)} trials ({counts}), {len(experiment.epochs)} epoch rows written to "
+        f"{len(experiment.trials)} trials ({status_counts(experiment.trials)}), {len(experiment.epochs)} "
+        "epoch rows written to "
         f"{args.out or ExperimentLayout(args.experiment).results_dir}"
     )
     return 0

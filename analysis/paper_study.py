@@ -39,6 +39,7 @@ import pandas as pd
 from scipy import stats
 
 from analysis import compare_models, gamma_curves, mpand_curves, reconstructions
+from analysis.collect import status_counts
 from analysis.common import (
     OutDir,
     StepResult,
@@ -347,10 +348,8 @@ def render(
     )
     for study in (mc, gamma):
         for info in study.experiments:
-            counts = study.trials["status"].value_counts().to_dict() if not study.trials.empty else {}
             lines.append(
-                f"- `{info.name}` ({info.path}): {len(study.trials)} trials "
-                f"({', '.join(f'{n} {s}' for s, n in counts.items()) or 'none'}), "
+                f"- `{info.name}` ({info.path}): {len(study.trials)} trials ({status_counts(study.trials)}), "
                 f"{info.sweep.get('max_epochs', '?')} epochs each at most."
             )
     lines += ["", "## Findings\n"]

@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis import compare_models, gamma_curves, mpand_curves, reconstructions, sweep_overview
-from analysis.collect import write_tables
+from analysis.collect import status_counts, write_tables
 from analysis.common import (
     Artifact,
     OutDir,
@@ -87,12 +87,11 @@ def render(study: Study, results: list[StepResult]) -> str:
     lines = ["# Sweep analysis\n"]
     for info in study.experiments:
         spec = info.sweep.get("spec") or {}
-        trials = study.trials[study.trials["experiment"] == info.name] if not study.trials.empty else []
-        counts = trials["status"].value_counts().to_dict() if len(trials) else {}
+        trials = study.trials
+        trials = trials[trials["experiment"] == info.name] if not trials.empty else trials
         lines.append(
             f"- **{info.name}** (`{info.path}`): {spec.get('description') or spec.get('experiment', '')} — "
-            f"profile `{spec.get('profile', '?')}`, {len(trials)} trials "
-            f"({', '.join(f'{n} {s}' for s, n in counts.items()) or 'none'}), "
+            f"profile `{spec.get('profile', '?')}`, {len(trials)} trials ({status_counts(trials)}), "
             f"budget {info.sweep.get('max_epochs', '?')} epochs."
         )
     lines.append("")

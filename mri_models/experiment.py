@@ -16,6 +16,7 @@ A sweep (a Ray Tune experiment)::
     <experiment>/sweep.json                       the sweep spec, search keys, epoch budget, data root
     <experiment>/asha_state.txt                   ASHA's rung records (ray_jobs.asha)
     <experiment>/baseline.json                    the zero-filled input's validation metrics
+    <experiment>/experiment_state-<date>.json     Tune's trial states (status, failures), one per driver start
     <experiment>/<Tune trial dir>/                params.json, result.json, error.txt (Tune's own)
     <experiment>/train_runs/<trial id>/           the trial's training run, laid out as above
     <experiment>/results/                         trials.csv, epochs.csv (+ Parquet)
@@ -57,7 +58,9 @@ GAMMA_SWEEP = "gamma_sweep"
 # Written by Ray Tune into each trial directory.
 TRIAL_PARAMS_FILE = "params.json"
 TRIAL_RESULT_FILE = "result.json"
-TRIAL_ERROR_FILE = "error.txt"
+TRIAL_ERROR_FILE = "error.txt"  # appended to on every failed attempt, also when a later one succeeds
+# Tune's experiment state, one file per driver start (``experiment_state-<date>.json``), newest last.
+TUNE_STATE_PREFIX = "experiment_state-"
 
 _TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})_")
 
@@ -130,15 +133,25 @@ def write_json(uri: str, value: Any) -> None:
     write_text(uri, json.dumps(value, indent=2))
 
 
-def subdirectories(uri: str) -> list[tuple[str, str]]:
-    """``(name, uri)`` of the directories directly under ``uri``, sorted by name; empty when missing."""
+def _entries(uri: str, kind: pafs.FileType) -> list[tuple[str, str]]:
+    """``(name, uri)`` of the entries of one kind directly under ``uri``, by name; empty when missing."""
     fs, path = filesystem(uri)
     try:
         entries = fs.get_file_info(pafs.FileSelector(path))
     except (FileNotFoundError, OSError):
         return []
-    names = sorted(e.base_name for e in entries if e.type == pafs.FileType.Directory)
+    names = sorted(e.base_name for e in entries if e.type == kind)
     return [(name, join(uri, name)) for name in names]
+
+
+def subdirectories(uri: str) -> list[tuple[str, str]]:
+    """``(name, uri)`` of the directories directly under ``uri``, sorted by name; empty when missing."""
+    return _entries(uri, pafs.FileType.Directory)
+
+
+def files(uri: str) -> list[tuple[str, str]]:
+    """``(name, uri)`` of the files directly under ``uri``, sorted by name; empty when missing."""
+    return _entries(uri, pafs.FileType.File)
 
 
 # ----------------------------------------------------------------------------------------- layout
@@ -248,6 +261,11 @@ class ExperimentLayout:
 
     def trial_dir(self, name: str) -> TrialDir:
         return TrialDir(name, join(self.path, name))
+
+    def tune_state_file(self) -> str | None:
+        """Tune's newest experiment state file (its names sort by the driver's start date), if any."""
+        names = [(name, uri) for name, uri in files(self.path) if name.startswith(TUNE_STATE_PREFIX)]
+        return names[-1][1] if names else None
 
     def trial_dirs(self) -> list[TrialDir]:
         """Tune's trial directories (those holding ``params.json``), sorted by name."""

@@ -303,3 +303,98 @@ def test_a_trial_whose_last_report_diverged_is_listed_as_diverged(canned, tmp_pa
         == f"training diverged at epoch {last['epoch'] + 1} (loss NaN or Inf)"
     )
     assert (trials.drop(index=trial_dir.name)["status"] != "diverged").all()
+
+
+# ----------------------------------------------------------------------------------------- retried trials
+
+EARLIER_FAILURE = (
+    "Failure # 1 (occurred at 2026-11-24_02-30-00)\n"
+    "The actor died unexpectedly before finishing this task.\n"
+    "\tclass_name: ImplicitFunc\n"
+    "The actor is dead because its worker process has died.\n"
+)
+
+
+def _tune_state(experiment: Path, states: dict[str, tuple[str, int]]) -> None:
+    """Tune's experiment state as Ray 2.60 writes it: per trial its state and run metadata, JSON strings."""
+    trial_data = [
+        [json.dumps({"trial_id": trial_id, "status": status}), json.dumps({"num_failures": failures})]
+        for trial_id, (status, failures) in states.items()
+    ]
+    state = json.dumps({"trial_data": trial_data})
+    (experiment / "experiment_state-2026-11-24_02-36-53.json").write_text(state)
+
+
+@pytest.fixture
+def retried(canned, tmp_path) -> tuple[Path, Path]:
+    """The canned sweep with a stale error.txt (an attempt that failed before all its reports) in its
+    first, completed trial."""
+    import shutil
+
+    experiment = tmp_path / "retried"
+    shutil.copytree(canned["sweep"], experiment)
+    trial_dir = sorted(experiment.glob("run_trial_*"))[0]
+    (trial_dir / "error.txt").write_text(EARLIER_FAILURE)
+    return experiment, trial_dir
+
+
+@pytest.mark.parametrize("tune_state", [None, ("TERMINATED", 1)], ids=["no-tune-state", "tune-state"])
+def test_a_stale_error_file_does_not_make_a_completed_trial_errored(retried, tune_state):
+    from analysis.collect import collect, status_counts
+
+    experiment, trial_dir = retried
+    trial_id = json.loads((trial_dir / "result.json").read_text().splitlines()[0])["trial_id"]
+    if tune_state:
+        _tune_state(experiment, {trial_id: tune_state})
+    collected = collect(str(experiment))
+    trial = collected.trials.set_index("trial_id").loc[trial_id]
+    assert (trial["status"], trial["attempts"], trial["error"]) == ("completed", 2, "")
+    assert trial["earlier_error"] == "The actor is dead because its worker process has died."
+    assert "recovered after a retry" in status_counts(collected.trials)
+    assert not any(f"{trial_id} errored" in problem for problem in collected.problems)
+    study = load_study([str(experiment)])
+    assert study.trials.set_index("trial_id").loc[trial_id, "included"]  # it counts in seed statistics
+
+
+def test_a_trial_whose_last_attempt_failed_stays_errored(retried):
+    from analysis.collect import collect
+
+    experiment, trial_dir = retried
+    reports = (trial_dir / "result.json").read_text().splitlines()
+    trial_id = json.loads(reports[0])["trial_id"]
+    # The retry reported once more, then failed for good (Tune's own record says ERROR).
+    second = "Failure # 2 (occurred at 2026-11-24_02-50-00)\nRuntimeError: worker died again\n"
+    (trial_dir / "error.txt").write_text(EARLIER_FAILURE + second)
+    lines = [json.loads(line) for line in reports]
+    (trial_dir / "result.json").write_text("".join(json.dumps(line) + "\n" for line in lines[:1]))
+    for state in (None, ("ERROR", 2)):  # the dates say it without Tune's state, which says it too
+        if state:
+            _tune_state(experiment, {trial_id: state})
+        trial = collect(str(experiment)).trials.set_index("trial_id").loc[trial_id]
+        assert (trial["status"], trial["attempts"]) == ("errored", 2)
+        assert trial["error"] == "RuntimeError: worker died again"
+        assert trial["earlier_error"] == "The actor is dead because its worker process has died."
+
+
+def test_an_epoch_reported_by_two_attempts_counts_once_with_the_last_report(retried):
+    from analysis.collect import collect
+
+    experiment, trial_dir = retried
+    lines = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+    repeated = {**lines[-1], "ssim": lines[-1]["ssim"] + 0.01, "iterations_since_restore": 1}
+    (trial_dir / "result.json").write_text("".join(json.dumps(x) + "\n" for x in [*lines, repeated]))
+    collected = collect(str(experiment))
+    epochs = collected.epochs[collected.epochs["trial_id"] == lines[0]["trial_id"]]
+    assert list(epochs["epoch"]) == [line["epoch"] for line in lines]
+    assert epochs["ssim"].iloc[-1] == pytest.approx(repeated["ssim"])
+
+
+def test_tune_failures_are_parsed_oldest_first():
+    from analysis.outcome import parse_failures
+
+    later = "Failure # 2 (occurred at 2026-11-24_02-50-00)\nValueError: x\n"
+    failures = parse_failures(EARLIER_FAILURE + later)
+    assert [f.occurred for f in failures] == ["2026-11-24_02-30-00", "2026-11-24_02-50-00"]
+    assert [f.summary() for f in failures] == ["The actor is dead because its worker process has died.",
+                                               "ValueError: x"]  # fmt: skip
+    assert parse_failures("") == [] and parse_failures("no header\n")[0].summary() == "no header"
