@@ -52,7 +52,7 @@ from mri_models.data.slice_dataset import RawSample, list_volumes, subsample_sli
 from mri_models.data.subsample import create_mask_func
 from mri_models.data.synthetic import generate_dataset
 from mri_models.data.transforms import unet_crop_size, unet_sample, volume_mask_seed
-from mri_models.data.validate import check_root
+from mri_models.data.validate import check_root, default_validation_cache
 from mri_models.data.volume import KSPACE_KEY, TARGET_KEY
 from ray_jobs.config import SYNTHETIC_DATA, ConfigError, TrainConfig, default_data_dir
 
@@ -123,7 +123,12 @@ def prepare_data(cfg: TrainConfig, root: str | os.PathLike) -> PreparedData:
         ConfigError: the image is too small for ``num_pool_layers``, or subsampling leaves no slice.
     """
     root = store.normalise(root)
-    check_root(root, (TRAIN_SPLIT, VAL_SPLIT), check_values=not store.is_remote(root))
+    check_root(
+        root,
+        (TRAIN_SPLIT, VAL_SPLIT),
+        check_values=not store.is_remote(root),
+        cache_dir=default_validation_cache(),
+    )
     train_slices = _index(store.join(root, TRAIN_SPLIT), cfg)
     val_slices = _index(store.join(root, VAL_SPLIT), cfg)
     for split, slices in ((TRAIN_SPLIT, train_slices), (VAL_SPLIT, val_slices)):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
-import time
 from collections import Counter
 from collections.abc import Iterable
 from typing import Any
@@ -22,6 +21,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from mri_models.cost import synchronised_clock
 from mri_models.losses import penalty_terms, training_loss
 from mri_models.metrics import (
     PRIMARY_METRIC,
@@ -168,14 +168,14 @@ def train_epoch(model, optimizer, scaler, cfg: TrainConfig, data: PreparedData, 
         local_shuffle_seed=stream_seed(cfg.seed, epoch, rank),
     )
     for step, batch in enumerate(batches):
-        started = time.perf_counter()
+        started = synchronised_clock(device)
         rows = _network_batch(batch, cfg, device)  # on the trainer's device: counted as its compute
         image, target = rows["image"], rows["target"]
         with autocast(cfg.precision, device):
             result = model(image, return_attention=True)
         # Loss, penalties and metrics in float32, outside the autocast region.
         parts = training_loss(float32_result(result), target, weights, provides)
-        compute_seconds += time.perf_counter() - started
+        compute_seconds += synchronised_clock(device) - started
         # Every rank must agree to stop, or the others would wait forever in the next all-reduce.
         finite = _all_reduce_sum([float(torch.isfinite(parts.total).item())], device, world_size)[0]
         if finite < world_size:
@@ -185,9 +185,9 @@ def train_epoch(model, optimizer, scaler, cfg: TrainConfig, data: PreparedData, 
                 f"on rank {rank} (lr={cfg.lr}{', ' + weights_text if weights_text else ''}); lower the "
                 "learning rate or the penalty weights"
             )
-        started = time.perf_counter()
+        started = synchronised_clock(device)
         optimisation_step(parts.total, optimizer, scaler)  # fp16: scaled backward, skipped if inf
-        compute_seconds += time.perf_counter() - started
+        compute_seconds += synchronised_clock(device) - started
         n = image.shape[0]
         loss_sum += parts.total.item() * n
         reconstruction_sum += parts.reconstruction.item() * n
@@ -316,7 +316,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         start_epoch, history = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
 
     for epoch in range(start_epoch, cfg.epochs):
-        started = time.perf_counter()
+        started = synchronised_clock(device)
         lr = optimizer.param_groups[0]["lr"]
         try:
             train_metrics = train_epoch(model, optimizer, scaler, cfg, data, epoch, device)
@@ -327,10 +327,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 logger.error("%s", err)
             ray.train.report({**dict.fromkeys(keys, math.nan), "epoch": epoch + 1, "diverged": 1.0})
             return
-        train_seconds = time.perf_counter() - started
+        train_seconds = synchronised_clock(device) - started
         scheduler.step()
         val_metrics = validate(model, cfg, validation_batches, device)
-        epoch_seconds = time.perf_counter() - started
+        epoch_seconds = synchronised_clock(device) - started
         metrics = {
             "epoch": epoch + 1,  # epochs completed; ASHA's time attribute
             "lr": lr,

@@ -208,3 +208,16 @@ def test_inductor_training_steps_match_eager(fp32_eager) -> None:
     torch.testing.assert_close(
         torch.tensor(losses), torch.tensor(fp32_eager["sparse_attention_unet"]), rtol=1e-4, atol=0
     )
+
+
+def test_timed_regions_wait_for_a_cuda_device_and_not_for_a_cpu(monkeypatch):
+    # CUDA kernels run asynchronously; the worker's compute and epoch times must wait for them. Only the
+    # routing can be checked without a GPU (benchmarks/gpu_step.py times a real device).
+    from mri_models.cost import synchronised_clock
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    first = synchronised_clock(torch.device("cpu"))
+    assert waited == [] and synchronised_clock(torch.device("cpu")) >= first
+    synchronised_clock(torch.device("cuda", 1))
+    assert waited == [torch.device("cuda", 1)]

@@ -7,6 +7,7 @@ shown to pass in the same run.
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -413,3 +414,26 @@ def test_cli_missing_root_exits_two(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main([str(tmp_path / "nowhere")]) == 2
     assert "data root does not exist" in capsys.readouterr().out
     assert main([str(tmp_path)]) == 2  # empty root
+
+
+def test_a_file_found_valid_is_not_scanned_again_until_it_changes(fastmri_root: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "validated"
+    assert validate_root(fastmri_root, cache_dir=cache).ok
+    assert len(list(cache.glob("*.json"))) == FILES_IN_ROOT
+    # Plant a NaN without changing what identifies the file's version (size and modification time): a
+    # remembered file is not scanned again, so the NaN goes unseen...
+    path = fastmri_root / TRAIN0
+    before = path.stat()
+    _edit(fastmri_root, TRAIN0, lambda hf: hf[KSPACE_KEY].__setitem__((0, 0, 0), np.nan))
+    assert path.stat().st_size == before.st_size
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert validate_root(fastmri_root, cache_dir=cache).ok
+    assert not validate_root(fastmri_root).ok  # ...which a check without the cache finds
+    # ...until the file changes: a new modification time is a new version, checked again and not remembered.
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns + 1))
+    report = validate_root(fastmri_root, cache_dir=cache)
+    assert list(report.file_problems) == [TRAIN0] and "NaN" in report.file_problems[TRAIN0][0]
+    assert len(list(cache.glob("*.json"))) == FILES_IN_ROOT
+    # A metadata-only check is answered by a remembered value scan; the reverse is not.
+    assert validate_root(fastmri_root, check_values=False, cache_dir=cache).files_checked == FILES_IN_ROOT
+    assert len(list(cache.glob("*.json"))) == FILES_IN_ROOT + 1  # the bad file, checked without values

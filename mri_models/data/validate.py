@@ -12,6 +12,12 @@ before it starts) and a command line tool::
 
     python -m mri_models.data.validate ROOT [--splits singlecoil_train singlecoil_val] [--no-values]
 
+Training validates a file once: a valid file's result is remembered in a cache directory under a key of
+its URI, size and modification time, the checks asked for and this module's own code, so a study that
+prepares the same data for every sweep and pooling depth scans each file's values once, and a file that
+changes (or a change to the checks) is checked again. Bad files are never remembered. The command line
+tool always checks everything.
+
 Exit status: 0 when every file is valid; 1 when a file or a split is bad; 2 when not a single file could be
 checked (the root is missing, not a directory, empty, or none of its splits holds a ``.h5`` file). Files are
 only ever opened read-only; nothing is written under the root.
@@ -21,17 +27,23 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
+import hashlib
+import json
 import math
 import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import h5py
 import numpy as np
 
 from mri_models.data import store
+from mri_models.data import volume as volume_module
+from mri_models.data.slice_dataset import default_cache_dir
 from mri_models.data.volume import (
     KNEE_ACQUISITIONS,
     KSPACE_KEY,
@@ -51,6 +63,11 @@ TEST_REQUIRED_ATTRS = ("acquisition", "patient_id")
 # reads a few dozen slices per call while keeping memory flat however large the volume is.
 READ_BLOCK_BYTES = 64 * 2**20
 EXIT_OK, EXIT_BAD, EXIT_NOTHING_CHECKED = 0, 1, 2
+
+
+def default_validation_cache() -> Path:
+    """Where training remembers the files it found valid: ``validated/`` in the cache directory."""
+    return default_cache_dir() / "validated"
 
 
 class DataValidationError(ValueError):
@@ -147,7 +164,10 @@ def validate_file(path: str | os.PathLike, split: str, check_values: bool = True
 
 
 def validate_root(
-    root: str | os.PathLike, splits: Sequence[str] = DEFAULT_SPLITS, check_values: bool = True
+    root: str | os.PathLike,
+    splits: Sequence[str] = DEFAULT_SPLITS,
+    check_values: bool = True,
+    cache_dir: Path | None = None,
 ) -> ValidationReport:
     """Check every ``.h5`` file of the given splits of a data root.
 
@@ -156,6 +176,7 @@ def validate_root(
         splits: split directory names to check.
         check_values: also scan the arrays for NaN/Inf (the slow part: it reads every value once). Without
             it only the header, attributes and dataset shapes are read: byte ranges, also from object storage.
+        cache_dir: remember valid files here and skip files found valid before (None: check every file).
 
     Returns:
         The report; ``report.ok`` says whether training may use the root.
@@ -173,7 +194,7 @@ def validate_root(
         if split_problem:
             report.root_problems.append(split_problem)
         for entry in files:
-            problems, warnings = _check_file(entry.uri, split, check_values)
+            problems, warnings = _check_file_once(entry, split, check_values, cache_dir)
             report.files_checked += 1
             name = f"{split}/{entry.name}"
             if problems:
@@ -188,6 +209,7 @@ def check_root(
     splits: Sequence[str] = DEFAULT_SPLITS,
     check_values: bool = True,
     max_listed: int = 20,
+    cache_dir: Path | None = None,
 ) -> ValidationReport:
     """Validate a data root and raise if anything is wrong; what training calls before it starts.
 
@@ -196,6 +218,7 @@ def check_root(
         splits: split directory names to check.
         check_values: also scan the arrays for NaN/Inf.
         max_listed: list at most this many bad files in the error message.
+        cache_dir: where valid files are remembered (:func:`validate_root`).
 
     Returns:
         The report (all files valid; it may still carry warnings).
@@ -203,7 +226,7 @@ def check_root(
     Raises:
         DataValidationError: listing the root problems and the first ``max_listed`` bad files.
     """
-    report = validate_root(root, splits, check_values)
+    report = validate_root(root, splits, check_values, cache_dir)
     if not report.ok and not report.files_checked and not report.file_problems:
         # Nothing could be checked (a missing root, bucket or split): one line says why.
         raise DataValidationError("; ".join(report.root_problems), report)
@@ -248,6 +271,36 @@ def _split_files(root: str, split: str) -> tuple[list[store.FileEntry], str | No
 
 
 # -------------------------------------------------------------------------------------------- one file
+
+
+@functools.cache
+def _checks_version() -> str:
+    """A digest of the code that decides validity: a changed check invalidates every remembered result."""
+    sources = (Path(__file__).read_bytes(), Path(volume_module.__file__).read_bytes())
+    return hashlib.sha1(b"".join(sources)).hexdigest()[:16]
+
+
+def _cache_file(cache_dir: Path, entry: store.FileEntry, split: str, check_values: bool) -> Path:
+    identity = [entry.uri, entry.size, entry.mtime_ns, is_test_split(split), check_values, _checks_version()]
+    return cache_dir / f"{hashlib.sha1(json.dumps(identity).encode()).hexdigest()}.json"
+
+
+def _check_file_once(
+    entry: store.FileEntry, split: str, check_values: bool, cache_dir: Path | None
+) -> tuple[list[str], list[str]]:
+    """``_check_file``, skipped for a file this cache found valid (a value scan also answers for none)."""
+    if cache_dir is not None:
+        for scanned in (True, False) if not check_values else (True,):
+            with contextlib.suppress(OSError, ValueError):
+                return [], json.loads(_cache_file(cache_dir, entry, split, scanned).read_text())["warnings"]
+    problems, warnings = _check_file(entry.uri, split, check_values)
+    if cache_dir is not None and not problems:
+        path = _cache_file(cache_dir, entry, split, check_values)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps({"uri": entry.uri, "warnings": warnings}))
+        tmp.replace(path)  # atomic: a reader sees a whole record or none
+    return problems, warnings
 
 
 def _check_file(uri: str, split: str, check_values: bool) -> tuple[list[str], list[str]]:
