@@ -25,10 +25,11 @@ Run ``python -m analysis.collect --experiment PATH`` to (re)write ``PATH/results
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -53,12 +54,57 @@ def summarised_metrics() -> list[str]:
 
 @dataclass
 class Experiment:
-    """The tables of one experiment."""
+    """The tables of one experiment: per trial, per trial and epoch, per volume (validation epochs and
+    the final test evaluation, network and zero-filled rows)."""
 
     path: str
     trials: pd.DataFrame
     epochs: pd.DataFrame
     problems: list[str]
+    volumes: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+
+def test_columns(record: dict | None) -> dict[str, float]:
+    """A trial's final evaluation as columns: ``test_<metric>_<N>x`` and ``zero_filled_test_<metric>_<N>x``
+    per setting, and the selected epoch (empty for trials or experiments without one)."""
+    if not record:
+        return {}
+    columns: dict[str, float] = {"test_epoch": record["selected_epoch"]}
+    for setting in record["settings"]:
+        suffix = f"{setting['acceleration']}x"
+        for name in metric_table():
+            columns[f"test_{name}_{suffix}"] = setting["network"][name]
+            columns[f"zero_filled_test_{name}_{suffix}"] = setting["zero_filled"][name]
+    return columns
+
+
+def _trial_volumes(layout: ExperimentLayout, trial_id: str, config_columns: dict) -> list[pd.DataFrame]:
+    frames = []
+    for _, uri in storage.files(layout.train_run(trial_id).volumes_dir):
+        data = storage.read_bytes(uri)
+        if uri.endswith(".parquet") and data:
+            frame = pd.read_parquet(io.BytesIO(data))
+            for key, value in reversed([("trial_id", trial_id), *config_columns.items()]):
+                frame.insert(0, key, value)
+            frames.append(frame)
+    return frames
+
+
+def _baseline_volumes(layout: ExperimentLayout) -> list[pd.DataFrame]:
+    """The zero-filled input's validation rows per volume, as the baselines record them."""
+    frames = []
+    for baseline in (storage.read_json(layout.baseline_file) or {}).get("baselines", []):
+        rows = baseline.get("volumes") or []  # baselines recorded before per-volume rows have none
+        if rows:
+            mask = baseline["mask"]
+            frame = pd.DataFrame(rows)
+            frame.insert(0, "split", "val")
+            frame.insert(1, "epoch", 0)
+            frame.insert(2, "source", "zero_filled")
+            frame.insert(3, "acceleration", mask["accelerations"][0])
+            frame.insert(4, "center_fraction", mask["center_fractions"][0])
+            frames.append(frame)
+    return frames
 
 
 def collect(path: str) -> Experiment:
@@ -79,7 +125,7 @@ def collect(path: str) -> Experiment:
     search_keys = sweep.get("search_keys")
     max_epochs = sweep.get("max_epochs")
     problems: list[str] = []
-    trial_rows, epoch_rows = [], []
+    trial_rows, epoch_rows, volume_frames = [], [], _baseline_volumes(layout)
     for trial_dir in layout.trial_dirs():
         config = storage.read_json(trial_dir.params_file) or {}
         reports = _read_reports(trial_dir.name, storage.read_text(trial_dir.result_file) or "", problems)
@@ -107,6 +153,8 @@ def collect(path: str) -> Experiment:
         best = max(reports, key=lambda r: sign * _number(r.get(PRIMARY_METRIC), sign), default=None)
         for metric in (*metric_table(), "epoch"):
             row[f"best_{metric}"] = _number(best.get(metric)) if best else math.nan
+        row.update(test_columns(storage.read_json(layout.train_run(trial_id).test_evaluation_file)))
+        volume_frames += _trial_volumes(layout, trial_id, config_columns)
         row["error"] = outcome.error
         row["earlier_error"] = outcome.earlier_error
         row["trial_dir"] = trial_dir.name
@@ -120,9 +168,12 @@ def collect(path: str) -> Experiment:
             )
     trials = pd.DataFrame(trial_rows)
     epochs = pd.DataFrame(epoch_rows)
+    volumes = pd.concat(volume_frames, ignore_index=True) if volume_frames else pd.DataFrame()
     if trials.empty:
         problems.append(f"no trials found under {path}")
-    return Experiment(path, trials, epochs, problems)
+    elif not any(column.startswith("test_") for column in trials):
+        problems.append(f"{layout.name}: no test evaluation (an experiment from before the held-out split)")
+    return Experiment(path, trials, epochs, problems, volumes)
 
 
 def _read_reports(trial_name: str, text: str, problems: list[str]) -> list[dict]:
@@ -154,7 +205,8 @@ def _number(value, sign: float = 1.0) -> float:
 
 
 def write_tables(path: str, out_dir: str | None = None) -> Experiment:
-    """Collect an experiment and write ``trials`` and ``epochs`` as CSV and Parquet into ``out_dir``.
+    """Collect an experiment and write ``trials``, ``epochs`` and ``volumes`` as CSV and Parquet into
+    ``out_dir``.
 
     Args:
         path: the experiment directory.
@@ -162,7 +214,8 @@ def write_tables(path: str, out_dir: str | None = None) -> Experiment:
     """
     experiment = collect(path)
     out_dir = out_dir or ExperimentLayout(path).results_dir
-    for name, table in (("trials", experiment.trials), ("epochs", experiment.epochs)):
+    tables = (("trials", experiment.trials), ("epochs", experiment.epochs), ("volumes", experiment.volumes))
+    for name, table in tables:
         storage.write_text(storage.join(out_dir, f"{name}.csv"), table.to_csv(index=False))
         if not table.empty:
             storage.write_bytes(storage.join(out_dir, f"{name}.parquet"), table.to_parquet(index=False))

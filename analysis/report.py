@@ -62,7 +62,14 @@ def tables_step(study: Study, out: OutDir) -> StepResult:
                 f"One row per trial and epoch{label}: every reported metric.",
             )
         )
-        for name in ("trials", "epochs"):
+        result.artifacts.append(
+            Artifact(
+                posixpath.join(relative, "volumes.csv"),
+                f"One row per volume{label} of every validation epoch and of the final test evaluation "
+                "(network and zero-filled, per acceleration; patient and acquisition).",
+            )
+        )
+        for name in ("trials", "epochs", "volumes"):
             parquet = posixpath.join(relative, f"{name}.parquet")
             if out.exists(parquet):
                 result.artifacts.append(Artifact(parquet, f"The same {name} table as Parquet."))

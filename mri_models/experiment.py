@@ -10,16 +10,20 @@ A training run (``python -m ray_jobs.train --name NAME``, or one sweep trial) un
     <run>/baseline.json              the zero-filled input's validation metrics (single runs)
     <run>/metrics.csv                per-epoch metrics (single runs, written at the end)
     <run>/checkpoint_<date>/         Ray Train checkpoints: checkpoint.pt (weights only) + history.json
+    <run>/volumes/                   per-volume rows: val-epoch-<NNNN>.parquet, test.parquet
+    <run>/test_evaluation.json       the final evaluation on the test split (selected epoch, means)
+    <run>/data_roles.json            which files were train, val and test (single runs)
 
 A sweep (a Ray Tune experiment)::
 
     <experiment>/sweep.json                       the sweep spec, search keys, epoch budget, data root
     <experiment>/asha_state.txt                   ASHA's rung records (ray_jobs.asha)
     <experiment>/baseline.json                    the zero-filled input's validation metrics
+    <experiment>/data_roles.json                  which files were train, val and test
     <experiment>/experiment_state-<date>.json     Tune's trial states (status, failures), one per driver start
     <experiment>/<Tune trial dir>/                params.json, result.json, error.txt (Tune's own)
     <experiment>/train_runs/<trial id>/           the trial's training run, laid out as above
-    <experiment>/results/                         trials.csv, epochs.csv (+ Parquet)
+    <experiment>/results/                         trials.csv, epochs.csv, volumes.csv (+ Parquet)
     <experiment>/analysis/                        report.md, tables and figures
 """
 
@@ -47,6 +51,13 @@ METRICS_CSV = "metrics.csv"
 CHECKPOINT_PREFIX = "checkpoint_"
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.json"
+# Per-volume results of a run: val-epoch-<NNNN>.parquet per validation epoch, test.parquet of the final
+# evaluation, whose summary (selected epoch, rule, means per setting) is TEST_EVALUATION_FILE.
+VOLUMES_DIR = "volumes"
+TEST_VOLUMES_FILE = "test.parquet"
+TEST_EVALUATION_FILE = "test_evaluation.json"
+# Which files played which role (train, val, test) in a run or sweep.
+DATA_ROLES_FILE = "data_roles.json"
 # TensorBoard event files of validation images, a run of its own beside Tune's scalars (ray_jobs.images).
 IMAGES_DIR = "images"
 # A paper study (sweeps/paper_study.py): two experiments, the model costs, the report.
@@ -179,6 +190,25 @@ class RunLayout:
     def images_dir(self) -> str:
         return join(self.path, IMAGES_DIR)
 
+    @property
+    def volumes_dir(self) -> str:
+        return join(self.path, VOLUMES_DIR)
+
+    def val_volumes_file(self, epoch: int) -> str:
+        return join(self.volumes_dir, f"val-epoch-{epoch:04d}.parquet")
+
+    @property
+    def test_volumes_file(self) -> str:
+        return join(self.volumes_dir, TEST_VOLUMES_FILE)
+
+    @property
+    def test_evaluation_file(self) -> str:
+        return join(self.path, TEST_EVALUATION_FILE)
+
+    @property
+    def data_roles_file(self) -> str:
+        return join(self.path, DATA_ROLES_FILE)
+
     def checkpoints(self) -> list[str]:
         """The run's checkpoint directories (the trainer keeps the best by SSIM and the latest)."""
         return [uri for name, uri in subdirectories(self.path) if name.startswith(CHECKPOINT_PREFIX)]
@@ -242,6 +272,10 @@ class ExperimentLayout:
     @property
     def baseline_file(self) -> str:
         return join(self.path, BASELINE_FILE)
+
+    @property
+    def data_roles_file(self) -> str:
+        return join(self.path, DATA_ROLES_FILE)
 
     @property
     def train_runs(self) -> str:

@@ -37,12 +37,13 @@ def mask_settings(cfg: TrainConfig) -> dict[str, Any]:
 def _cache_key(data: PreparedData, mask: dict[str, Any]) -> str:
     files = sorted({path for path, _ in data.val_slices})
     stats = [(path, entry.size, entry.mtime_ns) for path in files for entry in [store.stat(path)]]
-    text = json.dumps([sorted(data.val_slices), stats, mask, sorted(metric_table())])
+    # "volumes": the record holds per-volume rows since that version (older cached records lack them).
+    text = json.dumps([sorted(data.val_slices), stats, mask, sorted(metric_table()), "volumes"])
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
 
-def compute_zero_filled(data: PreparedData, cfg: TrainConfig) -> dict[str, Any]:
-    """The zero-filled input's volume metrics on the validation split, computed here (no Ray)."""
+def compute_zero_filled(data: PreparedData, cfg: TrainConfig) -> VolumeMetricAccumulator:
+    """The zero-filled input's slices of the validation split, computed here (no Ray)."""
     accumulator = VolumeMetricAccumulator()
     # fastMRI's own operations, whatever transform the runs train with: the baseline is the reference line
     # of every table, and the fast transform's inputs differ from it only by float32 rounding.
@@ -54,21 +55,25 @@ def compute_zero_filled(data: PreparedData, cfg: TrainConfig) -> dict[str, Any]:
         image = row["image"] * row["std"] + row["mean"]
         target = row["target"] * row["std"] + row["mean"]
         accumulator.add_slices([row["fname"]], [row["slice_num"]], [image], [target], [row["max_value"]])
-    return accumulator.compute()
+    return accumulator
 
 
 def zero_filled_baseline(data: PreparedData, cfg: TrainConfig) -> dict[str, Any]:
     """The baseline for the validation split and the mask settings of ``cfg``, from the cache if computed.
 
     Returns:
-        ``{"metrics": {name: value, "num_volumes": n}, "mask": {...}, "val_slices": n}``.
+        ``{"metrics": {name: value, "num_volumes": n}, "mask": {...}, "val_slices": n, "volumes": [{"file":
+        path, name: value, ...}, ...]}``: the means over volumes, and every volume's metrics.
     """
     mask = mask_settings(cfg)
     cache = default_cache_dir() / "baselines" / f"{_cache_key(data, mask)}.json"
     cached = experiment.read_json(str(cache))
     if cached is not None:
         return cached
-    baseline = {"metrics": compute_zero_filled(data, cfg), "mask": mask, "val_slices": len(data.val_slices)}
+    slices = compute_zero_filled(data, cfg)
+    volumes = [{"file": fname, **metrics} for fname, metrics in sorted(slices.per_volume().items())]
+    baseline = {"metrics": slices.compute(), "mask": mask, "val_slices": len(data.val_slices)}
+    baseline["volumes"] = volumes
     experiment.write_json(str(cache), baseline)
     return baseline
 

@@ -73,6 +73,15 @@ class TrainConfig(BaseModel):
     mask_type: Literal["random", "equispaced", "equispaced_fraction"] = "random"
     center_fractions: tuple[float, ...] = (0.08,)
     accelerations: tuple[int, ...] = (4,)
+    # The held-out test split, read only by the final evaluation (ray_jobs.final_evaluation): "auto" is the
+    # root's singlecoil_test when its volumes have targets (the synthetic data's), else half of the
+    # validation patients (fastMRI's own test split has no targets); "val_half" always splits validation
+    # by patient; another name is that split directory; "none" evaluates nothing on a test split.
+    test_split: str = Field("auto", min_length=1)
+    test_root: str | None = Field(None, description="the data root of test_split (default: data_root)")
+    # The final evaluation's (centre fraction, acceleration) pairs: fastMRI's 4x and 8x protocol.
+    test_center_fractions: tuple[float, ...] = (0.08, 0.04)
+    test_accelerations: tuple[int, ...] = (4, 8)
     slices_per_read: int = Field(8, ge=1, description="consecutive slices of one file read at once (a chunk)")
     # 8 (64 slices per Ray task): Ray Data's per-task and block costs shrink against the work, 0.91x -> ~1.6x
     # fastMRI's DataLoader at 640 x 368 on 2 cores (benchmarks/README.md). It decides block boundaries, which
@@ -128,7 +137,7 @@ class TrainConfig(BaseModel):
         values["penalty_weights"] = weights
         return values
 
-    @field_validator("data_root", mode="before")
+    @field_validator("data_root", "test_root", mode="before")
     @classmethod
     def _path_as_text(cls, value: Any) -> Any:
         # A pathlib.Path from Python callers; URIs (s3://...) must stay text, which Path would mangle.
@@ -153,7 +162,21 @@ class TrainConfig(BaseModel):
                 f"center_fractions {self.center_fractions} and accelerations {self.accelerations} must be "
                 "non-empty and of the same length"
             )
+        if len(self.test_center_fractions) != len(self.test_accelerations):
+            raise ValueError(
+                f"test_center_fractions {self.test_center_fractions} and test_accelerations "
+                f"{self.test_accelerations} must be of the same length"
+            )
+        fractions_ok = all(0 < f < 1 for f in self.test_center_fractions)
+        if not fractions_ok or min(self.test_accelerations, default=1) < 1:
+            raise ValueError("test_center_fractions must lie in (0, 1) and test_accelerations be >= 1")
         return self
+
+    def test_settings(self) -> list[dict[str, Any]]:
+        """The final evaluation's mask settings, one per (centre fraction, acceleration) pair."""
+        pairs = zip(self.test_center_fractions, self.test_accelerations, strict=True)
+        kind = self.mask_type
+        return [{"mask_type": kind, "center_fractions": [f], "accelerations": [a]} for f, a in pairs]
 
     @model_serializer(mode="wrap")
     def _flat_weights(self, handler) -> dict[str, Any]:
@@ -233,6 +256,7 @@ SYNTHETIC_DATA: dict[str, dict[str, Any]] = {
     "smoke": {
         "num_train": 4,
         "num_val": 2,
+        "num_test": 2,
         "num_slices": 4,
         "recon_size": (64, 64),
         "kspace_size": (128, 74),
@@ -241,6 +265,7 @@ SYNTHETIC_DATA: dict[str, dict[str, Any]] = {
     "cpu": {
         "num_train": 8,
         "num_val": 4,
+        "num_test": 4,
         "num_slices": 10,
         "recon_size": (128, 128),
         "kspace_size": (256, 148),
@@ -249,6 +274,7 @@ SYNTHETIC_DATA: dict[str, dict[str, Any]] = {
     "paper": {
         "num_train": 20,
         "num_val": 6,
+        "num_test": 6,
         "num_slices": 30,
         "recon_size": (320, 320),
         "kspace_size": (640, 368),

@@ -36,7 +36,7 @@ import random
 import zlib
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ from mri_models.data.transforms import unet_crop_size, unet_sample, volume_mask_
 from mri_models.data.validate import check_root, default_validation_cache
 from mri_models.data.volume import KSPACE_KEY, TARGET_KEY
 from ray_jobs.config import SYNTHETIC_DATA, ConfigError, TrainConfig, default_data_dir
+from ray_jobs.splits import NO_TEST, VolumeFacts, choose_test_data, facts_of
 
 TRAIN_SPLIT = "singlecoil_train"
 VAL_SPLIT = "singlecoil_val"
@@ -64,12 +65,25 @@ SliceRef = tuple[str, int]  # (absolute file path or URI, slice index)
 
 @dataclass(frozen=True)
 class PreparedData:
-    """A validated data root and its slice indices, small enough to ship to every worker."""
+    """A validated data root and its slice indices per role, small enough to ship to every worker.
+
+    ``val_slices`` make every choice; ``test_slices`` (whole volumes) are read only by the final
+    evaluation (:mod:`ray_jobs.splits`, :mod:`ray_jobs.final_evaluation`).
+    """
 
     root: str  # a local path or a URI in object storage (mri_models.data.store)
     train_slices: tuple[SliceRef, ...]
     val_slices: tuple[SliceRef, ...]
     image_size: tuple[int, int]
+    test_slices: tuple[SliceRef, ...] = ()
+    test_source: str = NO_TEST
+    volumes: dict[str, VolumeFacts] = field(default_factory=dict)  # validation and test files
+
+    def roles(self) -> dict[str, Any]:
+        """Which files played which role, for the experiment's record (``data_roles.json``)."""
+        by_role = {"train": self.train_slices, "val": self.val_slices, "test": self.test_slices}
+        files = {role: sorted({path for path, _ in slices}) for role, slices in by_role.items()}
+        return {"root": self.root, "test_source": self.test_source, **files}
 
 
 # ----------------------------------------------------------------------------------------- preparation
@@ -100,10 +114,10 @@ def ensure_synthetic_data(profile: str, seed: int = 0, base_dir: Path | None = N
     return root
 
 
-def _index(split_dir: str, cfg: TrainConfig) -> tuple[SliceRef, ...]:
-    samples = [
-        RawSample(v.fname, i, v.metadata) for v in list_volumes(split_dir) for i in range(v.num_slices)
-    ]
+def _index(split_dir: str, cfg: TrainConfig, files: frozenset[str] | None = None) -> tuple[SliceRef, ...]:
+    """The split's slices after the configuration's subsampling (of ``files`` only, when given)."""
+    volumes = [v for v in list_volumes(split_dir) if files is None or str(v.fname) in files]
+    samples = [RawSample(v.fname, i, v.metadata) for v in volumes for i in range(v.num_slices)]
     kept = subsample_slices(samples, cfg.sample_rate, cfg.volume_sample_rate, random.Random(cfg.seed))
     return tuple(sorted((str(s.fname), s.slice_ind) for s in kept))
 
@@ -123,14 +137,16 @@ def prepare_data(cfg: TrainConfig, root: str | os.PathLike) -> PreparedData:
         ConfigError: the image is too small for ``num_pool_layers``, or subsampling leaves no slice.
     """
     root = store.normalise(root)
-    check_root(
-        root,
-        (TRAIN_SPLIT, VAL_SPLIT),
-        check_values=not store.is_remote(root),
-        cache_dir=default_validation_cache(),
-    )
+    check_values = not store.is_remote(root)
+    splits = (TRAIN_SPLIT, VAL_SPLIT)
+    check_root(root, splits, check_values=check_values, cache_dir=default_validation_cache())
+    val_dir = store.join(root, VAL_SPLIT)
+    test = choose_test_data(cfg, root, val_dir, check_values)
     train_slices = _index(store.join(root, TRAIN_SPLIT), cfg)
-    val_slices = _index(store.join(root, VAL_SPLIT), cfg)
+    val_slices = _index(val_dir, cfg, test.val_kept)
+    # The test split is evaluated whole: subsampling is for cheaper training and selection, not reporting.
+    test_slices = tuple((str(v.fname), i) for v in test.volumes for i in range(v.num_slices))
+    volumes = {str(v.fname): facts_of(v) for v in (*list_volumes(val_dir), *test.volumes)}
     for split, slices in ((TRAIN_SPLIT, train_slices), (VAL_SPLIT, val_slices)):
         if not slices:
             raise ConfigError(
@@ -151,7 +167,9 @@ def prepare_data(cfg: TrainConfig, root: str | os.PathLike) -> PreparedData:
             f"{len(train_slices)} training slices cannot feed {cfg.num_workers} workers x batch_size "
             f"{cfg.batch_size}"
         )
-    return PreparedData(root, train_slices, val_slices, image_size)  # type: ignore[arg-type]
+    return PreparedData(
+        root, train_slices, val_slices, image_size, test_slices, test.source, volumes  # type: ignore[arg-type]
+    )
 
 
 # ----------------------------------------------------------------------------------------- sharding

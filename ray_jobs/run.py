@@ -157,6 +157,7 @@ def build_trainer(
             "data": data,
             "baseline": baseline,
             "image_dir": image_dir or experiment.RunLayout(experiment.join(storage_path, name)).images_dir,
+            "run_dir": experiment.join(storage_path, name),
         },
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources

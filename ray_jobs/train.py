@@ -23,6 +23,7 @@ from ray_jobs.checkpoints import history_from_checkpoint
 from ray_jobs.cli import add_common_arguments, exit_on_user_error, parse_overrides
 from ray_jobs.config import TrainConfig, make_train_config, profile_defaults
 from ray_jobs.data import PreparedData, ensure_synthetic_data, prepare_data
+from ray_jobs.final_evaluation import evaluate_runs, format_evaluation, pending
 from ray_jobs.run import (
     build_trainer,
     check_cluster_fits,
@@ -30,6 +31,7 @@ from ray_jobs.run import (
     connect,
     default_run_name,
     default_storage,
+    resolve_use_gpu,
 )
 
 
@@ -73,7 +75,9 @@ def _configure(args: argparse.Namespace) -> tuple[TrainConfig, PreparedData, str
     check_cluster_fits(cfg)
     resumed = claim_run_name(cfg, storage_path, name)
     baseline = zero_filled_baseline(data, cfg)
-    record_baselines(experiment.RunLayout(experiment.join(storage_path, name)).baseline_file, [baseline])
+    run = experiment.RunLayout(experiment.join(storage_path, name))
+    record_baselines(run.baseline_file, [baseline])
+    experiment.write_json(run.data_roles_file, data.roles())
     return cfg, data, name, storage_path, resumed, baseline["metrics"]
 
 
@@ -114,6 +118,12 @@ def main(argv: list[str] | None = None) -> int:
     final = history[-1]
     print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items() if not math.isnan(v)))
     print(f"per-epoch metrics written to {run.metrics_csv}")
+    item = pending(cfg, run, data)
+    if item is not None:
+        evaluate_runs([item], data, resolve_use_gpu(cfg))
+    evaluation = experiment.read_json(run.test_evaluation_file)
+    if evaluation:
+        print(format_evaluation(evaluation) + f"\nwritten to {run.test_evaluation_file}")
     return 0
 
 

@@ -25,6 +25,7 @@ from ray_jobs.asha import PersistentASHAScheduler
 from ray_jobs.baseline import baselines_for, mask_settings, record_baselines
 from ray_jobs.config import ConfigError, make_train_config
 from ray_jobs.data import PreparedData, ensure_synthetic_data, prepare_data
+from ray_jobs.final_evaluation import evaluate_runs, pending
 from ray_jobs.run import build_trainer, check_cluster_fits, claim_run_name, connect, resolve_use_gpu
 from ray_jobs.sweep_config import SweepSpec
 
@@ -196,6 +197,7 @@ def run_sweep(spec: SweepSpec, name: str, storage_path: str, data_root: str | No
     max_concurrent = concurrency(spec, num_trials)
     baselines = baselines_for(data, spec.trial_configs())
     record_baselines(layout.baseline_file, baselines)
+    experiment.write_json(layout.data_roles_file, data.roles())
     if not resume:
         record = {
             "spec": spec.model_dump(mode="json"),
@@ -222,5 +224,23 @@ def run_sweep(spec: SweepSpec, name: str, storage_path: str, data_root: str | No
         data.root,
         layout.path,
     )
-    _make_tuner(spec, storage_path, name, trainable, max_concurrent, resume).fit()
+    results = _make_tuner(spec, storage_path, name, trainable, max_concurrent, resume).fit()
+    evaluate_finished_trials(layout, results, data)
     return layout.path
+
+
+def evaluate_finished_trials(layout: ExperimentLayout, results, data: PreparedData) -> None:
+    """The final evaluation of every trial that completed or was stopped by ASHA (not errored or
+    diverged) and has none yet (:mod:`ray_jobs.final_evaluation`); a resumed sweep does only the rest."""
+    runs = []
+    for result in results:
+        trial_id = (result.metrics or {}).get("trial_id")
+        if result.error is not None or not trial_id or (result.metrics or {}).get("diverged"):
+            continue
+        run = layout.train_run(trial_id)
+        item = pending(make_train_config(experiment.read_json(run.config_file)), run, data)
+        if item is not None:
+            runs.append(item)
+    if runs:
+        logger.info("final evaluation of %d trial(s) on the test split (%s)", len(runs), data.test_source)
+        evaluate_runs(runs, data, resolve_use_gpu(runs[0].cfg))

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 
 from mri_models.cost import synchronised_clock
+from mri_models.experiment import RunLayout
 from mri_models.losses import penalty_terms, training_loss
 from mri_models.metrics import (
     PRIMARY_METRIC,
@@ -51,6 +52,7 @@ from ray_jobs.data import (
     slice_dataset,
     train_read_tasks,
 )
+from ray_jobs.final_evaluation import validation_rows, write_volume_rows
 from ray_jobs.images import ValidationImages
 
 logger = logging.getLogger(__name__)
@@ -203,7 +205,6 @@ def train_epoch(model, optimizer, scaler, cfg: TrainConfig, data: PreparedData, 
     }
 
 
-@torch.no_grad()
 def validate(model, cfg: TrainConfig, batches: Iterable[dict[str, Any]], device) -> dict[str, float]:
     """Validation over whole volumes per rank; per-slice results gathered so any world size agrees.
 
@@ -213,6 +214,14 @@ def validate(model, cfg: TrainConfig, batches: Iterable[dict[str, Any]], device)
         batches: this rank's validation batches (:class:`ray_jobs.data.ValidationBatches`).
         device: where the network is.
     """
+    return validation_pass(model, cfg, batches, device)[0]
+
+
+@torch.no_grad()
+def validation_pass(
+    model, cfg: TrainConfig, batches: Iterable[dict[str, Any]], device
+) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """:func:`validate`'s metrics, and every volume's metrics (the same on every rank)."""
     _, world_size = _world()
     architecture = get_architecture(cfg.model)
     # The bare module: validation load differs between ranks, and DDP's forward may synchronise. Eager
@@ -248,6 +257,7 @@ def validate(model, cfg: TrainConfig, batches: Iterable[dict[str, Any]], device)
         merged_mpand.merge(mpand_state)
         totals.update(rank_sums)
     slices = totals["slices"]
+    per_volume = merged_volumes.per_volume()
     metrics = merged_volumes.compute()
     mpand_result = merged_mpand.compute()
     out = {
@@ -262,7 +272,7 @@ def validate(model, cfg: TrainConfig, batches: Iterable[dict[str, Any]], device)
         out[f"mpand_level_{level + 1}"] = (
             mpand_result.per_level[level] if level < len(mpand_result.per_level) else math.nan
         )
-    return out
+    return out, per_volume
 
 
 # ----------------------------------------------------------------------------------------- the loop
@@ -281,7 +291,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     Args:
         config: ``{"train": TrainConfig as a dict, "data": PreparedData, "baseline": the zero-filled
             input's validation metrics (for the progress line) or None, "image_dir": where rank 0 writes
-            TensorBoard images (:mod:`ray_jobs.images`) or None}``.
+            TensorBoard images (:mod:`ray_jobs.images`) or None, "run_dir": the run's directory, where
+            rank 0 writes each epoch's per-volume rows, or None}``.
     """
     log_to_stdout()
     cfg = TrainConfig(**config["train"])  # also loads the configuration's plugins in this process
@@ -329,7 +340,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return
         train_seconds = synchronised_clock(device) - started
         scheduler.step()
-        val_metrics = validate(model, cfg, validation_batches, device)
+        val_metrics, per_volume = validation_pass(model, cfg, validation_batches, device)
         epoch_seconds = synchronised_clock(device) - started
         metrics = {
             "epoch": epoch + 1,  # epochs completed; ASHA's time attribute
@@ -346,6 +357,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {key: metrics[key] for key in keys}
         history.append(metrics)
         if rank == 0:
+            if config.get("run_dir"):  # every volume's metrics, for breakdowns and bootstraps
+                run = RunLayout(config["run_dir"])
+                rows = validation_rows(per_volume, cfg)
+                write_volume_rows(run.val_volumes_file(epoch + 1), rows, data, "val", epoch + 1)
             logger.info(format_progress(metrics, cfg.epochs, config.get("baseline")))
             images.write(unwrap(model), validation_batches, epoch + 1, device)
         with tempfile.TemporaryDirectory() as directory:

@@ -150,7 +150,8 @@ def fastmri_volume() -> Callable[..., Path]:
 
 @pytest.fixture
 def fastmri_root(tmp_path: Path) -> Path:
-    """A data root with three train and two val volumes of varying widths and both knee contrasts."""
+    """A data root with three train, two val and two held-out test volumes (with targets) of varying widths
+    and both knee contrasts."""
     for i, width in enumerate((40, 41, 44)):
         make_fastmri_volume(
             tmp_path / "singlecoil_train" / f"file_train{i}.h5",
@@ -165,6 +166,11 @@ def fastmri_root(tmp_path: Path) -> Path:
             num_slices=4,
             kspace_shape=(64, width),
             seed=10 + i,
+        )
+    for i, acquisition in enumerate(("CORPD_FBK", "CORPDFS_FBK")):
+        make_fastmri_volume(
+            tmp_path / "singlecoil_test" / f"file_test{i}.h5", num_slices=3, seed=30 + i,
+            acquisition=acquisition,
         )
     return tmp_path
 
@@ -224,7 +230,7 @@ def ray_local(ray_head):
 
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory) -> Path:
-    """A small fastMRI-format root for training runs: 4 train and 3 val volumes of 32 x 32 images."""
+    """A small fastMRI-format root for training runs: 4 train, 3 val and 2 test volumes of 32 x 32 images."""
     root = tmp_path_factory.mktemp("tiny_root")
     for i in range(4):
         make_fastmri_volume(
@@ -233,6 +239,10 @@ def tiny_root(tmp_path_factory) -> Path:
     for i in range(3):
         make_fastmri_volume(
             root / "singlecoil_val" / f"val{i}.h5", num_slices=3 + i, kspace_shape=(64, 41), seed=20 + i
+        )
+    for i, acquisition in enumerate(("CORPD_FBK", "CORPDFS_FBK")):
+        make_fastmri_volume(
+            root / "singlecoil_test" / f"test{i}.h5", num_slices=3, seed=40 + i, acquisition=acquisition
         )
     return root
 

@@ -52,7 +52,8 @@ def test_baseline_equals_fastmri_evaluate_on_zero_filled_volumes(
 ):
     root = tmp_path / "data"
     synthetic.generate_dataset(
-        root, num_train=1, num_val=3, num_slices=4, recon_size=(64, 64), kspace_size=(128, 74), seed=3
+        root, num_train=1, num_val=3, num_slices=4, recon_size=(64, 64), kspace_size=(128, 74), seed=3,
+        num_test=2,
     )
     cfg = make_train_config(
         {"chans": 4, "num_pool_layers": 2, "center_fractions": fractions, "accelerations": accelerations}

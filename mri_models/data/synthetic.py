@@ -49,9 +49,11 @@ from mri_models.data.volume import (
 # Bump when the generated content changes: it is part of every patient_id, so files written by an older
 # generator are recognised as stale and rewritten instead of being silently reused.
 GENERATOR_VERSION = 1
-SPLITS = ("train", "val")
+# The test split holds targets, unlike fastMRI's own: it is the held-out split of the final evaluation.
+SPLITS = ("train", "val", "test")
 DEFAULT_NUM_TRAIN = 10
 DEFAULT_NUM_VAL = 4
+DEFAULT_NUM_TEST = 4
 DEFAULT_NUM_SLICES = 12
 DEFAULT_RECON_SIZE = (128, 128)
 DEFAULT_KSPACE_SIZE = (256, 148)  # 2x readout oversampling; the width is deliberately not the recon width
@@ -708,10 +710,12 @@ def generate_dataset(
     recon_size: Sequence[int] = DEFAULT_RECON_SIZE,
     kspace_size: Sequence[int] = DEFAULT_KSPACE_SIZE,
     seed: int = 0,
+    num_test: int = 0,
 ) -> list[Path]:
     """Write a synthetic fastMRI single-coil knee dataset under ``root``.
 
-    Files are ``root/singlecoil_{train,val}/synthetic_{split}_{index:04d}.h5``. Each volume's content
+    Files are ``root/singlecoil_{train,val,test}/synthetic_{split}_{index:04d}.h5``; the test split has
+    targets like the others (a held-out split for the final evaluation, not fastMRI's target-less one). Each volume's content
     depends only on (seed, split, index) and the sizes. The call is idempotent: a complete file already
     written for the same parameters is left untouched, anything else under that name (partial, stale,
     other parameters) is rewritten atomically. Files of other names (e.g. from a larger earlier run) are
@@ -725,11 +729,16 @@ def generate_dataset(
         recon_size: (H, W) of the targets.
         kspace_size: (KH, KW) of the k-space, at least ``recon_size``.
         seed: dataset seed (>= 0).
+        num_test: volumes in ``singlecoil_test`` (0 writes none).
 
     Returns:
-        The paths of the volumes, train first, in index order.
+        The paths of the volumes, train first, then val and test, in index order.
     """
-    counts = {"train": _check_int("num_train", num_train, 0), "val": _check_int("num_val", num_val, 0)}
+    counts = {
+        "train": _check_int("num_train", num_train, 0),
+        "val": _check_int("num_val", num_val, 0),
+        "test": _check_int("num_test", num_test, 0),
+    }
     num_slices, recon, kspace_hw = _check_shapes(num_slices, recon_size, kspace_size)
     seed = _check_int("seed", seed, 0)
     paths = []
@@ -830,6 +839,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--root", type=Path, required=True, help="data root to write the splits under")
     parser.add_argument("--train", type=int, default=DEFAULT_NUM_TRAIN, help="training volumes")
     parser.add_argument("--val", type=int, default=DEFAULT_NUM_VAL, help="validation volumes")
+    parser.add_argument("--test", type=int, default=DEFAULT_NUM_TEST, help="held-out test volumes (with targets)")
     parser.add_argument("--slices", type=int, default=DEFAULT_NUM_SLICES, help="slices per volume")
     parser.add_argument("--recon", type=int, nargs=2, metavar=("H", "W"), default=DEFAULT_RECON_SIZE)
     parser.add_argument("--kspace", type=int, nargs=2, metavar=("KH", "KW"), default=DEFAULT_KSPACE_SIZE)
@@ -837,7 +847,8 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--preview", type=Path, help="also draw a few target slices into this PNG")
     args = parser.parse_args(argv)
     # Check here too so that errors name the command-line flags.
-    counts = (("--train", args.train, 0), ("--val", args.val, 0), ("--slices", args.slices, 1))
+    counts = (("--train", args.train, 0), ("--val", args.val, 0), ("--test", args.test, 0),
+              ("--slices", args.slices, 1))  # fmt: skip
     for flag, value, minimum in counts:
         if value < minimum:
             parser.error(f"{flag} must be >= {minimum}, got {value}")
@@ -855,7 +866,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     start = time.perf_counter()
     paths = generate_dataset(
-        args.root, args.train, args.val, args.slices, tuple(args.recon), tuple(args.kspace), args.seed
+        args.root, args.train, args.val, args.slices, tuple(args.recon), tuple(args.kspace), args.seed,
+        num_test=args.test,
     )
     print(f"{len(paths)} volumes under {args.root} ({time.perf_counter() - start:.1f} s)")
     if args.preview is not None:

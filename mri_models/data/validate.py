@@ -145,7 +145,11 @@ class ValidationReport:
 
 
 def is_test_split(split: str) -> bool:
-    """Whether a split follows fastMRI's test layout (under-sampled k-space and a mask, no target)."""
+    """Whether a split may follow fastMRI's test layout (under-sampled k-space and a mask, no target).
+
+    A file of such a split that holds a target is a held-out test volume (the synthetic test split, or
+    one split off for the final evaluation) and is checked like a validation volume.
+    """
     return split.endswith(("test", "challenge"))
 
 
@@ -329,7 +333,7 @@ def _check_open_file(
     hf: h5py.File, split: str, check_values: bool, problems: list[str], warnings: list[str]
 ) -> None:
     """Run every check on an open file, appending to ``problems``/``warnings``."""
-    test_split = is_test_split(split)
+    test_split = is_test_split(split) and TARGET_KEY not in hf  # fastMRI's challenge layout
     kspace = _dataset(hf, KSPACE_KEY, "required", problems)
     kspace_shape = _check_kspace(kspace, problems) if kspace is not None else None
     metadata = _read_metadata(hf, problems)
@@ -337,9 +341,8 @@ def _check_open_file(
         _check_kspace_against_header(kspace_shape, metadata, problems)
     _check_attrs(hf.attrs, TEST_REQUIRED_ATTRS if test_split else REQUIRED_ATTRS, problems, warnings)
 
-    # fastMRI's test files have no target; one present there is checked all the same.
     target = None
-    if TARGET_KEY in hf or not test_split:
+    if not test_split:
         target = _dataset(hf, TARGET_KEY, f"required in {split}", problems)
     if target is not None:
         _check_target(target, kspace_shape, metadata, problems)

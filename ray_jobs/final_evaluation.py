@@ -1,0 +1,223 @@
+"""The final evaluation: a finished run's selected checkpoint on the held-out test split, once.
+
+The selected checkpoint is the one of the epoch with the best validation SSIM (validation makes every
+choice; :mod:`ray_jobs.splits`). It is evaluated on every test volume under each of the configuration's
+test settings (fastMRI's 4x / 0.08 and 8x / 0.04 by default), with fastMRI's fixed per-volume masks and the
+volume metrics of validation, and the zero-filled input of the same rows beside it. The volumes are dealt
+to ``num_workers`` Ray tasks holding what one training worker holds (its GPU on GPU clusters). A run's
+evaluation is written once (``test_evaluation.json`` and ``volumes/test.parquet`` in the run directory)
+and skipped when it is there for the same selected epoch, so a resumed sweep evaluates what is missing and
+nothing twice.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import pandas as pd
+import ray
+import torch
+
+from mri_models import experiment
+from mri_models.experiment import RunLayout
+from mri_models.metrics import PRIMARY_METRIC, VolumeMetricAccumulator, metric_table
+from mri_models.models import build_model
+from mri_models.plugins import load_plugins
+from ray_jobs.config import TrainConfig
+from ray_jobs.data import PreparedData, iter_rows_locally, val_read_tasks
+
+logger = logging.getLogger(__name__)
+
+SELECTION_RULE = (
+    f"checkpoint of the epoch with the best validation {PRIMARY_METRIC.upper()}; the test split is read only "
+    "by this evaluation, after training"
+)
+NETWORK, ZERO_FILLED = "network", "zero_filled"
+
+
+@dataclass(frozen=True)
+class SelectedCheckpoint:
+    """The checkpoint a run is evaluated with, and why."""
+
+    path: str
+    epoch: int
+    val_metric: float
+
+
+def selected_checkpoint(run: RunLayout) -> SelectedCheckpoint | None:
+    """The run's checkpoint of its best validation epoch (None: no checkpoint, or it was not kept)."""
+    histories = {}
+    for path in run.checkpoints():
+        history = experiment.read_json(experiment.join(path, experiment.HISTORY_FILE))
+        if history:
+            histories[path] = history
+    if not histories:
+        return None
+    full = max(histories.values(), key=len)  # the latest checkpoint holds every epoch so far
+    sign = 1.0 if metric_table()[PRIMARY_METRIC].higher_is_better else -1.0
+    finite = [h for h in full if h.get(PRIMARY_METRIC) == h.get(PRIMARY_METRIC)]  # not NaN
+    if not finite:
+        return None
+    best = max(finite, key=lambda h: sign * h[PRIMARY_METRIC])
+    for path, history in histories.items():
+        if history[-1]["epoch"] == best["epoch"]:
+            return SelectedCheckpoint(path, int(best["epoch"]), float(best[PRIMARY_METRIC]))
+    return None  # the trainer keeps the best checkpoint; a run without it predates that
+
+
+def _setting_label(setting: dict[str, Any]) -> dict[str, Any]:
+    return {"acceleration": setting["accelerations"][0], "center_fraction": setting["center_fractions"][0]}
+
+
+@torch.no_grad()
+def evaluate_volumes(
+    cfg: TrainConfig, checkpoint: str, slices: Sequence[tuple[str, int]], use_gpu: bool
+) -> list[dict[str, Any]]:
+    """Per-volume metrics of the network and of its zero-filled input on ``slices`` (whole volumes), for
+    every test setting of ``cfg``: one row per (source, setting, volume)."""
+    load_plugins(cfg.plugins)  # a plugin architecture, in this task's process
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    network = build_model(cfg.model, **cfg.model_hparams())
+    state = torch.load(
+        io.BytesIO(experiment.read_bytes(experiment.join(checkpoint, experiment.CHECKPOINT_FILE))),
+        map_location="cpu",
+        weights_only=True,
+    )
+    network.load_state_dict(state["model"])
+    network.to(device).eval()
+    rows = []
+    for setting in cfg.test_settings():
+        masked = cfg.model_copy(update={"center_fractions": tuple(setting["center_fractions"]),
+                                        "accelerations": tuple(setting["accelerations"])})  # fmt: skip
+        volumes = {NETWORK: VolumeMetricAccumulator(), ZERO_FILLED: VolumeMetricAccumulator()}
+        tasks = val_read_tasks(slices, 0, 1, cfg.slices_per_read)
+        for row in iter_rows_locally(tasks, masked, training=False):
+            image = torch.as_tensor(row["image"], device=device)[None, None]
+            output = network(image)[0, 0].cpu().numpy()
+            mean, std = float(row["mean"]), float(row["std"])
+            target = row["target"] * std + mean
+            for source, values in ((NETWORK, output), (ZERO_FILLED, row["image"])):
+                volumes[source].add_slices(
+                    [row["fname"]], [row["slice_num"]], [values * std + mean], [target], [row["max_value"]]
+                )
+        for source, accumulator in volumes.items():
+            for fname, metrics in accumulator.per_volume().items():
+                rows.append({"source": source, **_setting_label(setting), "file": fname, **metrics})
+    return rows
+
+
+def _shards(slices: Sequence[tuple[str, int]], count: int) -> list[list[tuple[str, int]]]:
+    """Whole volumes dealt to ``count`` shards (the balance of validation's rank assignment)."""
+    shards = [[ref for task in val_read_tasks(slices, rank, count, 1) for ref in _refs(task)]
+              for rank in range(count)]  # fmt: skip
+    return [shard for shard in shards if shard]
+
+
+def _refs(task: dict[str, Any]) -> list[tuple[str, int]]:
+    return [(task["path"], int(index)) for index in task["slices"]]
+
+
+@dataclass(frozen=True)
+class PendingRun:
+    """A run to evaluate: its configuration, directory and selected checkpoint."""
+
+    cfg: TrainConfig
+    run: RunLayout
+    selected: SelectedCheckpoint
+
+
+def pending(cfg: TrainConfig, run: RunLayout, data: PreparedData) -> PendingRun | None:
+    """The run, when it has a test split, a selected checkpoint and no evaluation of that epoch yet."""
+    if not data.test_slices or not cfg.test_settings():
+        return None
+    selected = selected_checkpoint(run)
+    if selected is None:
+        return None
+    done = experiment.read_json(run.test_evaluation_file)
+    if done and done.get("selected_epoch") == selected.epoch:
+        return None
+    return PendingRun(cfg, run, selected)
+
+
+def evaluate_runs(runs: Sequence[PendingRun], data: PreparedData, use_gpu: bool) -> None:
+    """Evaluate every run on the test split at once (their shards share the cluster), then write each."""
+    task = ray.remote(evaluate_volumes)
+    submitted = []
+    for item in runs:
+        options = {"num_cpus": item.cfg.cpus_per_worker, "num_gpus": 1 if use_gpu else 0}
+        refs = [
+            task.options(**options).remote(item.cfg, item.selected.path, shard, use_gpu)
+            for shard in _shards(data.test_slices, item.cfg.num_workers)
+        ]
+        submitted.append((item, refs))
+    for item, refs in submitted:
+        rows = [row for shard in ray.get(refs) for row in shard]
+        write_evaluation(item, data, rows)
+        logger.info("final evaluation of %s on the test split: %s", item.run.path, summary_line(item, rows))
+
+
+def write_volume_rows(uri: str, rows: list[dict[str, Any]], data: PreparedData, split: str, epoch: int):
+    """One Parquet file of per-volume rows (``source``, setting, ``file``, metrics), with the split, the
+    epoch and each volume's patient, acquisition and slice count; returns the table."""
+    table = pd.DataFrame(rows)
+    for key in ("patient_id", "acquisition", "slices"):
+        table[key] = [getattr(data.volumes.get(f), key, None) for f in table["file"]]
+    table.insert(0, "split", split)
+    table.insert(1, "epoch", epoch)
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    experiment.write_bytes(uri, buffer.getvalue())
+    return table
+
+
+def validation_rows(per_volume: dict[str, dict[str, float]], cfg: TrainConfig) -> list[dict[str, Any]]:
+    """A validation epoch's per-volume rows (its masks: the configuration's first setting)."""
+    setting = {"accelerations": cfg.accelerations, "center_fractions": cfg.center_fractions}
+    return [{"source": NETWORK, **_setting_label(setting), "file": f, **m} for f, m in per_volume.items()]
+
+
+def write_evaluation(item: PendingRun, data: PreparedData, rows: list[dict[str, Any]]) -> None:
+    """``volumes/test.parquet`` (one row per source, setting and volume) and ``test_evaluation.json``."""
+    table = write_volume_rows(item.run.test_volumes_file, rows, data, "test", item.selected.epoch)
+    settings = []
+    for (acceleration, fraction), group in table.groupby(["acceleration", "center_fraction"], sort=True):
+        means = {
+            source: {name: float(rows[name].mean()) for name in metric_table()} | {"volumes": len(rows)}
+            for source, rows in group.groupby("source")
+        }
+        settings.append({"acceleration": int(acceleration), "center_fraction": float(fraction), **means})
+    record = {
+        "selected_epoch": item.selected.epoch,
+        f"selected_val_{PRIMARY_METRIC}": item.selected.val_metric,
+        "selection_rule": SELECTION_RULE,
+        "checkpoint": os.path.basename(item.selected.path.rstrip("/")),
+        "test_source": data.test_source,
+        "settings": settings,
+    }
+    experiment.write_json(item.run.test_evaluation_file, record)  # last: its presence means done
+
+
+def summary_line(item: PendingRun, rows: list[dict[str, Any]]) -> str:
+    table = pd.DataFrame(rows)
+    parts = []
+    for (acceleration, source), group in table.groupby(["acceleration", "source"]):
+        parts.append(f"{acceleration}x {source} {PRIMARY_METRIC.upper()} {group[PRIMARY_METRIC].mean():.4f}")
+    return f"epoch {item.selected.epoch}: " + ", ".join(parts)
+
+
+def format_evaluation(record: dict[str, Any]) -> str:
+    """A ``test_evaluation.json`` as lines for a terminal: each setting, network and zero-filled."""
+    lines = [f"final evaluation on the test split ({record['test_source']}; {record['selection_rule']}):"]
+    for setting in record["settings"]:
+        values = ", ".join(
+            f"{key.upper()} {format(setting[NETWORK][key], m.fmt)} (zero-filled "
+            f"{format(setting[ZERO_FILLED][key], m.fmt)})"
+            for key, m in metric_table().items()
+        )
+        lines.append(f"  {setting['acceleration']}x / {setting['center_fraction']:g}: {values}")
+    return "\n".join(lines)
