@@ -242,17 +242,20 @@ def summary(experiment: Experiment, search_keys: list[str], top: int = 5) -> str
     metric = metric_table()[PRIMARY_METRIC]
     column = f"best_{PRIMARY_METRIC}"
     keys = [key for key in search_keys if key != "seed" and key in trials]
+    test = sorted(c for c in trials if c.startswith(f"test_{PRIMARY_METRIC}_"))
     ranked = (
-        trials.groupby(keys, dropna=False)[column]
-        .agg(["mean", "std", "count"])
-        .sort_values("mean", ascending=not metric.higher_is_better)
+        trials.groupby(keys, dropna=False)[[column, *test]]
+        .mean()
+        .join(trials.groupby(keys, dropna=False)[column].agg(["std", "count"]))
+        .sort_values(column, ascending=not metric.higher_is_better)
         if keys
-        else trials[[column]].describe().T
+        else trials[[column, *test]].describe().T
     )
     return "\n".join(
         [
             f"\n{len(trials)} trials: {status_counts(trials)}",
-            f"best configurations by validation {metric.label} (mean over seeds):",
+            f"best configurations, chosen by validation {metric.label} (mean over seeds"
+            + ("; the test columns report them on the held-out split):" if test else "):"),
             ranked.head(top).to_string(),
             f"tables: {ExperimentLayout(experiment.path).results_dir}/trials.csv and epochs.csv",
             *(f"note: {problem}" for problem in experiment.problems),

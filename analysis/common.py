@@ -92,6 +92,8 @@ class Study:
             setting: ``{"metrics": {...}, "mask": {...}}``; trials carry their own as ``zero_filled_<metric>``
             columns and the primary metric's ``gain_best_<metric>`` (best epoch minus zero-filled).
         problems: everything found wrong while loading.
+        volumes: one row per volume of every validation epoch and test evaluation (network and
+            zero-filled), with ``experiment`` and, for trials' rows, ``arm`` and ``included``.
     """
 
     experiments: list[ExperimentInfo]
@@ -101,6 +103,7 @@ class Study:
     configs: dict[tuple[str, str], dict[str, Any]]
     baselines: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+    volumes: pd.DataFrame = field(default_factory=pd.DataFrame)  # collect's per-volume rows, with arms
 
     def included_trials(self) -> pd.DataFrame:
         """Trials that count in seed statistics (not errored or diverged)."""
@@ -203,7 +206,7 @@ def load_study(paths: Sequence[str]) -> Study:
     """
     problems: list[str] = []
     infos: list[ExperimentInfo] = []
-    trial_frames, epoch_frames = [], []
+    trial_frames, epoch_frames, volume_frames = [], [], []
     configs: dict[tuple[str, str], dict[str, Any]] = {}
     baselines: list[dict[str, Any]] = []
     notes: set[str] = set()
@@ -270,6 +273,8 @@ def load_study(paths: Sequence[str]) -> Study:
         if not epochs.empty:
             epochs.insert(0, "experiment", name)
             epoch_frames.append(epochs)
+        if not experiment.volumes.empty:
+            volume_frames.append(experiment.volumes.assign(experiment=name))
     if not infos:
         raise FileNotFoundError("; ".join(problems) or "no experiment directories given")
     problems.extend(sorted(notes))
@@ -281,7 +286,12 @@ def load_study(paths: Sequence[str]) -> Study:
                 trials[key] = None
         trials["included"] = trials["status"].isin(INCLUDED_STATUSES)
     epochs = _join_epochs(epoch_frames, trials, config_keys)
-    return Study(infos, trials, epochs, config_keys, configs, baselines, problems)
+    volumes = pd.concat(volume_frames, ignore_index=True) if volume_frames else pd.DataFrame()
+    if not volumes.empty and not trials.empty and "trial_id" in volumes:
+        arms = trials[["experiment", "trial_id", "arm", "arm_rank", "included"]]
+        volumes = volumes.drop(columns=[c for c in ("arm", "included") if c in volumes])
+        volumes = volumes.merge(arms, on=["experiment", "trial_id"], how="left")
+    return Study(infos, trials, epochs, config_keys, configs, baselines, problems, volumes)
 
 
 def matching_baseline(config: dict[str, Any], baselines: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -295,7 +305,8 @@ def matching_baseline(config: dict[str, Any], baselines: list[dict[str, Any]]) -
 
 
 def _add_baseline_columns(trials: pd.DataFrame, configs: list[dict], baselines: list[dict]) -> None:
-    """``zero_filled_<metric>`` of each trial's own baseline and ``gain_best_<metric>`` over it."""
+    """``zero_filled_<metric>`` of each trial's own baseline and ``gain_best_<metric>`` over it; on the test
+    split, ``gain_test_<metric>_<N>x`` over the zero-filled input of the same test volumes and setting."""
     matched = [matching_baseline(config, baselines) for config in configs]
     for metric, spec in metric_table().items():
         zero_filled = [b["metrics"].get(metric, math.nan) if b else math.nan for b in matched]
@@ -303,6 +314,40 @@ def _add_baseline_columns(trials: pd.DataFrame, configs: list[dict], baselines: 
         sign = 1.0 if spec.higher_is_better else -1.0  # a gain is always "better than zero-filled"
         best = pd.to_numeric(trials.get(f"best_{metric}"), errors="coerce")
         trials[f"gain_best_{metric}"] = sign * (best - np.asarray(zero_filled, dtype=float))
+        for point in test_points(trials):
+            column = point_column(point, metric)
+            trials[f"gain_{column}"] = sign * (trials[column] - trials[f"zero_filled_{column}"])
+
+
+def test_points(table: pd.DataFrame) -> list[str]:
+    """The test settings a table of trials has results for (``test_4x``, ``test_8x``), in order."""
+    prefix = f"test_{PRIMARY_METRIC}_"
+    found = [c.removeprefix(prefix).removesuffix("x") for c in table.columns if c.startswith(prefix)]
+    return [f"test_{n}x" for n in sorted(int(n) for n in found if n.isdigit())]
+
+
+def point_column(point: str, metric: str) -> str:
+    """The trial column of ``metric`` at a point: ``best_ssim``, ``last_ssim``, ``test_ssim_4x``."""
+    if point.startswith("test_"):
+        return f"test_{metric}_{point.removeprefix('test_')}"
+    return f"{point}_{metric}"
+
+
+def reported_point(study: Study) -> str:
+    """What the tables report: the first test setting (selected on validation, evaluated on data no
+    choice saw) where the study has one, else the best validation epoch (optimistic: chosen on it)."""
+    points = test_points(study.trials) if not study.trials.empty else []
+    return points[0] if points else "best"
+
+
+def point_label(point: str) -> str:
+    if point.startswith("test_"):
+        return (
+            f"test split at {point.removeprefix('test_')}, checkpoint of the best validation "
+            f"{PRIMARY_METRIC.upper()}"
+        )
+    best = f"validation at the epoch of best validation {PRIMARY_METRIC.upper()}, chosen on the same data"
+    return {"best": best, "last": "validation, last epoch"}[point]
 
 
 def baseline_label(baseline: dict[str, Any], baselines: list[dict[str, Any]]) -> str:

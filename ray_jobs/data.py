@@ -32,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import posixpath
 import random
 import zlib
 from collections import defaultdict
@@ -77,7 +78,7 @@ class PreparedData:
     image_size: tuple[int, int]
     test_slices: tuple[SliceRef, ...] = ()
     test_source: str = NO_TEST
-    volumes: dict[str, VolumeFacts] = field(default_factory=dict)  # validation and test files
+    volumes: dict[str, VolumeFacts] = field(default_factory=dict)  # validation and test files by name
 
     def roles(self) -> dict[str, Any]:
         """Which files played which role, for the experiment's record (``data_roles.json``)."""
@@ -146,7 +147,8 @@ def prepare_data(cfg: TrainConfig, root: str | os.PathLike) -> PreparedData:
     val_slices = _index(val_dir, cfg, test.val_kept)
     # The test split is evaluated whole: subsampling is for cheaper training and selection, not reporting.
     test_slices = tuple((str(v.fname), i) for v in test.volumes for i in range(v.num_slices))
-    volumes = {str(v.fname): facts_of(v) for v in (*list_volumes(val_dir), *test.volumes)}
+    # Keyed by file name, as rows and metrics name volumes (fastMRI's fname).
+    volumes = {posixpath.basename(str(v.fname)): facts_of(v) for v in (*list_volumes(val_dir), *test.volumes)}
     for split, slices in ((TRAIN_SPLIT, train_slices), (VAL_SPLIT, val_slices)):
         if not slices:
             raise ConfigError(

@@ -49,8 +49,13 @@ class SelectedCheckpoint:
     val_metric: float
 
 
-def selected_checkpoint(run: RunLayout) -> SelectedCheckpoint | None:
-    """The run's checkpoint of its best validation epoch (None: no checkpoint, or it was not kept)."""
+def selected_checkpoint(run: RunLayout, last_epoch: int | None = None) -> SelectedCheckpoint | None:
+    """The run's checkpoint of its best validation epoch up to ``last_epoch`` (None: no checkpoint, or it
+    was not kept).
+
+    ``last_epoch`` is the last epoch the scheduler saw: a trial ASHA stopped may have trained on until the
+    stop reached it, and epochs beyond its budget are not its to choose from.
+    """
     histories = {}
     for path in run.checkpoints():
         history = experiment.read_json(experiment.join(path, experiment.HISTORY_FILE))
@@ -61,6 +66,7 @@ def selected_checkpoint(run: RunLayout) -> SelectedCheckpoint | None:
     full = max(histories.values(), key=len)  # the latest checkpoint holds every epoch so far
     sign = 1.0 if metric_table()[PRIMARY_METRIC].higher_is_better else -1.0
     finite = [h for h in full if h.get(PRIMARY_METRIC) == h.get(PRIMARY_METRIC)]  # not NaN
+    finite = [h for h in finite if last_epoch is None or h["epoch"] <= last_epoch]
     if not finite:
         return None
     best = max(finite, key=lambda h: sign * h[PRIMARY_METRIC])
@@ -131,12 +137,15 @@ class PendingRun:
     selected: SelectedCheckpoint
 
 
-def pending(cfg: TrainConfig, run: RunLayout, data: PreparedData) -> PendingRun | None:
+def pending(
+    cfg: TrainConfig, run: RunLayout, data: PreparedData, last_epoch: int | None = None
+) -> PendingRun | None:
     """The run, when it has a test split, a selected checkpoint and no evaluation of that epoch yet."""
     if not data.test_slices or not cfg.test_settings():
         return None
-    selected = selected_checkpoint(run)
+    selected = selected_checkpoint(run, last_epoch)
     if selected is None:
+        logger.warning("%s: no kept checkpoint of its best validation epoch; not evaluated", run.path)
         return None
     done = experiment.read_json(run.test_evaluation_file)
     if done and done.get("selected_epoch") == selected.epoch:

@@ -238,7 +238,8 @@ def evaluate_finished_trials(layout: ExperimentLayout, results, data: PreparedDa
         if result.error is not None or not trial_id or (result.metrics or {}).get("diverged"):
             continue
         run = layout.train_run(trial_id)
-        item = pending(make_train_config(experiment.read_json(run.config_file)), run, data)
+        cfg = make_train_config(experiment.read_json(run.config_file))
+        item = pending(cfg, run, data, last_epoch=int(result.metrics.get("epoch", cfg.epochs)))
         if item is not None:
             runs.append(item)
     if runs:

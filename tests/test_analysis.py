@@ -262,7 +262,8 @@ def test_every_table_and_curve_carries_the_zero_filled_baseline(canned, cli_out,
     assert (
         # t(0.975, 2) * 0.02 / sqrt(3) = 0.0497
         "unet beats the zero-filled input: SSIM gain +0.0700 [+0.0203, +0.1197] over 3 seed(s), "
-        "3 of them above" in verdicts
+        "3 of them above (validation at the epoch of best validation SSIM, chosen on the same data)"
+        in verdicts
     )
     # Sparse: gains 0.04, 0.00, 0.06 — positive on average, but the interval includes 0.
     assert any(v.startswith("sparse_attention_unet (γ=0.0001) is inconclusive") for v in verdicts)
