@@ -66,6 +66,11 @@ def test_smoke_gamma_sweep_submitted_as_a_job(ray_head, tmp_path):
     assert set(trials.loc[trials["status"] == "stopped", "epochs_run"]) == {1}
     epochs = pd.read_csv(tmp_path / "job" / "results" / "epochs.csv")
     assert len(epochs) == trials["epochs_run"].sum()
+    # The final evaluation: every trial on the test split at 4x and 8x, one row per volume and setting.
+    assert trials[["test_ssim_4x", "test_ssim_8x", "zero_filled_test_ssim_4x"]].notna().all().all()
+    volumes = pd.read_parquet(tmp_path / "job" / "results" / "volumes.parquet")
+    test = volumes[(volumes["split"] == "test") & (volumes["source"] == "network")]
+    assert len(test) == 6 * 2 * 2  # trials x settings x the smoke data's test volumes
     trial_dirs = sorted((tmp_path / "job").glob("trial_*"))
     assert len(trial_dirs) == 6
     for trial_dir in trial_dirs:
@@ -118,6 +123,14 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_head, tmp_p
     assert len(trials) == 3 and set(trials["status"]) <= {"completed", "stopped"}
     for name, text in finished_before.items():
         assert (experiment / name / "result.json").read_text() == text, f"{name} was run again"
+    # Every trial has its final evaluation on the test split, made once: resuming a finished sweep
+    # evaluates nothing again.
+    evaluations = sorted((experiment / "train_runs").glob("*/test_evaluation.json"))
+    assert len(evaluations) == 3 and trials["test_ssim_4x"].notna().all()
+    written = {path: path.stat().st_mtime_ns for path in evaluations}
+    again = _start_sweep(ray_head, tmp_path, "finished", "--resume")
+    assert again.output(timeout=600) is not None and again.returncode == 0
+    assert {path: path.stat().st_mtime_ns for path in evaluations} == written
 
 
 @pytest.mark.slow
