@@ -69,7 +69,7 @@ def test_validation_is_split_by_patient_stably_and_disjointly(tmp_path):
         assert {str(v.fname) for v in again[0]} == {str(v.fname) for v in kept}
     assert data.roles()["test"] == sorted(test_files)
     # Asked for explicitly, a split without targets is refused before any training.
-    with pytest.raises(ConfigError, match="no .h5 files"):
+    with pytest.raises(ConfigError, match=r"no \.h5 files"):
         prepare_data(_cfg(root, test_split="singlecoil_test"), root)
     assert not prepare_data(_cfg(root, test_split="none"), root).test_slices
 
