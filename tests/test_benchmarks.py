@@ -33,3 +33,12 @@ def test_gpu_step_benchmark_runs_its_tiny_setting_on_cpu():
     models = ("U-Net", "Sparse Attention U-Net")
     rows = [line for line in done.stdout.splitlines() if line.startswith(models)]
     assert len(rows) == 4 and all(re.search(r"\d\.\d\dx", row) for row in rows), done.stdout  # ratios
+
+
+@pytest.mark.slow
+def test_evaluation_cost_benchmark_runs_on_the_smoke_data():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "evaluation_cost.py"
+    done = subprocess.run([sys.executable, str(script), "--profile", "smoke", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert len(re.findall(r"\d\.\d+x", done.stdout)) == 5, done.stdout  # references and ratios
