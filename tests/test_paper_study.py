@@ -247,6 +247,13 @@ def test_smoke_study_submitted_as_a_job(ray_head, tmp_path):
     assert len(trials) == 3 and set(trials["status"]) == {"completed"}
     assert "## Findings" in report and "(paper)" in report
     assert "findings:" in done.stdout and "report:" in done.stdout
+    # Table 1 on the held-out test split at both accelerations, and per acquisition.
+    for acceleration in ("4x", "8x"):
+        assert f"## Table 1: test split at {acceleration}" in report
+    assert "## Test split per acceleration and acquisition" in report
+    assert "CORPD_FBK" in report and "CORPDFS_FBK" in report
+    for experiment_layout in (layout.model_comparison, layout.gamma_sweep):
+        assert Path(experiment_layout.results_dir, "volumes.parquet").is_file()
 
 
 def _study_process(ray_head, storage: Path, log: str, *extra: str) -> DriverProcess:
