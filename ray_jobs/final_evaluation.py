@@ -118,14 +118,12 @@ def evaluate_volumes(
 
 
 def _shards(slices: Sequence[tuple[str, int]], count: int) -> list[list[tuple[str, int]]]:
-    """Whole volumes dealt to ``count`` shards (the balance of validation's rank assignment)."""
-    shards = [[ref for task in val_read_tasks(slices, rank, count, 1) for ref in _refs(task)]
-              for rank in range(count)]  # fmt: skip
+    """Whole volumes dealt to ``count`` shards, as validation deals them to ranks."""
+    shards = [
+        [(task["path"], int(i)) for task in val_read_tasks(slices, rank, count, 1) for i in task["slices"]]
+        for rank in range(count)
+    ]
     return [shard for shard in shards if shard]
-
-
-def _refs(task: dict[str, Any]) -> list[tuple[str, int]]:
-    return [(task["path"], int(index)) for index in task["slices"]]
 
 
 @dataclass(frozen=True)
@@ -165,9 +163,8 @@ def evaluate_runs(runs: Sequence[PendingRun], data: PreparedData, use_gpu: bool)
         ]
         submitted.append((item, refs))
     for item, refs in submitted:
-        rows = [row for shard in ray.get(refs) for row in shard]
-        write_evaluation(item, data, rows)
-        logger.info("final evaluation of %s on the test split: %s", item.run.path, summary_line(item, rows))
+        record = write_evaluation(item, data, [row for shard in ray.get(refs) for row in shard])
+        logger.info("%s: %s", item.run.path, format_evaluation(record))
 
 
 def write_volume_rows(uri: str, rows: list[dict[str, Any]], data: PreparedData, split: str, epoch: int):
@@ -190,8 +187,9 @@ def validation_rows(per_volume: dict[str, dict[str, float]], cfg: TrainConfig) -
     return [{"source": NETWORK, **_setting_label(setting), "file": f, **m} for f, m in per_volume.items()]
 
 
-def write_evaluation(item: PendingRun, data: PreparedData, rows: list[dict[str, Any]]) -> None:
-    """``volumes/test.parquet`` (one row per source, setting and volume) and ``test_evaluation.json``."""
+def write_evaluation(item: PendingRun, data: PreparedData, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """``volumes/test.parquet`` (one row per source, setting and volume) and ``test_evaluation.json``;
+    returns the latter's record."""
     table = write_volume_rows(item.run.test_volumes_file, rows, data, "test", item.selected.epoch)
     settings = []
     for (acceleration, fraction), group in table.groupby(["acceleration", "center_fraction"], sort=True):
@@ -209,14 +207,7 @@ def write_evaluation(item: PendingRun, data: PreparedData, rows: list[dict[str, 
         "settings": settings,
     }
     experiment.write_json(item.run.test_evaluation_file, record)  # last: its presence means done
-
-
-def summary_line(item: PendingRun, rows: list[dict[str, Any]]) -> str:
-    table = pd.DataFrame(rows)
-    parts = []
-    for (acceleration, source), group in table.groupby(["acceleration", "source"]):
-        parts.append(f"{acceleration}x {source} {PRIMARY_METRIC.upper()} {group[PRIMARY_METRIC].mean():.4f}")
-    return f"epoch {item.selected.epoch}: " + ", ".join(parts)
+    return record
 
 
 def format_evaluation(record: dict[str, Any]) -> str:

@@ -61,7 +61,7 @@ def split_by_patient(volumes: list[VolumeInfo]) -> tuple[list[VolumeInfo], list[
     return [v for v in volumes if patient_of(v) in kept], [v for v in volumes if patient_of(v) not in kept]
 
 
-def _has_targets(volumes: list[VolumeInfo]) -> list[str]:
+def _without_targets(volumes: list[VolumeInfo]) -> list[str]:
     """The files among ``volumes`` without a target."""
     missing = []
     for volume in volumes:
@@ -71,32 +71,31 @@ def _has_targets(volumes: list[VolumeInfo]) -> list[str]:
     return missing
 
 
-def _test_split_volumes(cfg: TrainConfig, root: str, split: str, check_values: bool) -> list[VolumeInfo]:
-    check_root(root, (split,), check_values=check_values, cache_dir=default_validation_cache())
-    volumes = list_volumes(store.join(root, split))
-    missing = _has_targets(volumes)
-    if missing:
-        raise ConfigError(
-            f"{missing[0]}: no {TARGET_KEY} target, but the test split {split!r} must have targets to be "
-            f"evaluated ({len(missing)} such file(s); fastMRI's own test split has none: set test_split: "
-            f"{VAL_HALF})"
-        )
-    return volumes
-
-
 def choose_test_data(cfg: TrainConfig, root: str, val_split_dir: str, check_values: bool) -> TestData:
-    """The test role for ``cfg`` under data root ``root``; raises ConfigError naming what is wrong."""
+    """The test role for ``cfg`` under data root ``root``; raises ConfigError naming what is wrong.
+
+    A test split is validated (once: the validation cache) before its files are opened for targets; with
+    ``auto``, one without targets (fastMRI's own) leaves the test role to half of the validation patients.
+    """
     if cfg.test_split == NO_TEST:
         return TestData(NO_TEST, (), None)
     test_root = store.normalise(cfg.test_root) if cfg.test_root else root
     split = TEST_SPLIT if cfg.test_split == "auto" else cfg.test_split
     if cfg.test_split != VAL_HALF:
         split_dir = store.join(test_root, split)
-        has_split = store.is_dir(split_dir) and bool(store.list_files(split_dir))
-        if has_split and (cfg.test_split != "auto" or not _has_targets(list_volumes(split_dir))):
-            volumes = _test_split_volumes(cfg, test_root, split, check_values)
-            return TestData(f"{split} under {test_root}", tuple(volumes), None)
-        if cfg.test_split != "auto":
+        if store.is_dir(split_dir) and store.list_files(split_dir):
+            check_root(test_root, (split,), check_values=check_values, cache_dir=default_validation_cache())
+            volumes = list_volumes(split_dir)
+            missing = _without_targets(volumes)
+            if not missing:
+                return TestData(f"{split} under {test_root}", tuple(volumes), None)
+            if cfg.test_split != "auto":
+                raise ConfigError(
+                    f"{missing[0]}: no {TARGET_KEY} target, but the test split {split!r} must have targets "
+                    f"to be evaluated ({len(missing)} such file(s); fastMRI's own test split has none: set "
+                    f"test_split: {VAL_HALF})"
+                )
+        elif cfg.test_split != "auto":
             raise ConfigError(f"test_split {split!r}: no .h5 files in {split_dir}")
     kept, test = split_by_patient(list_volumes(val_split_dir))
     if not test:
