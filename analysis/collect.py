@@ -1,5 +1,8 @@
 """An experiment directory to tidy tables: one row per trial and epoch, one row per trial.
 
+Every trial's epoch rows start at epoch 0, the untrained network's validation (trials written before it
+was recorded start at 1); a trial's ``last_`` and ``best_`` columns come from its trained epochs (1 on).
+
 Reads only files on disk (local path or s3:// through pyarrow), so it works on a laptop after the cluster is
 gone, on interrupted experiments, and on trials that errored or were stopped early. Per trial directory
 (the ones holding ``params.json``, see :mod:`mri_models.experiment`) it reads the searched parameters,
@@ -49,7 +52,7 @@ _TUNE_KEYS = {
 
 def summarised_metrics() -> list[str]:
     """The metrics with a ``last_`` column per trial: the metric table, losses, MPAND and the penalties."""
-    return [*metric_table(), "val_loss", "train_loss", "mpand", *penalty_terms()]
+    return [*metric_table(), "val_loss", "train_loss", "mpand", "alpha_mean", *penalty_terms()]
 
 
 @dataclass
@@ -140,17 +143,19 @@ def collect(path: str) -> Experiment:
             row.update({k: v for k, v in report.items() if k not in _TUNE_KEYS and not isinstance(v, dict)})
             epoch_rows.append(row)
         epochs_run = int(max((r.get("epoch", 0) for r in reports), default=0))
+        # Epoch 0 is the untrained network: a row of the curves, never a trial's last or best epoch.
+        trained = [r for r in reports if (r.get("epoch") or 0) >= 1]
         row = {"trial_id": trial_id, **config_columns, "status": outcome.status, "epochs_run": epochs_run,
                "attempts": outcome.attempts}  # fmt: skip
         for metric in summarised_metrics():
-            values = [r.get(metric) for r in reports]
+            values = [r.get(metric) for r in trained]
             values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
-            if reports and not values and metric in metric_table():
+            if trained and not values and metric in metric_table():
                 problems.append(f"trial {trial_id}: no value of {metric} in its results")
             row[f"last_{metric}"] = values[-1] if values else math.nan
         # The best epoch is the best by the primary metric; every metric is reported at that epoch.
         sign = 1.0 if metric_table()[PRIMARY_METRIC].higher_is_better else -1.0
-        best = max(reports, key=lambda r: sign * _number(r.get(PRIMARY_METRIC), sign), default=None)
+        best = max(trained, key=lambda r: sign * _number(r.get(PRIMARY_METRIC), sign), default=None)
         for metric in (*metric_table(), "epoch"):
             row[f"best_{metric}"] = _number(best.get(metric)) if best else math.nan
         row.update(test_columns(storage.read_json(layout.train_run(trial_id).test_evaluation_file)))

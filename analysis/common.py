@@ -33,7 +33,7 @@ from scipy import stats
 
 from analysis.collect import collect
 from mri_models import experiment as storage
-from mri_models.arms import arm_of, without_inapplicable_weights
+from mri_models.arms import arm_of, without_inapplicable
 from mri_models.experiment import ASHA_STATE_FILE, BASELINE_FILE, SWEEP_FILE, ExperimentLayout
 from mri_models.losses import penalty_by_weight_key
 from mri_models.metrics import PRIMARY_METRIC, Metric, metric_table
@@ -182,7 +182,7 @@ def trial_config(
     if "model" not in values:  # a searched weight reserved to a variant names the model (gamma: sparse)
         owners = [reserved[terms[k].name].name for k in params if k in terms and terms[k].name in reserved]
         values["model"] = owners[0] if owners else "unet"
-    values = without_inapplicable_weights(values, values["model"], searched=params)  # as the sweep did
+    values = without_inapplicable(values, values["model"], searched=params)  # as the sweep did
     note = (
         "trials without train_config.json (written before trials recorded their configuration): "
         "configuration merged from sweep.json and params.json, profile defaults unknown"

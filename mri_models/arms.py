@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from mri_models.losses import penalty_by_weight_key
 from mri_models.models.registry import (
     architecture_rank,
     get_architecture,
     get_variant,
+    option_owners,
     reserved_penalties,
     variant_for,
 )
@@ -68,21 +70,50 @@ def accepts_weight(model: str, key: str) -> bool:
     return True
 
 
-def without_inapplicable_weights(
+def without_inapplicable(
     values: Mapping[str, object], model: str, searched: Collection[str]
 ) -> dict[str, object]:
-    """A trial's values without the fixed (not searched) penalty weights its model does not take.
+    """A trial's values without the fixed (not searched) penalty weights and architecture options its model
+    does not take.
 
     A sweep fixes ``gamma`` for all its trials and it applies to sparse_attention_unet only, so one
-    regularisation sweep covers the three architectures; a searched weight always applies (and an invalid
-    combination is then reported by the configuration's validation).
+    regularisation sweep covers the three architectures; a fixed ``psi_norm`` likewise applies to the
+    gated networks only. A searched key always applies (and an invalid combination is then reported by the
+    configuration's validation).
     """
-    weight_keys = penalty_by_weight_key()
-    return {
-        key: value
-        for key, value in values.items()
-        if key not in weight_keys or key in searched or accepts_weight(model, key)
-    }
+    weight_keys, owners = penalty_by_weight_key(), option_owners()
+    try:
+        declared = get_architecture(model).options
+    except ValueError:
+        declared = {}  # the model's own error is reported by the configuration's validation
+
+    def applies(key: str) -> bool:
+        if key in searched:
+            return True
+        if key in weight_keys:
+            return accepts_weight(model, key)
+        return key not in owners or key in declared
+
+    return {key: value for key, value in values.items() if applies(key)}
+
+
+def model_options(model: str, values: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's architecture options in a trial's values, with the defaults for those not given (none
+    for an unregistered model)."""
+    try:
+        declared = get_architecture(model).options
+    except ValueError:
+        return {}
+    return {name: values.get(name, option.default) for name, option in declared.items()}
+
+
+def shown_options(model: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options that differ from the model's defaults: what tells a gate variant apart."""
+    try:
+        declared = get_architecture(model).options
+    except ValueError:
+        return {}
+    return {k: v for k, v in options.items() if k in declared and v != declared[k].default}
 
 
 def shown_weights(model: str, weights: Mapping[str, float]) -> dict[str, float]:
@@ -115,12 +146,13 @@ class Arm:
     rank: tuple
 
 
-def arm_of(model: str, weights: Mapping[str, float]) -> Arm:
+def arm_of(model: str, weights: Mapping[str, float], options: Mapping[str, Any] | None = None) -> Arm:
     """The arm of a configuration; unknown model names (an experiment from elsewhere) get their own arm.
 
     Args:
         model: The configuration's model name.
         weights: Weight per penalty weight key; terms that do not apply to the model are ignored.
+        options: The configuration's architecture options; those at the model's default are not shown.
     """
     try:
         architecture = get_architecture(model)
@@ -132,20 +164,21 @@ def arm_of(model: str, weights: Mapping[str, float]) -> Arm:
         for key, weight in weights.items()
         if key in terms and weight and terms[key].applies_to(architecture.provides)
     ]
-    rank = (architecture_rank(architecture.name), len(active), tuple(weight for _, weight in active))
-    if not active:
-        return Arm(architecture.name, architecture.label, architecture.name, architecture.has_attention, rank)
-    if len(active) == 1 and (variant := variant_for(architecture.name, active[0][0].name)):
-        term, weight = active[0]
-        suffix = f" ({term.symbol or term.weight_key}={weight:g})"
-        return Arm(
-            variant.name + suffix, variant.label + suffix, architecture.name, architecture.has_attention, rank
-        )
-    parts = ", ".join(f"{term.weight_key}={weight:g}" for term, weight in active)
-    return Arm(
-        f"{architecture.name} ({parts})",
-        f"{architecture.label} ({parts})",
-        architecture.name,
-        architecture.has_attention,
-        rank,
+    shown = shown_options(model, options or {})
+    rank = (
+        architecture_rank(architecture.name),
+        tuple(f"{k}={v}" for k, v in sorted(shown.items())),
+        len(active),
+        tuple(weight for _, weight in active),
     )
+    variant = variant_for(architecture.name, active[0][0].name) if len(active) == 1 else None
+    if variant:
+        term, weight = active[0]
+        parts = [f"{term.symbol or term.weight_key}={weight:g}"]
+        name, label = variant.name, variant.label
+    else:
+        parts = [f"{term.weight_key}={weight:g}" for term, weight in active]
+        name, label = architecture.name, architecture.label
+    parts += [f"{key}={value}" for key, value in shown.items()]
+    suffix = f" ({', '.join(parts)})" if parts else ""
+    return Arm(name + suffix, label + suffix, architecture.name, architecture.has_attention, rank)

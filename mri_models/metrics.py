@@ -1,4 +1,4 @@
-"""Evaluation metrics: NMSE, PSNR and SSIM exactly as fastMRI defines them, the metric table, and MPAND.
+"""Evaluation metrics: NMSE, PSNR and SSIM exactly as fastMRI defines them, and the metric table.
 
 Two ways to compute the image metrics:
 
@@ -12,8 +12,8 @@ The table of :class:`Metric` entries (:func:`metric_table`, like fastMRI's ``MET
 trainer reports every epoch and what the analysis tabulates and plots: adding a metric is one
 :func:`register_metric` entry.
 
-MPAND (Mean Post Attention Norm Difference): per up-sampling level l and example b,
-``||alpha_b^l * x_b^l||_F - ||x_b^l||_F``, averaged over examples and levels (``docs/architecture.md``).
+What the attention gates do (MPAND, the coefficients' distribution) is measured in
+:mod:`mri_models.attention_metrics`.
 
 Everything here works on NumPy arrays or CPU/GPU tensors and returns plain Python floats.
 """
@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -321,111 +321,3 @@ class VolumeMetricAccumulator:
         }
         result["num_volumes"] = len(volumes)
         return result
-
-
-# --- MPAND ----------------------------------------------------------------------------------------------
-
-
-class MpandResult(NamedTuple):
-    """Mean Post Attention Norm Difference.
-
-    Attributes:
-        mean: Mean over levels (and examples); NaN when the model has no attention levels.
-        per_level: Per up-sampling level, decoder order (deepest first); empty without attention.
-    """
-
-    mean: float
-    per_level: tuple[float, ...]
-
-
-def _norm_differences(
-    skip_norms_before: Sequence[ArrayLike], skip_norms_after: Sequence[ArrayLike]
-) -> list[np.ndarray]:
-    """Per level, the per-example ``after - before`` in float64."""
-    if len(skip_norms_before) != len(skip_norms_after):
-        raise ValueError(
-            f"{len(skip_norms_before)} levels of norms before attention but {len(skip_norms_after)} after"
-        )
-    differences = []
-    for level, (before, after) in enumerate(zip(skip_norms_before, skip_norms_after, strict=True)):
-        before64 = _to_numpy(before).astype(np.float64).reshape(-1)
-        after64 = _to_numpy(after).astype(np.float64).reshape(-1)
-        if before64.shape != after64.shape:
-            raise ValueError(f"level {level}: {before64.size} norms before attention, {after64.size} after")
-        differences.append(after64 - before64)
-    return differences
-
-
-def mpand(skip_norms_before: Sequence[ArrayLike], skip_norms_after: Sequence[ArrayLike]) -> MpandResult:
-    """MPAND of one batch.
-
-    Args:
-        skip_norms_before: Per level, ``(N,)`` norms ``||x_b^l||_F`` (``UnetOutput.skip_norms_before``).
-        skip_norms_after: Per level, ``(N,)`` norms ``||alpha_b^l x_b^l||_F``.
-
-    Returns:
-        Per level the mean over examples of after - before, and their mean over levels.
-    """
-    per_level = tuple(float(np.mean(d)) for d in _norm_differences(skip_norms_before, skip_norms_after))
-    return MpandResult(float(np.mean(per_level)) if per_level else math.nan, per_level)
-
-
-class MpandAccumulator:
-    """MPAND over many batches and processes: the mean over all examples seen, per level.
-
-    Sums per-example differences and counts per level, so unequal batch sizes weigh correctly and states
-    from several processes merge exactly. Every batch must report the same number of levels.
-    """
-
-    def __init__(self) -> None:
-        self._sums: list[float] | None = None
-        self._counts: list[int] | None = None
-
-    def _ensure_levels(self, num_levels: int) -> tuple[list[float], list[int]]:
-        if self._sums is None or self._counts is None:
-            self._sums, self._counts = [0.0] * num_levels, [0] * num_levels
-        elif len(self._sums) != num_levels:
-            raise ValueError(f"got {num_levels} attention levels, earlier batches had {len(self._sums)}")
-        return self._sums, self._counts
-
-    def add(self, skip_norms_before: Sequence[ArrayLike], skip_norms_after: Sequence[ArrayLike]) -> None:
-        """Record one batch.
-
-        Args:
-            skip_norms_before: Per level, ``(N,)`` norms before attention.
-            skip_norms_after: Per level, ``(N,)`` norms after attention.
-        """
-        differences = _norm_differences(skip_norms_before, skip_norms_after)
-        sums, counts = self._ensure_levels(len(differences))
-        for level, diff in enumerate(differences):
-            sums[level] += float(diff.sum())
-            counts[level] += int(diff.size)
-
-    def state(self) -> dict[str, Any]:
-        """A picklable plain-Python snapshot, to gather from other processes and :meth:`merge`."""
-        return {
-            "sums": None if self._sums is None else list(self._sums),
-            "counts": None if self._counts is None else list(self._counts),
-        }
-
-    def merge(self, other_state: Mapping[str, Any] | MpandAccumulator) -> None:
-        """Add another accumulator (or its :meth:`state`).
-
-        Args:
-            other_state: The other accumulator or its state.
-        """
-        if isinstance(other_state, MpandAccumulator):
-            other_state = other_state.state()
-        if other_state["sums"] is None:
-            return
-        sums, counts = self._ensure_levels(len(other_state["sums"]))
-        for level, (total, count) in enumerate(zip(other_state["sums"], other_state["counts"], strict=True)):
-            sums[level] += float(total)
-            counts[level] += int(count)
-
-    def compute(self) -> MpandResult:
-        """The epoch's MPAND; NaN and no levels when nothing (or only a plain U-Net) was recorded."""
-        if not self._sums or self._counts is None or not all(self._counts):
-            return MpandResult(math.nan, ())
-        per_level = tuple(total / count for total, count in zip(self._sums, self._counts, strict=True))
-        return MpandResult(float(np.mean(per_level)), per_level)

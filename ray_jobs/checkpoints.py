@@ -18,14 +18,24 @@ from mri_models.step_options import unwrap
 
 
 def save_checkpoint(
-    directory: str, model, optimizer, scheduler, epoch: int, history: list[dict], scaler=None
+    directory: str,
+    model,
+    optimizer,
+    scheduler,
+    epoch: int,
+    history: list[dict],
+    scaler=None,
+    model_spec: dict[str, Any] | None = None,
 ) -> None:
     """Write the run's state after ``epoch`` (0-based) into ``directory``.
 
     The weights are the bare network's (no DDP ``module.`` or ``torch.compile`` ``_orig_mod.`` prefix), so
     a checkpoint loads into an eager network whatever options trained it; an fp16 run's loss scale too.
+    ``model_spec`` (``{"model": name, "hparams": {...}}``, :meth:`ray_jobs.config.TrainConfig.model_spec`)
+    records which network the weights are for, its architecture options included.
     """
     state = {
+        "model_spec": model_spec or {},
         "model": unwrap(model).state_dict(),
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),

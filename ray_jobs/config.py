@@ -19,17 +19,19 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_serializer,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
 
-from mri_models.arms import active_penalties, arm_of, shown_weights
+from mri_models.arms import active_penalties, arm_of, shown_options, shown_weights
 from mri_models.data.slice_dataset import default_cache_dir
 from mri_models.losses import penalty_by_weight_key
-from mri_models.models import get_architecture, model_names
+from mri_models.models import get_architecture, model_names, option_owners
 from mri_models.plugins import load_plugins
 
 PenaltyWeight = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
@@ -54,6 +56,7 @@ class TrainConfig(BaseModel):
     # Model.
     model: str = "unet"
     penalty_weights: dict[str, PenaltyWeight] = Field(default_factory=dict)
+    model_options: dict[str, Any] = Field(default_factory=dict)
     chans: int = Field(32, ge=1)
     num_pool_layers: int = Field(4, ge=1)
     drop_prob: float = Field(0.0, ge=0.0, lt=1.0)
@@ -135,6 +138,14 @@ class TrainConfig(BaseModel):
             if key in values:
                 weights[key] = values.pop(key)
         values["penalty_weights"] = weights
+        options = values.pop("model_options", None) or {}
+        if not isinstance(options, Mapping):
+            return {**values, "model_options": options}
+        options = dict(options)
+        for key in option_owners():
+            if key in values and key not in cls.model_fields:
+                options[key] = values.pop(key)
+        values["model_options"] = options
         return values
 
     @field_validator("data_root", "test_root", mode="before")
@@ -151,6 +162,32 @@ class TrainConfig(BaseModel):
             expected = ", ".join(repr(n) for n in names[:-1]) + f" or {names[-1]!r}"
             raise PydanticCustomError("literal_error", "Input should be {expected}", {"expected": expected})
         return name
+
+    @field_validator("model_options")
+    @classmethod
+    def _declared_options(cls, options: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        """Each option checked against the model's declaration (name and type); its defaults filled in."""
+        model = info.data.get("model")
+        if model is None:
+            return options  # the model's own error is reported
+        declared = get_architecture(model).options
+        checked = {name: option.default for name, option in declared.items()}
+        for key, value in options.items():
+            if key not in declared:
+                owners = [name for name in model_names() if key in get_architecture(name).options]
+                raise PydanticCustomError(
+                    "architecture_option",
+                    "a hyper-parameter of {owners}, not of model '{model}'",
+                    {"key": key, "value": value, "owners": " and ".join(owners), "model": model},
+                )
+            try:
+                checked[key] = TypeAdapter(declared[key].annotation).validate_python(value)
+            except ValidationError as err:
+                reason = err.errors()[0]["msg"]
+                raise PydanticCustomError(
+                    "architecture_option", "{reason}", {"key": key, "value": value, "reason": reason}
+                ) from None
+        return checked
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -183,7 +220,8 @@ class TrainConfig(BaseModel):
         # Users write weights as top-level keys (gamma: 1e-4); dumps keep that shape.
         values = handler(self)
         weights = values.pop("penalty_weights", {})
-        return {**values, **weights}
+        options = values.pop("model_options", {})
+        return {**values, **weights, **options}
 
     @property
     def gamma(self) -> float:
@@ -202,15 +240,24 @@ class TrainConfig(BaseModel):
     @property
     def arm(self):
         """The study arm this configuration trains (:mod:`mri_models.arms`)."""
-        return arm_of(self.model, self.penalty_weights)
+        return arm_of(self.model, self.penalty_weights, self.model_options)
 
     def identifying_weights(self) -> dict[str, float]:
         """The weights that tell this configuration apart (for run names)."""
         return shown_weights(self.model, self.penalty_weights)
 
+    def identifying_options(self) -> dict[str, Any]:
+        """The architecture options that differ from the model's defaults (for run names)."""
+        return shown_options(self.model, self.model_options)
+
+    def model_spec(self) -> dict[str, Any]:
+        """The network a checkpoint holds: the model name and every constructor argument."""
+        return {"model": self.model, "hparams": self.model_hparams()}
+
     def model_hparams(self) -> dict[str, Any]:
         """Constructor arguments for :func:`mri_models.models.build_model`."""
-        return {"chans": self.chans, "num_pool_layers": self.num_pool_layers, "drop_prob": self.drop_prob}
+        shared = {"chans": self.chans, "num_pool_layers": self.num_pool_layers, "drop_prob": self.drop_prob}
+        return {**shared, **self.model_options}
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -243,6 +290,8 @@ def make_train_config(values: Mapping[str, Any]) -> TrainConfig:
             location = [str(part) for part in error["loc"]]
             if location[:1] == ["penalty_weights"]:
                 location = location[1:]  # users wrote the weight as a top-level key
+            if error["type"] == "architecture_option":  # so did they the option the error names
+                location, error["input"] = [error["ctx"]["key"]], error["ctx"]["value"]
             key = ".".join(location) or "config"
             value = f" (got {error['input']!r})" if key != "config" and "input" in error else ""
             problems.append(f"{key}: {error['msg']}{value}")

@@ -65,7 +65,8 @@ def selected_checkpoint(run: RunLayout, last_epoch: int | None = None) -> Select
         return None
     full = max(histories.values(), key=len)  # the latest checkpoint holds every epoch so far
     sign = 1.0 if metric_table()[PRIMARY_METRIC].higher_is_better else -1.0
-    finite = [h for h in full if h.get(PRIMARY_METRIC) == h.get(PRIMARY_METRIC)]  # not NaN
+    # Trained epochs only (epoch 0, the untrained network, has no checkpoint), with a finite metric.
+    finite = [h for h in full if h["epoch"] >= 1 and h.get(PRIMARY_METRIC) == h.get(PRIMARY_METRIC)]
     finite = [h for h in finite if last_epoch is None or h["epoch"] <= last_epoch]
     if not finite:
         return None

@@ -1,12 +1,16 @@
-"""Validation reconstructions and attention maps as TensorBoard images, written while a run trains.
+"""Validation reconstructions, attention maps and coefficient histograms for TensorBoard, while a run trains.
 
 Every ``image_every_epochs`` epochs (and at the first and last), rank 0 runs its network on one fixed
 validation slice (the middle slice of its first volume) and writes
 
 - ``reconstruction``: zero-filled input | reconstruction | target | absolute error x ERROR_GAIN, side by
   side, each divided by the target's maximum (so the four share one grey scale);
-- ``attention/level_k``: the attention coefficients of every up-sampling level (level 1 is the deepest),
-  in [0, 1], enlarged to the image size with nearest-neighbour repetition.
+- ``attention/level_k``: the attention coefficients of every up-sampling level (level 1 is the finest,
+  as everywhere: :mod:`mri_models.attention_metrics`), in [0, 1], enlarged to the image size with
+  nearest-neighbour repetition.
+
+and, every epoch from epoch 0 (the untrained network), the histogram of each level's coefficients over
+the whole validation pass (``alpha/level_k``, TensorBoard's Histograms tab).
 
 Each write is one complete TensorBoard event file, made in a local temporary directory and then copied to
 the run's ``images`` directory (a local path or any ``pyarrow.fs`` URI) beside the trial's Tune scalars.
@@ -26,7 +30,9 @@ import numpy as np
 import torch
 
 from mri_models import experiment
+from mri_models.attention_metrics import finest_first
 
+HISTOGRAM_BUCKETS = 50  # TensorBoard draws a few dozen buckets; the validation histograms have more
 ERROR_GAIN = 5.0  # errors are a few percent of the image; x5 makes their structure visible
 PANELS = ("zero-filled", "reconstruction", "target", f"error x{ERROR_GAIN:g}")
 
@@ -101,14 +107,38 @@ def render(network: torch.nn.Module, chosen: ImageSlice, device: torch.device) -
     images = {
         "reconstruction": reconstruction_panel(unnormalise(chosen.image), output, unnormalise(chosen.target))
     }
-    for level, attention in enumerate(getattr(result, "attention_maps", ()) or (), start=1):
+    for level, attention in enumerate(finest_first(getattr(result, "attention_maps", ()) or ()), start=1):
         values = attention[0, 0].float().cpu().numpy()
         images[f"attention/level_{level}"] = enlarge(values, chosen.image.shape).astype(np.float32)
     return images
 
 
-def write_event_file(directory: str, images: dict[str, np.ndarray], step: int, caption: str) -> str:
-    """Write ``images`` (tag -> (H, W) in [0, 1]) at ``step`` as one event file under ``directory``.
+def _add_histogram(writer, tag: str, counts: np.ndarray, step: int) -> None:
+    """A histogram of values in [0, 1] given as counts over equal bins, re-binned for display."""
+    coarse = counts.reshape(HISTOGRAM_BUCKETS, -1).sum(axis=1)
+    centres = (np.arange(len(counts)) + 0.5) / len(counts)
+    writer.add_histogram_raw(
+        tag,
+        min=float(centres[counts > 0].min()),
+        max=float(centres[counts > 0].max()),
+        num=float(counts.sum()),
+        sum=float((counts * centres).sum()),
+        sum_squares=float((counts * centres**2).sum()),
+        bucket_limits=((np.arange(HISTOGRAM_BUCKETS) + 1) / HISTOGRAM_BUCKETS).tolist(),
+        bucket_counts=coarse.tolist(),
+        global_step=step,
+    )
+
+
+def write_event_file(
+    directory: str,
+    images: dict[str, np.ndarray],
+    step: int,
+    caption: str | None,
+    histograms: dict[str, np.ndarray] | None = None,
+) -> str:
+    """Write ``images`` (tag -> (H, W) in [0, 1]) and ``histograms`` (tag -> counts over equal bins of
+    [0, 1]) at ``step`` as one event file under ``directory``.
 
     Returns:
         The event file's name.
@@ -120,7 +150,11 @@ def write_event_file(directory: str, images: dict[str, np.ndarray], step: int, c
         writer = SummaryWriter(logdir=local, filename_suffix=f".epoch{step:05d}")
         for tag, values in images.items():
             writer.add_image(tag, values, global_step=step, dataformats="HW")
-        writer.add_text("reconstruction/about", caption, global_step=step)
+        if caption:
+            writer.add_text("reconstruction/about", caption, global_step=step)
+        for tag, counts in (histograms or {}).items():
+            if counts.sum() > 0:
+                _add_histogram(writer, tag, counts, step)
         writer.close()
         names = sorted(os.listdir(local))
         for name in names:
@@ -146,17 +180,28 @@ class ValidationImages:
     def due(self, epoch: int) -> bool:
         return epoch in self.epochs
 
-    def write(self, network: torch.nn.Module, batches: Iterable[dict[str, Any]], epoch: int, device) -> None:
-        """Render and write the images of ``epoch`` (1-based) when due."""
-        if not self.due(epoch):
+    def write(
+        self,
+        network: torch.nn.Module,
+        batches: Iterable[dict[str, Any]],
+        epoch: int,
+        device,
+        histograms: tuple[np.ndarray, ...] = (),
+    ) -> None:
+        """Write the coefficient histograms of ``epoch`` (per level, finest first), and render and write
+        its images when due (epochs from 1)."""
+        if self.directory is None:
             return
-        if self.chosen is None:
+        tags = {f"alpha/level_{level}": counts for level, counts in enumerate(histograms, start=1)}
+        if self.chosen is None and self.due(epoch):
             self.chosen = choose_slice(batches)
-            if self.chosen is None:
-                return
+        if not self.due(epoch) or self.chosen is None:
+            if tags:
+                write_event_file(self.directory, {}, epoch, None, tags)
+            return
         caption = (
             f"{self.chosen.fname}, slice {self.chosen.slice_num}, epoch {epoch}: "
             f"{' | '.join(PANELS)} (one grey scale: the target's maximum); attention/level_k: the "
-            "attention coefficients of up-sampling level k (1 = deepest), 0 black to 1 white."
+            "attention coefficients of up-sampling level k (1 = the finest), 0 black to 1 white."
         )
-        write_event_file(self.directory, render(network, self.chosen, device), epoch, caption)
+        write_event_file(self.directory, render(network, self.chosen, device), epoch, caption, tags)

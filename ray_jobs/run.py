@@ -45,13 +45,15 @@ def default_storage() -> str:
 
 
 def default_run_name(cfg: TrainConfig, profile: str) -> str:
-    """``<model>[-<weight key><value>...]-<profile>-seed<seed>``.
+    """``<model>[-<weight key><value>...][-<option><value>...]-<profile>-seed<seed>``.
 
-    For example ``sparse_attention_unet-gamma0.0001-cpu-seed0``: the weights shown are the active ones and
-    a variant's own (gamma, even at 0), so every configuration that trains differently has its own name.
+    For example ``sparse_attention_unet-gamma0.0001-psi_normnone-cpu-seed0``: the weights shown are the
+    active ones and a variant's own (gamma, even at 0), the architecture options those off their default,
+    so every configuration that trains differently has its own name.
     """
     weights = "".join(f"-{key}{value:g}" for key, value in cfg.identifying_weights().items())
-    return f"{cfg.model}{weights}-{profile}-seed{cfg.seed}"
+    options = "".join(f"-{key}{value}" for key, value in cfg.identifying_options().items())
+    return f"{cfg.model}{weights}{options}-{profile}-seed{cfg.seed}"
 
 
 def connect() -> None:

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mri_models.arms import without_inapplicable_weights
+from mri_models.arms import without_inapplicable
 from mri_models.plugins import load_plugins
 from ray_jobs.config import ConfigError, TrainConfig, load_yaml, make_train_config, profile_defaults
 
@@ -59,7 +59,7 @@ class SweepSpec(BaseModel):
         """TrainConfig values of one grid point (including ``seed``).
 
         A fixed penalty weight applies only to the trials whose model takes it
-        (:func:`mri_models.arms.without_inapplicable_weights`).
+        (:func:`mri_models.arms.without_inapplicable`).
         """
         values = {**self.base_values(), **point}
         plugins = values.get("plugins") or ()
@@ -69,7 +69,7 @@ class SweepSpec(BaseModel):
             except ValueError as err:
                 raise ConfigError(f"plugins: {err}") from None
         model = values.get("model", TrainConfig.model_fields["model"].default)
-        return without_inapplicable_weights(values, model, searched=point)
+        return without_inapplicable(values, model, searched=point)
 
     def grid_points(self) -> list[dict[str, Any]]:
         """Every grid point with its seed, in grid order (seed varying fastest)."""

@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg, data, name, storage_path, resumed, baseline = configured
     run = experiment.RunLayout(experiment.join(storage_path, name))
     weights = "".join(f", {key} {value:g}" for key, value in cfg.identifying_weights().items())
+    weights += "".join(f", {key} {value}" for key, value in cfg.identifying_options().items())
     print(
         f"{'resuming' if resumed else 'starting'} run {name!r}: {cfg.model}{weights}, {cfg.num_workers} "
         f"worker(s), {len(data.train_slices)} train / {len(data.val_slices)} val slices from {data.root}, "

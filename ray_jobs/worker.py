@@ -21,15 +21,11 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 
+from mri_models.attention_metrics import AttentionStatsAccumulator, MpandAccumulator, report_keys
 from mri_models.cost import synchronised_clock
 from mri_models.experiment import RunLayout
 from mri_models.losses import penalty_terms, training_loss
-from mri_models.metrics import (
-    PRIMARY_METRIC,
-    MpandAccumulator,
-    VolumeMetricAccumulator,
-    metric_table,
-)
+from mri_models.metrics import PRIMARY_METRIC, VolumeMetricAccumulator, metric_table
 from mri_models.models import build_model, get_architecture
 from mri_models.step_options import (
     autocast,
@@ -72,8 +68,12 @@ def stream_seed(seed: int, epoch: int, rank: int) -> int:
 
 
 def metric_keys(num_pool_layers: int) -> list[str]:
-    """Every key of every epoch's report, in order (the same for all models: NaN where undefined)."""
-    levels = [f"mpand_level_{level}" for level in range(1, num_pool_layers + 1)]
+    """Every key of every epoch's report, in order (the same for all models: NaN where undefined).
+
+    Per-level keys end in ``_level_k``, level 1 the finest. ``mpand`` is the relative MPAND in percent,
+    ``mpand_absolute`` the paper's form; ``<penalty>_vs_init`` is a penalty's value over its epoch-0 value.
+    """
+    levels = range(1, num_pool_layers + 1)
     return [
         "epoch",
         "train_loss",
@@ -81,8 +81,12 @@ def metric_keys(num_pool_layers: int) -> list[str]:
         "val_loss",
         *metric_table(),
         "mpand",
-        *levels,
+        *(f"mpand_level_{level}" for level in levels),
+        "mpand_absolute",
+        *(f"mpand_absolute_level_{level}" for level in levels),
+        *report_keys(num_pool_layers),
         *penalty_terms(),
+        *(f"{name}_vs_init" for name in penalty_terms()),
         "lr",
         "epoch_seconds",
         "compute_fraction",
@@ -104,7 +108,9 @@ def format_progress(metrics: dict[str, float], epochs: int, baseline: dict[str, 
         if name == PRIMARY_METRIC and baseline and name in baseline:
             line += f" ({metrics[name] - baseline[name]:+{metric.fmt}} vs zero-filled)"
     if not math.isnan(metrics["mpand"]):
-        line += f"  MPAND {metrics['mpand']:.3f}"
+        line += f"  MPAND {metrics['mpand']:+.1f}%  mean alpha {metrics['alpha_mean']:.3f}"
+    if metrics["epoch"] == 0:
+        return line + f"  (untrained network, {metrics['epoch_seconds']:.1f} s)"
     return line + (
         f"  ({metrics['epoch_seconds']:.1f} s, {100 * metrics['compute_fraction']:.0f}% computing, "
         f"{metrics['train_slices_per_second']:.1f} slices/s)"
@@ -220,8 +226,9 @@ def validate(model, cfg: TrainConfig, batches: Iterable[dict[str, Any]], device)
 @torch.no_grad()
 def validation_pass(
     model, cfg: TrainConfig, batches: Iterable[dict[str, Any]], device
-) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
-    """:func:`validate`'s metrics, and every volume's metrics (the same on every rank)."""
+) -> tuple[dict[str, float], dict[str, dict[str, float]], tuple[np.ndarray, ...]]:
+    """:func:`validate`'s metrics, every volume's metrics and the attention coefficients' histograms per
+    level (finest first; empty without attention), the same on every rank."""
     _, world_size = _world()
     architecture = get_architecture(cfg.model)
     # The bare module: validation load differs between ranks, and DDP's forward may synchronise. Eager
@@ -229,7 +236,7 @@ def validation_pass(
     # step's precision or on compilation.
     network = unwrap(model)
     network.eval()
-    volumes, mpand = VolumeMetricAccumulator(), MpandAccumulator()
+    volumes, mpand, alphas = VolumeMetricAccumulator(), MpandAccumulator(), AttentionStatsAccumulator()
     sums: Counter[str] = Counter()  # per-slice sums of the losses, and the slice count
     for batch in batches:
         rows = _network_batch(batch, cfg, device)
@@ -244,35 +251,51 @@ def validation_pass(
             sums[name] += value.item() * n
         if architecture.has_attention:
             mpand.add([t.cpu() for t in result.skip_norms_before], [t.cpu() for t in result.skip_norms_after])
+            alphas.add(result.attention_maps)
         # Metrics on un-normalised images, as fastMRI evaluates.
         mean, std = rows["mean"].view(-1, 1, 1), rows["std"].view(-1, 1, 1)
         outputs = (result.output[:, 0] * std + mean).cpu().numpy()
         targets = (target[:, 0] * std + mean).cpu().numpy()
         volumes.add_slices(batch["fname"], batch["slice_num"], outputs, targets, batch["max_value"])
-    merged_volumes, merged_mpand, totals = VolumeMetricAccumulator(), MpandAccumulator(), Counter()
-    for volume_state, mpand_state, rank_sums in _all_gather(
-        (volumes.state(), mpand.state(), sums), world_size
-    ):
-        merged_volumes.merge(volume_state)
-        merged_mpand.merge(mpand_state)
+    merged = VolumeMetricAccumulator(), MpandAccumulator(), AttentionStatsAccumulator()
+    totals: Counter[str] = Counter()
+    for *states, rank_sums in _all_gather((volumes.state(), mpand.state(), alphas.state(), sums), world_size):
+        for accumulator, state in zip(merged, states, strict=True):
+            accumulator.merge(state)
         totals.update(rank_sums)
     slices = totals["slices"]
-    per_volume = merged_volumes.per_volume()
-    metrics = merged_volumes.compute()
-    mpand_result = merged_mpand.compute()
+    per_volume = merged[0].per_volume()
+    metrics = merged[0].compute()
     out = {
         "val_loss": totals["val_loss"] / slices,
         **{name: metrics[name] for name in metric_table()},
         "val_volumes": int(metrics["num_volumes"]),
-        "mpand": mpand_result.mean,
+        **_mpand_report(merged[1], cfg.num_pool_layers),
     }
+    statistics = merged[2].compute()
+    out.update(statistics.as_report(cfg.num_pool_layers))
     for name in penalty_terms():
         out[name] = totals[name] / slices if name in totals else math.nan  # NaN: the network has none
-    for level in range(cfg.num_pool_layers):
-        out[f"mpand_level_{level + 1}"] = (
-            mpand_result.per_level[level] if level < len(mpand_result.per_level) else math.nan
-        )
-    return out, per_volume
+    return out, per_volume, statistics.histograms
+
+
+def _mpand_report(accumulator: MpandAccumulator, num_levels: int) -> dict[str, float]:
+    result = accumulator.compute()
+    out = {"mpand": result.relative, "mpand_absolute": result.absolute}
+    for level in range(num_levels):
+        present = level < len(result.absolute_per_level)
+        out[f"mpand_level_{level + 1}"] = result.relative_per_level[level] if present else math.nan
+        out[f"mpand_absolute_level_{level + 1}"] = result.absolute_per_level[level] if present else math.nan
+    return out
+
+
+def with_initial_ratios(metrics: dict[str, float], history: list[dict[str, float]]) -> dict[str, float]:
+    """``<penalty>_vs_init``: each penalty over its value at epoch 0 (NaN without an epoch-0 record)."""
+    initial = history[0] if history and history[0].get("epoch") == 0 else {}
+    for name in penalty_terms():
+        start = initial.get(name, math.nan)
+        metrics[f"{name}_vs_init"] = metrics[name] / start if start and math.isfinite(start) else math.nan
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------- the loop
@@ -326,6 +349,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         start_epoch, history = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
 
+    def record(metrics: dict[str, float], per_volume, histograms) -> dict[str, float]:
+        """The report of one validated epoch (0: the untrained network); rank 0 writes its files."""
+        metrics = {key: metrics.get(key, math.nan) for key in keys}
+        history.append(with_initial_ratios(metrics, history))
+        if rank == 0:
+            if config.get("run_dir"):  # every volume's metrics, for breakdowns and bootstraps
+                rows = validation_rows(per_volume, cfg)
+                epoch = int(metrics["epoch"])
+                write_volume_rows(
+                    RunLayout(config["run_dir"]).val_volumes_file(epoch), rows, data, "val", epoch
+                )
+            logger.info(format_progress(metrics, cfg.epochs, config.get("baseline")))
+            images.write(unwrap(model), validation_batches, int(metrics["epoch"]), device, histograms)
+        return metrics
+
+    if not history:  # a fresh run (a resumed one has its epoch 0 in the checkpoint's history)
+        started = synchronised_clock(device)
+        val_metrics, per_volume, histograms = validation_pass(model, cfg, validation_batches, device)
+        seconds = synchronised_clock(device) - started
+        initial = {**val_metrics, "epoch": 0, "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": seconds,
+                   "train_slices": 0, "diverged": 0.0}  # fmt: skip
+        ray.train.report(record(initial, per_volume, histograms))  # no checkpoint: nothing was trained
+
     for epoch in range(start_epoch, cfg.epochs):
         started = synchronised_clock(device)
         lr = optimizer.param_groups[0]["lr"]
@@ -340,32 +386,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             return
         train_seconds = synchronised_clock(device) - started
         scheduler.step()
-        val_metrics, per_volume = validation_pass(model, cfg, validation_batches, device)
+        val_metrics, per_volume, histograms = validation_pass(model, cfg, validation_batches, device)
         epoch_seconds = synchronised_clock(device) - started
-        metrics = {
-            "epoch": epoch + 1,  # epochs completed; ASHA's time attribute
-            "lr": lr,
-            "epoch_seconds": epoch_seconds,
-            # Forward, backward and optimiser steps over the epoch's wall time (pipeline and validation
-            # are the rest): how much of the reserved CPUs or GPUs go to training.
-            "compute_fraction": train_metrics.pop("compute_seconds") / epoch_seconds,
-            "diverged": 0.0,
-            "train_slices_per_second": train_metrics["train_slices"] / train_seconds,
-            **train_metrics,
-            **val_metrics,
-        }
-        metrics = {key: metrics[key] for key in keys}
-        history.append(metrics)
-        if rank == 0:
-            if config.get("run_dir"):  # every volume's metrics, for breakdowns and bootstraps
-                run = RunLayout(config["run_dir"])
-                rows = validation_rows(per_volume, cfg)
-                write_volume_rows(run.val_volumes_file(epoch + 1), rows, data, "val", epoch + 1)
-            logger.info(format_progress(metrics, cfg.epochs, config.get("baseline")))
-            images.write(unwrap(model), validation_batches, epoch + 1, device)
+        metrics = record(
+            {
+                "epoch": epoch + 1,  # epochs completed; ASHA's time attribute
+                "lr": lr,
+                "epoch_seconds": epoch_seconds,
+                # Forward, backward and optimiser steps over the epoch's wall time (pipeline and validation
+                # are the rest): how much of the reserved CPUs or GPUs go to training.
+                "compute_fraction": train_metrics.pop("compute_seconds") / epoch_seconds,
+                "diverged": 0.0,
+                "train_slices_per_second": train_metrics["train_slices"] / train_seconds,
+                **train_metrics,
+                **val_metrics,
+            },
+            per_volume,
+            histograms,
+        )
         with tempfile.TemporaryDirectory() as directory:
             if rank == 0:
-                save_checkpoint(directory, model, optimizer, scheduler, epoch, history, scaler)
+                save_checkpoint(
+                    directory, model, optimizer, scheduler, epoch, history, scaler, cfg.model_spec()
+                )
             ray.train.report(
                 metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
             )

@@ -19,9 +19,7 @@ from mri_models.losses import (
     training_loss,
 )
 from mri_models.metrics import (
-    MpandAccumulator,
     VolumeMetricAccumulator,
-    mpand,
     nmse,
     psnr,
     slice_metrics,
@@ -265,80 +263,3 @@ def test_accumulator_edge_cases() -> None:
         accumulator.add("a.h5", 1, {"mse": 0.1, "target_sq": 1.0, "ssim": 0.9}, 2.0)
 
 
-# --- MPAND -----------------------------------------------------------------------------------------------
-
-
-def _hand_levels() -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
-    """Skip features x and attention maps alpha for 2 levels of 2 examples, with hand-computed MPAND."""
-    x0 = torch.stack([torch.ones(2, 2, 2), torch.full((2, 2, 2), 2.0)])  # ||x|| = sqrt(8), 2 sqrt(8)
-    a0 = torch.stack([torch.full((1, 2, 2), 0.5), torch.full((1, 2, 2), 0.25)])
-    # after: 0.5 sqrt(8) and 0.5 sqrt(8) -> differences -sqrt(2), -3 sqrt(2): level mean -2 sqrt(2)
-    x1 = torch.stack([torch.ones(3, 1, 2), torch.full((3, 1, 2), 2.0)])  # ||x|| = sqrt(6), 2 sqrt(6)
-    a1 = torch.stack([torch.ones(1, 1, 2), torch.tensor([[[0.0, 1.0]]])])
-    # after: sqrt(6) and 2 sqrt(3) -> differences 0, 2 sqrt(3) - 2 sqrt(6)
-    level0 = -2 * math.sqrt(2)
-    level1 = (2 * math.sqrt(3) - 2 * math.sqrt(6)) / 2
-    return [x0, x1], [a0, a1], [level0, level1]
-
-
-def test_mpand_on_hand_computed_example() -> None:
-    xs, alphas, expected = _hand_levels()
-    before = [x.flatten(1).norm(dim=1) for x in xs]
-    after = [(a * x).flatten(1).norm(dim=1) for x, a in zip(xs, alphas, strict=True)]
-    result = mpand(before, after)
-    assert result.per_level == pytest.approx(expected, rel=1e-6)
-    assert result.mean == pytest.approx(sum(expected) / 2, rel=1e-6)
-    assert result.mean <= 0
-
-
-def test_mpand_matches_model_norms() -> None:
-    torch.manual_seed(4)
-    model = AttentionUnet(chans=4, num_pool_layers=3).eval()
-    with torch.no_grad():
-        out = model(torch.randn(3, 1, 24, 24), return_attention=True)
-    result = mpand(out.skip_norms_before, out.skip_norms_after)
-    assert len(result.per_level) == 3
-    assert all(v < 0 for v in result.per_level)  # alpha in (0, 1) strictly shrinks every skip
-    expected = [
-        float((a - b).mean()) for b, a in zip(out.skip_norms_before, out.skip_norms_after, strict=True)
-    ]
-    assert result.per_level == pytest.approx(expected, rel=1e-6)
-
-
-def test_mpand_without_attention_is_nan_and_empty() -> None:
-    result = mpand((), ())
-    assert math.isnan(result.mean) and result.per_level == ()
-    accumulator = MpandAccumulator()
-    assert math.isnan(accumulator.compute().mean) and accumulator.compute().per_level == ()
-    accumulator.add((), ())  # a plain U-Net batch
-    assert math.isnan(accumulator.compute().mean) and accumulator.compute().per_level == ()
-
-
-def test_mpand_accumulator_weighs_examples_not_batches_and_merges() -> None:
-    # Batch A: 1 example with differences (-1, -10); batch B: 3 examples with (-2, -20) each.
-    batch_a = ([torch.tensor([3.0]), torch.tensor([30.0])], [torch.tensor([2.0]), torch.tensor([20.0])])
-    batch_b = (
-        [torch.tensor([5.0, 5.0, 5.0]), torch.tensor([40.0, 40.0, 40.0])],
-        [torch.tensor([3.0, 3.0, 3.0]), torch.tensor([20.0, 20.0, 20.0])],
-    )
-    expected_levels = ((-1 + 3 * -2) / 4, (-10 + 3 * -20) / 4)
-    single = MpandAccumulator()
-    single.add(*batch_a)
-    single.add(*batch_b)
-    assert single.compute().per_level == pytest.approx(expected_levels)
-    assert single.compute().mean == pytest.approx(sum(expected_levels) / 2)
-
-    rank0, rank1 = MpandAccumulator(), MpandAccumulator()
-    rank0.add(*batch_b)
-    rank1.add(*batch_a)
-    merged = MpandAccumulator()
-    merged.merge(pickle.loads(pickle.dumps(rank0.state())))
-    merged.merge(rank1)
-    merged.merge(MpandAccumulator().state())  # an idle rank changes nothing
-    assert merged.compute().mean == pytest.approx(single.compute().mean)
-    assert merged.compute().per_level == pytest.approx(single.compute().per_level)
-
-    with pytest.raises(ValueError, match="levels"):
-        merged.add([torch.tensor([1.0])], [torch.tensor([0.5])])
-    with pytest.raises(ValueError):
-        mpand([torch.tensor([1.0, 2.0])], [torch.tensor([1.0])])

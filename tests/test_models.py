@@ -10,6 +10,7 @@ from torch.nn import functional as F
 
 from mri_models.losses import attention_sparsity_penalty
 from mri_models.models import (
+    PSI_NORMS,
     AttentionGate,
     AttentionUnet,
     Unet,
@@ -128,22 +129,27 @@ def test_attention_gate_follows_the_design_formula(chans: int) -> None:
 
 
 def _reference_gate(gate: AttentionGate, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """The gate formula (docs/architecture.md) with conv2d and instance_norm and the gate's own weights."""
+    """The gate formula (docs/architecture.md) with conv2d and instance_norm and the gate's own weights:
+    after ``psi`` the paper's instance norm, the norm with its affine scale and shift, or a bias."""
     w_g, w_x, psi = gate.w_g[0].weight, gate.w_x[0].weight, gate.psi[0].weight
     hidden = torch.relu(F.instance_norm(F.conv2d(g, w_g)) + F.instance_norm(F.conv2d(x, w_x)))
-    return torch.sigmoid(F.instance_norm(F.conv2d(hidden, psi)))
+    if gate.psi_norm == "none":
+        return torch.sigmoid(F.conv2d(hidden, psi, gate.psi[0].bias))
+    norm = gate.psi[1]
+    return torch.sigmoid(F.instance_norm(F.conv2d(hidden, psi), weight=norm.weight, bias=norm.bias))
 
 
 @pytest.mark.parametrize("chans", [1, 8, 13])
 @pytest.mark.parametrize("shape", [(1, 16, 16), (1, 33, 37), (3, 9, 11)])
 @pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("psi_norm", PSI_NORMS)
 def test_fused_gate_matches_reference_outputs_and_gradients(
-    chans: int, shape: tuple, channels_last: bool
+    chans: int, shape: tuple, channels_last: bool, psi_norm: str
 ) -> None:
     # The gate computes its 1x1 convolutions as matrix products and its norms as direct batch-norm
     # calls (batch 1 takes a separate 2-D mm path); values and gradients must equal the plain formula.
     batch, height, width = shape
-    gate = seeded(AttentionGate(chans), seed=13).train()
+    gate = seeded(AttentionGate(chans, psi_norm), seed=13).train()
     generator = torch.Generator().manual_seed(14)
     x, g = (torch.randn(batch, chans, height, width, generator=generator) for _ in range(2))
     if channels_last:  # non-contiguous NCHW strides must still give the same result
@@ -178,6 +184,37 @@ def test_attention_gate_convs_have_no_bias_and_gate_parameter_count() -> None:
     gate = AttentionGate(8)
     assert all(conv[0].bias is None for conv in (gate.w_g, gate.w_x, gate.psi))
     assert num_params(gate) == 8 * 4 * 2 + 4
+    # The variants add psi's norm scale and shift, or psi's bias (Oktay et al.'s gate).
+    assert num_params(AttentionGate(8, "instance_affine")) == 8 * 4 * 2 + 4 + 2
+    assert num_params(AttentionGate(8, "none")) == 8 * 4 * 2 + 4 + 1
+    assert AttentionGate(8, "none").psi[0].bias is not None
+    with pytest.raises(ValueError, match="psi_norm"):
+        AttentionGate(8, "batch")
+
+
+def _lowest_mean_coefficient(psi_norm: str, steps: int, free_logits: bool) -> float:
+    """Mean alpha after minimising it directly (Adam) over the gate's own parameters after ``psi`` and, with
+    ``free_logits``, over ``psi``'s 64 x 64 output itself: the least an L1 penalty could reach."""
+    gate = AttentionGate(8, psi_norm)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(1, 1, 64 * 64, generator=generator).requires_grad_(free_logits)
+    parameters = [*gate.psi.parameters()][1:]  # psi's convolution weight does not act on free logits
+    optimizer = torch.optim.Adam([logits] * free_logits + parameters, lr=0.05)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        gate.coefficients(logits).mean().backward()
+        optimizer.step()
+    with torch.no_grad():
+        return float(gate.coefficients(logits).mean())
+
+
+def test_the_papers_gate_bounds_mean_alpha_and_the_other_gates_do_not() -> None:
+    # The instance norm after psi fixes every image's logits at mean 0 and variance 1 whatever they were:
+    # even over free logits, mean sigmoid cannot fall below ~0.4716 (docs/attention.md).
+    assert _lowest_mean_coefficient("instance", steps=3000, free_logits=True) >= 0.47
+    # psi's bias, or the norm's learned shift, moves every logit: the coefficients can switch off.
+    assert _lowest_mean_coefficient("none", steps=300, free_logits=False) < 0.05
+    assert _lowest_mean_coefficient("instance_affine", steps=300, free_logits=False) < 0.05
 
 
 def test_attention_unet_paper_size_parameter_count() -> None:

@@ -10,9 +10,11 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from mri_models.models.attention_unet import AttentionGate, AttentionUnet
+from mri_models.models.attention_unet import PSI_NORMS, AttentionGate, AttentionUnet
 from mri_models.models.registry import (
+    SHARED_HPARAMS,
     Architecture,
+    ArchitectureOption,
     AttentionOutput,
     ImageOutput,
     Variant,
@@ -20,6 +22,7 @@ from mri_models.models.registry import (
     get_architecture,
     get_variant,
     model_names,
+    option_owners,
     register_model,
     register_variant,
     unregister,
@@ -32,7 +35,10 @@ for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
+    "PSI_NORMS",
+    "SHARED_HPARAMS",
     "Architecture",
+    "ArchitectureOption",
     "AttentionGate",
     "AttentionOutput",
     "AttentionUnet",
@@ -46,6 +52,7 @@ __all__ = [
     "get_architecture",
     "get_variant",
     "model_names",
+    "option_owners",
     "register_model",
     "register_variant",
     "unregister",

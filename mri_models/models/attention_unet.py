@@ -10,6 +10,15 @@ channel and IN = InstanceNorm2d (paper appendix, Figure 11). The skip input beco
 (alpha broadcast over channels), concatenated as in U-Net. The Sparse Attention U-Net is this network
 trained with an L1 penalty on alpha (:mod:`mri_models.models.sparse_attention_unet`).
 
+What follows ``psi`` is the architecture's hyper-parameter ``psi_norm`` (:data:`PSI_NORMS`):
+
+- ``instance`` (the default): the paper's InstanceNorm2d without affine parameters. It gives every image's
+  logits mean 0 and variance 1 whatever the weights, which bounds the coefficients' mean from below: over
+  *free* logits, mean ``sigmoid(IN(z))`` cannot go below ~0.47 (``docs/attention.md``), so an L1 penalty on
+  alpha can only reshape the coefficients, never make them sparse.
+- ``instance_affine``: the same norm with a learned scale and shift, which can move the logits anywhere.
+- ``none``: Oktay et al.'s gate, ``psi`` with a bias and no norm.
+
 The gate keeps the layers as modules (``w_g``, ``w_x``, ``psi``: a bias-free 1x1 convolution and an
 InstanceNorm2d each, so printing the model shows Figure 11 and checkpoints keep their keys) but its
 forward evaluates them functionally: the 1x1 convolutions as matrix products and the instance norms as
@@ -18,6 +27,8 @@ time (see ``benchmarks/README.md``).
 """
 
 from __future__ import annotations
+
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -85,22 +96,57 @@ def _conv1x1_in(in_chans: int, out_chans: int) -> nn.Sequential:
     )
 
 
+PsiNorm = Literal["instance", "instance_affine", "none"]
+PSI_NORMS: tuple[str, ...] = get_args(PsiNorm)
+
+
+def _psi(in_chans: int, psi_norm: str) -> nn.Sequential:
+    """``psi``: the 1x1 convolution to one channel and what follows it (see the module docstring)."""
+    if psi_norm == "none":
+        return nn.Sequential(nn.Conv2d(in_chans, 1, kernel_size=1, bias=True))
+    if psi_norm not in PSI_NORMS:
+        raise ValueError(f"psi_norm must be one of {', '.join(PSI_NORMS)}, got {psi_norm!r}")
+    return nn.Sequential(
+        nn.Conv2d(in_chans, 1, kernel_size=1, bias=False),
+        nn.InstanceNorm2d(1, affine=psi_norm == "instance_affine"),
+    )
+
+
 class AttentionGate(nn.Module):
     """Additive attention gate producing one coefficient in (0, 1) per pixel of a skip connection."""
 
-    def __init__(self, chans: int) -> None:
+    def __init__(self, chans: int, psi_norm: PsiNorm = "instance") -> None:
         """Build the gate.
 
         Args:
             chans: Channels C of both the skip features ``x`` and the gating features ``g``; the
                 intermediate width is ``max(1, C // 2)``.
+            psi_norm: What follows ``psi`` before the sigmoid, one of :data:`PSI_NORMS`.
         """
         super().__init__()
         self.chans = chans
         self.inter_chans = max(1, chans // 2)
+        self.psi_norm = psi_norm
         self.w_g = _conv1x1_in(chans, self.inter_chans)
         self.w_x = _conv1x1_in(chans, self.inter_chans)
-        self.psi = _conv1x1_in(self.inter_chans, 1)
+        self.psi = _psi(self.inter_chans, psi_norm)
+
+    def coefficients(self, psi_output: Tensor) -> Tensor:
+        """The coefficients from ``psi``'s convolution output: its norm (or bias), then the sigmoid.
+
+        Args:
+            psi_output: The 1x1 convolution's output, ``(N, 1, P)`` over the flattened pixels (bias-free).
+
+        Returns:
+            alpha, ``(N, 1, P)``, in (0, 1).
+        """
+        if self.psi_norm == "none":
+            return torch.sigmoid(psi_output + self.psi[0].bias.view(1, 1, 1))
+        norm = self.psi[1]
+        logits = _instance_norm(psi_output, norm.eps)
+        if norm.affine:
+            logits = logits * norm.weight.view(1, 1, 1) + norm.bias.view(1, 1, 1)
+        return torch.sigmoid(logits)
 
     def forward(self, x: Tensor, g: Tensor) -> Tensor:
         """Compute the attention coefficients.
@@ -120,14 +166,14 @@ class AttentionGate(nn.Module):
         batch, chans, height, width = x.shape
         # Views for contiguous inputs (what the U-Net passes); reshape copies only otherwise.
         x_flat, g_flat = x.reshape(batch, chans, -1), g.reshape(batch, chans, -1)
-        (conv_g, norm_g), (conv_x, norm_x), (conv_psi, norm_psi) = self.w_g, self.w_x, self.psi
+        (conv_g, norm_g), (conv_x, norm_x) = self.w_g, self.w_x
         hidden = _instance_norm(_conv1x1(conv_g.weight, g_flat), norm_g.eps) + _instance_norm(
             _conv1x1(conv_x.weight, x_flat), norm_x.eps
         )
         # In place on the fresh sum (not a view, not saved by the add's backward): one buffer less.
         hidden = torch.relu_(hidden)
-        logits = _instance_norm(_conv1x1(conv_psi.weight, hidden), norm_psi.eps)
-        return torch.sigmoid(logits).view(batch, 1, height, width)
+        alpha = self.coefficients(_conv1x1(self.psi[0].weight, hidden))
+        return alpha.view(batch, 1, height, width)
 
 
 @register_model("attention_unet", label="Attention U-Net", provides=AttentionOutput)
@@ -146,6 +192,7 @@ class AttentionUnet(Unet):
         chans: int = 32,
         num_pool_layers: int = 4,
         drop_prob: float = 0.0,
+        psi_norm: PsiNorm = "instance",
     ) -> None:
         """Build the network.
 
@@ -155,9 +202,12 @@ class AttentionUnet(Unet):
             chans: Number of output channels of the first convolution; doubles at every pooling.
             num_pool_layers: Number of down-sampling (and up-sampling) levels, one gate per level.
             drop_prob: Dropout2d probability inside every ConvBlock (the gates have no dropout).
+            psi_norm: What follows every gate's ``psi`` (:data:`PSI_NORMS`): the paper's ``instance``,
+                ``instance_affine`` or Oktay et al.'s ``none``. A configuration key of its own (``--set
+                psi_norm=none``), as every hyper-parameter an architecture declares beyond the U-Net's.
         """
         super().__init__(in_chans, out_chans, chans, num_pool_layers, drop_prob)
-        self.attention_gates = nn.ModuleList(AttentionGate(c) for c in self.skip_channels)
+        self.attention_gates = nn.ModuleList(AttentionGate(c, psi_norm) for c in self.skip_channels)
 
     def gate_skip(self, level: int, skip: Tensor, gating: Tensor) -> tuple[Tensor, Tensor]:
         """Weight the skip features by the attention coefficients of this level.

@@ -11,6 +11,11 @@ A *variant* (:func:`register_variant`) is a name for an architecture trained wit
 ``attention_l1`` penalty. A penalty bound to a variant is active only under that name, which keeps the
 paper's arms apart (the Attention U-Net is the network *without* the penalty).
 
+An architecture's own hyper-parameters are the constructor's keyword arguments beyond the ones every
+network shares (:data:`SHARED_HPARAMS`): ``psi_norm`` of the Attention U-Net, or a plugin's. Each becomes a
+configuration key, a ``--set`` key and a sweep search key (:attr:`Architecture.options`), validated against
+its type annotation, with no change to the configuration class.
+
 Every other place (configuration checks, command-line choices, run names, plot order and labels, analysis
 grouping) reads this registry; adding an architecture is one new module that registers itself.
 """
@@ -18,6 +23,7 @@ grouping) reads this registry; adding an architecture is one new module that reg
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -27,7 +33,9 @@ from torch import Tensor, nn
 from mri_models.registries import Registry
 
 __all__ = [
+    "SHARED_HPARAMS",
     "Architecture",
+    "ArchitectureOption",
     "AttentionOutput",
     "ImageOutput",
     "Variant",
@@ -35,6 +43,7 @@ __all__ = [
     "get_architecture",
     "get_variant",
     "model_names",
+    "option_owners",
     "register_model",
     "register_variant",
     "unregister",
@@ -63,6 +72,26 @@ class AttentionOutput(ImageOutput, Protocol):
     skip_norms_after: Sequence[Tensor]
 
 
+# Constructor arguments every architecture takes; the configuration has a field for each (the image channels
+# are fixed by the data). Any other keyword argument is the architecture's own option.
+SHARED_HPARAMS = ("in_chans", "out_chans", "chans", "num_pool_layers", "drop_prob")
+
+
+@dataclass(frozen=True)
+class ArchitectureOption:
+    """A hyper-parameter an architecture declares beyond :data:`SHARED_HPARAMS`.
+
+    Attributes:
+        name: The keyword argument, which is also its configuration key.
+        default: Its default value.
+        annotation: Its type annotation (values are validated against it), ``Any`` when it has none.
+    """
+
+    name: str
+    default: Any
+    annotation: Any = Any
+
+
 @dataclass(frozen=True)
 class Architecture:
     """A registered network.
@@ -85,6 +114,18 @@ class Architecture:
         """The constructor's hyper-parameters and their defaults, read from its signature."""
         parameters = inspect.signature(self.constructor).parameters.values()
         return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+    @property
+    def options(self) -> dict[str, ArchitectureOption]:
+        """The architecture's own hyper-parameters: keyword arguments with defaults beyond
+        :data:`SHARED_HPARAMS`, with their type annotations."""
+        target = self.constructor.__init__ if inspect.isclass(self.constructor) else self.constructor
+        hints = typing.get_type_hints(target)
+        return {
+            name: ArchitectureOption(name, default, hints.get(name, Any))
+            for name, default in self.hparams.items()
+            if name not in SHARED_HPARAMS
+        }
 
     @property
     def has_attention(self) -> bool:
@@ -195,6 +236,15 @@ def architecture_rank(name: str) -> int:
     """Display order of an architecture (registration order; unknown names last)."""
     names = list(_ARCHITECTURES)
     return names.index(name) if name in names else len(names)
+
+
+def option_owners() -> dict[str, list[str]]:
+    """Every architecture option's name -> the architectures that declare it, in registration order."""
+    owners: dict[str, list[str]] = {}
+    for architecture in _ARCHITECTURES.as_dict().values():
+        for option in architecture.options:
+            owners.setdefault(option, []).append(architecture.name)
+    return owners
 
 
 def uses_attention(name: str) -> bool:
