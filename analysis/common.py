@@ -33,11 +33,11 @@ from scipy import stats
 
 from analysis.collect import collect
 from mri_models import experiment as storage
-from mri_models.arms import arm_of, without_inapplicable
+from mri_models.arms import arm_of, model_options, without_inapplicable
 from mri_models.experiment import ASHA_STATE_FILE, BASELINE_FILE, SWEEP_FILE, ExperimentLayout
 from mri_models.losses import penalty_by_weight_key
 from mri_models.metrics import PRIMARY_METRIC, Metric, metric_table
-from mri_models.models.registry import reserved_penalties
+from mri_models.models.registry import option_owners, reserved_penalties
 from mri_models.plugins import load_plugins
 
 # Trials whose numbers describe a (possibly partial) training run; failed ones are reported, not averaged.
@@ -60,6 +60,11 @@ def image_metrics() -> dict[str, Metric]:
 def weight_keys() -> list[str]:
     """The configuration keys of the penalty weights (``gamma``, ...)."""
     return list(penalty_by_weight_key())
+
+
+def option_keys() -> list[str]:
+    """The configuration keys of the registered architectures' own options (``psi_norm``, ...)."""
+    return list(option_owners())
 
 
 @dataclass
@@ -252,7 +257,13 @@ def load_study(paths: Sequence[str]) -> Study:
         trials["model"] = [values.get("model", "unet") for values in rows]
         for key in weight_keys():  # every penalty weight, 0 where the trial has none
             trials[key] = [float(values.get(key) or 0.0) for values in rows]
-        arms = [arm_of(values["model"], {k: values.get(k) or 0.0 for k in weight_keys()}) for values in rows]
+        options = [model_options(values["model"], values) for values in rows]  # with the model's defaults
+        for key in option_keys():  # every architecture option, None where the trial's model has none
+            trials[key] = [trial_options.get(key) for trial_options in options]
+        arms = [
+            arm_of(values["model"], {k: values.get(k) or 0.0 for k in weight_keys()}, trial_options)
+            for values, trial_options in zip(rows, options, strict=True)
+        ]
         trials["arm"] = [arm.name for arm in arms]
         trials["arm_rank"] = [arm.rank for arm in arms]
         trials["has_attention"] = [arm.has_attention for arm in arms]
@@ -391,7 +402,8 @@ def _join_epochs(frames: list[pd.DataFrame], trials: pd.DataFrame, config_keys: 
     if not frames or trials.empty:
         return pd.DataFrame()
     epochs = pd.concat(frames, ignore_index=True)
-    meta = ["experiment", "trial_id", "model", *weight_keys(), "seed", "arm", "arm_rank", "has_attention"]
+    meta = ["experiment", "trial_id", "model", *weight_keys(), *option_keys(), "seed", "arm", "arm_rank",
+            "has_attention"]  # fmt: skip
     meta += ["status", "included"]
     meta += [k for k in config_keys if k not in meta]
     meta = [k for k in meta if k in trials]
@@ -465,6 +477,18 @@ def common_budget(trials: pd.DataFrame) -> int | None:
     if pool.empty:
         pool = trials[trials["epochs_run"] > 0]
     return int(pool["epochs_run"].min()) if not pool.empty else None
+
+
+def selected_epoch_rows(study: Study, trials: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """Per trial of ``trials``: its identifying columns and ``columns`` from the epoch row of its selected
+    checkpoint (the final evaluation's epoch, else its best validation epoch)."""
+    if trials.empty or study.epochs.empty:
+        return pd.DataFrame()
+    selected = trials["test_epoch"] if "test_epoch" in trials else pd.Series(float("nan"), index=trials.index)
+    chosen = trials.assign(epoch=selected.fillna(trials["best_epoch"]))
+    rows = study.epochs[["experiment", "trial_id", "epoch", *[c for c in columns if c in study.epochs]]]
+    chosen = chosen.drop(columns=[c for c in columns if c in chosen])
+    return chosen.merge(rows, on=["experiment", "trial_id", "epoch"])
 
 
 def metric_at_epoch(epochs: pd.DataFrame, epoch: int, metrics: Sequence[str]) -> pd.DataFrame:

@@ -1,8 +1,10 @@
 """MPAND against epoch per architecture or gamma, mean ± std over seeds (the paper's Figure 6).
 
-MPAND (Mean Post Attention Norm Difference, ``docs/architecture.md``) and its per-level values
-``mpand_level_k`` (decoder order: level 1 is the deepest up-sampling level) are averaged over seeds per
-epoch; the band is ± one standard deviation, and the CSV also has the min and max. When an arm was run at
+MPAND (Mean Post Attention Norm Difference, ``docs/attention.md``) in its relative form, the percentage by
+which attention shrinks a skip connection's norm, and its per-level values ``mpand_level_k`` (level 1 is
+the finest, full-resolution skip) are averaged over seeds per epoch from epoch 0, the untrained network;
+the band is ± one standard deviation, and the CSV also has the min and max, and the paper's absolute form
+(``mpand_absolute``, in feature units). When an arm was run at
 several configurations the curve is that of its best configuration by mean best SSIM, as the paper shows the
 best configuration of each model. The plain U-Net has no attention (MPAND is NaN) and is skipped.
 
@@ -60,6 +62,7 @@ def curves_table(study: Study) -> pd.DataFrame:
     columns = mpand_columns(epochs) if not epochs.empty else []
     if not columns:
         return pd.DataFrame()
+    columns += [c for c in epochs if c.startswith("mpand_absolute")]
     frames = []
     for arm in study.arms():
         rows = epochs[epochs["arm"] == arm]
@@ -90,14 +93,14 @@ def plot(table: pd.DataFrame, columns: list[str]) -> plt.Figure:
             ax.fill_between(x, mean - std, mean + std, color=colours(k % 10), alpha=0.2, linewidth=0)
         title = "MPAND (mean over levels)" if column == "mpand" else f"level {column.rsplit('_', 1)[1]}"
         if column != "mpand" and column.endswith("_1"):
-            title += " (deepest)"
+            title += " (finest)"
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylabel("post-attention norm difference")
+        ax.set_ylabel("skip norm change by attention (%)")
         ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
-    figure.suptitle("MPAND against epoch (mean ± std over seeds)")
+    figure.suptitle("Relative MPAND against epoch, from the untrained network (mean ± std over seeds)")
     figure.tight_layout()
     return figure
 
@@ -115,10 +118,15 @@ def run(study: Study, out: OutDir) -> StepResult:
     result.artifacts += [
         Artifact(
             "mpand_curves.png",
-            "MPAND (and its per-level values) against epoch for each attention architecture or gamma, mean "
-            "± std over seeds: falling values mean the attention gates suppress more of the skip features.",
+            "Relative MPAND (and its per-level values, level 1 the finest) against epoch from epoch 0 (the "
+            "untrained network) for each attention architecture or gamma, mean ± std over seeds: the "
+            "percentage by which the gates shrink the skip features' norm; falling values mean they "
+            "suppress more.",
         ),
-        Artifact("mpand_curves.csv", "The MPAND curves' mean, std, min, max and seed count per epoch."),
+        Artifact(
+            "mpand_curves.csv",
+            "The MPAND curves' mean, std, min, max and seed count per epoch, with the paper's absolute form.",
+        ),
     ]
     skipped = [a for a in study.arms() if a not in set(table["arm"])]
     if skipped:

@@ -16,9 +16,20 @@ The paper's findings, each judged with the statistic behind it (95% level throug
     reproduced** for rho > 0 with p < 0.05; else inconclusive. The gamma = 0 (Attention U-Net) value is
     given as the reference. Trials stopped early by ASHA had fewer epochs to reach their best, so when any
     was stopped every trial is read at the common budget (the last epoch all of them reached).
-(c) *MPAND falls during training* (Section 4.1, Figure 6): per Attention U-Net seed, MPAND at the last
-    epoch minus the first. **Reproduced** when the 95% interval of the mean difference lies below 0;
-    **not reproduced** when it lies above 0; else inconclusive.
+(c) *MPAND falls during training* (Section 4.1, Figure 6): per Attention U-Net seed, the relative MPAND at
+    the last epoch minus at epoch 0 (the untrained network). **Reproduced** when the 95% interval of the
+    mean difference lies below 0; **not reproduced** when it lies above 0; else inconclusive.
+(d) *the penalty sparsifies attention*, a question the paper could not ask of its own gate: per gate
+    (``psi_norm``) of the gamma sweep, Spearman's rho between gamma and the mean coefficient alpha (at each
+    trial's selected epoch, every gamma including 0), the fraction of coefficients below 0.1 at the largest
+    gamma, and what that cost in SSIM (Welch's t interval, largest gamma minus gamma = 0). **Sparsifies**
+    when rho < 0 with p < 0.05 and at least :data:`SPARSE_FRACTION` of the coefficients fall below 0.1;
+    **lowers α, not sparse** when rho < 0 with p < 0.05 but fewer do; **raises α** for rho > 0 with p < 0.05;
+    else inconclusive. For the paper's gate the report also says whether it could become sparse at all: an
+    instance norm after ``psi`` keeps mean alpha above :data:`analysis.attention_curves.INSTANCE_BOUND`.
+
+Table 1's Sparse Attention U-Net is the gamma sweep's best gamma > 0 with the paper's gate, chosen by mean
+validation SSIM over seeds and reported on the test split (the model comparison trains the other two).
 
 Run ``python -m analysis.paper_study --study PATH [--out DIR]``.
 """
@@ -29,7 +40,7 @@ import argparse
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,7 +49,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis import compare_models, gamma_curves, mpand_curves, reconstructions
+from analysis import attention_curves, compare_models, gamma_curves, mpand_curves, reconstructions
+from analysis.attention_curves import INSTANCE_BOUND
 from analysis.collect import status_counts
 from analysis.common import (
     OutDir,
@@ -53,13 +65,14 @@ from analysis.common import (
     point_column,
     point_label,
     reported_point,
+    selected_epoch_rows,
     test_points,
 )
 from analysis.report import run_safely
 from mri_models import experiment
 from mri_models.arms import arm_of
 from mri_models.experiment import StudyLayout
-from mri_models.metrics import metric_table
+from mri_models.metrics import PRIMARY_METRIC, metric_table
 
 PAPER = "Chou and Robaina, *Accelerating MRI Reconstruction via Deep Learning*"
 # The paper's Table 1 ("Validation Set Results, using the best hyperparameter configuration for each
@@ -79,6 +92,15 @@ PAPER_TABLE_1 = {
 EQUIVALENCE_MARGIN = 0.01
 ALPHA = 0.05
 REPRODUCED, NOT_REPRODUCED, INCONCLUSIVE = "reproduced", "not reproduced", "inconclusive"
+SPARSIFIES, LOWERS, RAISES = "sparsifies", "lowers α, not sparse", "raises α"
+# Attention is called sparse when at least half of its coefficients are below 0.1 (switched off).
+SPARSE_FRACTION = 0.5
+PAPER_GATE = "instance"
+GATE_LABELS = {
+    "instance": "the paper's gate (psi_norm=instance)",
+    "instance_affine": "instance norm with learned scale and shift (psi_norm=instance_affine)",
+    "none": "Oktay et al.'s gate (psi_norm=none)",
+}
 
 
 @dataclass
@@ -229,9 +251,110 @@ def mpand_falls(study: Study) -> Finding:
     return finding
 
 
+def gates(trials: pd.DataFrame) -> pd.Series:
+    """Each trial's gate (``psi_norm``; the paper's where an experiment predates the option)."""
+    if "psi_norm" not in trials:
+        return pd.Series(PAPER_GATE, index=trials.index)
+    return trials["psi_norm"].fillna(PAPER_GATE)
+
+
+def _ssim_cost(study: Study, rows: pd.DataFrame) -> tuple[str, dict]:
+    """SSIM at the largest gamma minus at gamma = 0 (Welch's t interval), at the reported point."""
+    point = reported_point(study)
+    column = point_column(point, "ssim")
+    largest = rows.loc[rows["gamma"] == rows["gamma"].max(), column].dropna()
+    reference = rows.loc[rows["gamma"] == 0, column].dropna()
+    if len(largest) < 2 or len(reference) < 2:
+        return "SSIM cost: fewer than two seeds at γ=0 or the largest γ", {}
+    test = stats.ttest_ind(largest, reference, equal_var=False)
+    interval = test.confidence_interval(1 - ALPHA)
+    difference = float(largest.mean() - reference.mean())
+    result = {"mean": difference, "ci_low": float(interval.low), "ci_high": float(interval.high)}
+    return f"SSIM cost (largest γ − γ=0, {point_label(point)}): {_interval_text(result)}", result
+
+
+def _sparsity_finding(study: Study, gate: str, rows: pd.DataFrame) -> Finding:
+    claim = f"The penalty sparsifies attention: {GATE_LABELS.get(gate, f'psi_norm={gate}')}"
+    finding = Finding("d", claim, "new (the paper has no coefficient statistics)", INCONCLUSIVE, "")
+    at = selected_epoch_rows(study, rows, ["alpha_mean", "alpha_below_0_1"])
+    if "alpha_mean" in at:
+        at = at[np.isfinite(at["alpha_mean"].astype(float))]
+    if at.empty or "alpha_mean" not in at:
+        finding.statistic = "no coefficient statistics reported (trials from before they were recorded)"
+        return finding
+    by_gamma = at.groupby("gamma")[["alpha_mean", "alpha_below_0_1"]].agg(["mean", "std"])
+    curve = "; ".join(
+        f"γ={g:g}: mean α {mean_std_text(r[('alpha_mean', 'mean')], r[('alpha_mean', 'std')], '.3f')}, "
+        f"{100 * r[('alpha_below_0_1', 'mean')]:.1f}% < 0.1"
+        for g, r in by_gamma.iterrows()
+    )
+    below = float(by_gamma[("alpha_below_0_1", "mean")].iloc[-1])
+    cost_text, _ = _ssim_cost(study, rows)
+    finding.n = len(at)
+    if len(at) < 3 or at["gamma"].nunique() < 2:
+        finding.statistic = f"fewer than 3 trials over 2 values of γ; {curve}"
+        return finding
+    rho, p = stats.spearmanr(at["gamma"], at["alpha_mean"])
+    finding.estimate, finding.p_value = float(rho), float(p)
+    finding.statistic = (
+        f"Spearman ρ(γ, mean α) = {rho:+.3f} (p = {p:.3g}, {len(at)} trials); {curve}; {cost_text}"
+    )
+    if np.isfinite(rho) and p < ALPHA:
+        finding.verdict = RAISES if rho > 0 else SPARSIFIES if below >= SPARSE_FRACTION else LOWERS
+    if gate == PAPER_GATE:
+        lowest = float(at["alpha_mean"].min())
+        finding.statistic += (
+            f". In plain words: this gate cannot become sparse. Its instance norm gives every image's logits "
+            f"mean 0 and variance 1, so mean α cannot fall below {INSTANCE_BOUND} whatever γ is; the lowest "
+            f"mean α of any trial was {lowest:.3f}, with at most "
+            f"{100 * float(at['alpha_below_0_1'].max()):.1f}% of coefficients below 0.1"
+        )
+    return finding
+
+
+def penalty_sparsifies(study: Study) -> list[Finding]:
+    """Finding (d), one per gate of the gamma sweep: does the L1 penalty make the coefficients sparse?"""
+    trials = study.included_trials()
+    trials = trials[trials["has_attention"].astype(bool)] if not trials.empty else trials
+    if trials.empty:
+        return [Finding("d", "The penalty sparsifies attention", "new", INCONCLUSIVE, "no attention trials")]
+    gate_of = gates(trials)
+    order = sorted(gate_of.unique(), key=lambda g: (g != PAPER_GATE, g))
+    return [_sparsity_finding(study, gate, trials[gate_of == gate]) for gate in order]
+
+
 def findings(model_comparison: Study, gamma_sweep: Study) -> list[Finding]:
     return [attention_matches_unet(model_comparison), ssim_falls_with_gamma(gamma_sweep),
-            mpand_falls(model_comparison)]  # fmt: skip
+            mpand_falls(model_comparison), *penalty_sparsifies(gamma_sweep)]  # fmt: skip
+
+
+def with_sparse_arm(model_comparison: Study, gamma_sweep: Study) -> tuple[Study, str]:
+    """The model comparison with Table 1's Sparse Attention U-Net: the gamma sweep's best gamma > 0 with the
+    paper's gate by mean validation SSIM over seeds (its trials, reported like the others), and a note."""
+    trials = gamma_sweep.included_trials()
+    if trials.empty or model_comparison.trials.empty:
+        return model_comparison, "no gamma sweep trials: Table 1 has no Sparse Attention U-Net from it"
+    candidates = trials[(trials["gamma"] > 0) & (gates(trials) == PAPER_GATE)]
+    by_gamma = candidates.groupby("gamma")[f"best_{PRIMARY_METRIC}"].mean().dropna()
+    if by_gamma.empty:
+        return model_comparison, "the gamma sweep has no γ > 0 with the paper's gate"
+    chosen = float(by_gamma.idxmax())
+    selected = gamma_sweep.trials[
+        (gamma_sweep.trials["gamma"] == chosen) & (gates(gamma_sweep.trials) == PAPER_GATE)
+    ]
+    keep = model_comparison.trials["model"] != "sparse_attention_unet"
+    combined = pd.concat([model_comparison.trials[keep], selected], ignore_index=True)
+    volumes = gamma_sweep.volumes
+    if not volumes.empty and "trial_id" in volumes:
+        volumes = volumes[volumes["trial_id"].isin(selected["trial_id"])]
+    volumes = pd.concat([model_comparison.volumes, volumes], ignore_index=True)
+    study = replace(model_comparison, trials=combined, volumes=volumes)
+    grid = ", ".join(f"γ={g:g}: {v:.4f}" for g, v in by_gamma.items())
+    note = (
+        f"Sparse Attention U-Net: γ={chosen:g}, the gamma sweep's best γ > 0 with the paper's gate by mean "
+        f"validation {PRIMARY_METRIC.upper()} over seeds ({grid}); its test numbers were read by no choice."
+    )
+    return study, note
 
 
 # ----------------------------------------------------------------------------------------- tables
@@ -355,6 +478,7 @@ def render(
     tables1: list[pd.DataFrame],
     costs: dict | None,
     steps: dict[str, StepResult],
+    sparse_note: str = "",
 ) -> str:
     record = experiment.read_json(layout.study_file) or {}
     lines = [f"# Paper study: {layout.name}\n"]
@@ -376,7 +500,7 @@ def render(
         f"Verdicts at the 95% level; (a) counts SSIM differences within ±{EQUIVALENCE_MARGIN} as a match. "
         "*Inconclusive* means the seeds do not separate the answers: more seeds (`--set seeds=[...]`) or "
         "epochs narrow the intervals.\n",
-        *_table_one_sections(tables1, mc),
+        *_table_one_sections(tables1, mc, sparse_note),
         "The paper's columns are its Table 1 (fastMRI knee, 320 × 320, 50 epochs); ours come from the "
         "`model_comparison` experiment. Absolute values depend on the data and the budget (the `cpu` and "
         "`smoke` profiles train small networks briefly on synthetic knees); compare the orderings and the "
@@ -385,6 +509,9 @@ def render(
         *_step_section(steps["mpand"]),
         "## Figure 8: SSIM against γ\n",
         *_step_section(steps["gamma"]),
+        "## Attention coefficients against epoch and γ (finding d)\n",
+        *_step_section(steps["attention"]),
+        *([steps["attention"].markdown, ""] if steps["attention"].markdown else []),
         "## Model cost (Figures 15 and 16)\n",
     ]
     if costs:
@@ -407,7 +534,7 @@ def render(
     return "\n".join(lines) + "\n"
 
 
-def _table_one_sections(tables1: list[pd.DataFrame], study: Study) -> list[str]:
+def _table_one_sections(tables1: list[pd.DataFrame], study: Study, sparse_note: str = "") -> list[str]:
     """Table 1 per reported point (each test setting, or validation when there is no test evaluation),
     then the test split per acceleration and acquisition."""
     lines = []
@@ -421,6 +548,8 @@ def _table_one_sections(tables1: list[pd.DataFrame], study: Study) -> list[str]:
     if any(str(t.attrs.get("point", "")).startswith("test_") for t in tables1):
         rule = "Each trial's checkpoint is chosen on validation (its best validation SSIM); the test split, "
         lines.insert(1, rule + "which no choice read, reports it.\n")
+    if sparse_note:
+        lines.insert(1, f"{sparse_note}\n")
     breakdown = compare_models.breakdown_table(study)
     if not breakdown.empty:
         lines += ["## Test split per acceleration and acquisition\n",
@@ -451,17 +580,19 @@ def write_report(study_path: str, out_uri: str | None = None) -> tuple[str, list
         "compare": run_safely(compare_models.run, mc, out),
         "mpand": run_safely(mpand_curves.run, mc, out),
         "gamma": run_safely(gamma_curves.run, gamma, out),
+        "attention": run_safely(attention_curves.run, gamma, out),
         "reconstructions": run_safely(reconstructions.run, mc, out),
     }
     checked = findings(mc, gamma)
     out.write_csv("findings.csv", pd.DataFrame([asdict(f) for f in checked]))
-    reported = test_points(mc.trials) if not mc.trials.empty else []
-    tables1 = [table_one(mc, point) for point in reported or ["best"]]
+    table_study, sparse_note = with_sparse_arm(mc, gamma)
+    reported = test_points(table_study.trials) if not table_study.trials.empty else []
+    tables1 = [table_one(table_study, point) for point in reported or ["best"]]
     out.write_csv("table1.csv", pd.concat([t.assign(point=t.attrs.get("point")) for t in tables1]))
     costs = experiment.read_json(layout.model_costs_file)
     if costs:
         out.write_csv("model_costs.csv", cost_table(costs["models"]))
-    out.write_text("report.md", render(layout, mc, gamma, checked, tables1, costs, steps))
+    out.write_text("report.md", render(layout, mc, gamma, checked, tables1, costs, steps, sparse_note))
     return out.join("report.md"), _finding_lines(checked)
 
 

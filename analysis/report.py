@@ -1,7 +1,8 @@
 """Run every analysis and write ``report.md``: each table and figure with one sentence, then the problems.
 
 The steps: the tidy tables (:mod:`analysis.collect`), the model comparison (Table 1), the MPAND curves
-(Figure 6), the gamma curves (Figure 8), the sweep overview and the reconstructions. A step that fails is
+(Figure 6), the gamma curves (Figure 8), the attention coefficients against epoch and gamma, the sweep
+overview and the reconstructions. A step that fails is
 reported in the problem list and the others still run, so one bad file never costs the whole report.
 
 Run ``python analysis/report.py --experiment PATH [--experiment PATH2] [--out DIR]``, or equivalently
@@ -19,7 +20,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from analysis import compare_models, gamma_curves, mpand_curves, reconstructions, sweep_overview
+from analysis import (
+    attention_curves,
+    compare_models,
+    gamma_curves,
+    mpand_curves,
+    reconstructions,
+    sweep_overview,
+)
 from analysis.collect import status_counts, write_tables
 from analysis.common import (
     Artifact,
@@ -37,6 +45,7 @@ STEPS: list[Callable[[Study, OutDir], StepResult]] = [
     compare_models.run,
     mpand_curves.run,
     gamma_curves.run,
+    attention_curves.run,
     sweep_overview.run,
     reconstructions.run,
 ]

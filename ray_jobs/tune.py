@@ -16,6 +16,8 @@ from typing import Any
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.logger import TBXLoggerCallback
+from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
 from mri_models import experiment
@@ -61,6 +63,19 @@ def trial_dirname(trial) -> str:
         text = format(value, "g") if isinstance(value, float) else str(value)
         values.append(f"{key}={text}".replace(os.sep, "_"))
     return f"trial_{trial.trial_id}_{','.join(values)}"[:200]
+
+
+class EpochStepTensorBoard(TBXLoggerCallback):
+    """Tune's TensorBoard scalars with the epoch as their step, 0 for the untrained network's report.
+
+    Tune steps by ``training_iteration``, which counts reports: with the epoch-0 report every epoch would
+    sit one step to the right of its validation images and coefficient histograms (:mod:`ray_jobs.images`).
+    """
+
+    def log_trial_result(self, iteration: int, trial, result: dict) -> None:
+        if isinstance(result.get("epoch"), (int, float)):
+            result = {**result, TRAINING_ITERATION: int(result["epoch"])}
+        super().log_trial_result(iteration, trial, result)
 
 
 def make_scheduler(spec: SweepSpec, layout: ExperimentLayout) -> TrialScheduler:
@@ -178,6 +193,7 @@ def _make_tuner(spec: SweepSpec, storage_path: str, name: str, trainable, max_co
             # A trial whose driver died with its node is restarted; its Train run resumes from the trial's
             # own checkpoints (Train's FailureConfig covers the workers, this one the trial function).
             failure_config=tune.FailureConfig(max_failures=spec.trial_configs()[0].max_failures),
+            callbacks=[EpochStepTensorBoard()],
         ),
     )
 

@@ -5,10 +5,12 @@ Submit to a running cluster (``make study`` does it for the cpu profile)::
     ray job submit --working-dir . -- python sweeps/paper_study.py [--profile smoke|cpu|paper] [--resume]
 
 The study directory ``<storage>/<name>`` holds ``model_comparison/`` (configs/model_comparison.yaml: the
-three architectures x seeds at full budget, FIFO), ``gamma_sweep/`` (configs/gamma_sweep.yaml, at full
-budget too: configs/paper_study.yaml has what the study changes in each sweep),
+U-Net and the Attention U-Net x seeds at full budget, FIFO), ``gamma_sweep/`` (configs/gamma_sweep.yaml
+for the paper's gate and Oktay et al.'s, at full budget too, whose best gamma > 0 with the paper's gate is
+Table 1's Sparse Attention U-Net: configs/paper_study.yaml has what the study changes in each sweep),
 ``model_costs.json`` and ``report/report.md`` (:mod:`analysis.paper_study`: Table 1 beside the paper's,
-Figures 6 and 8, the findings marked reproduced / not reproduced / inconclusive, the model-cost table).
+Figures 6 and 8, the attention coefficients against epoch and gamma, the findings marked reproduced / not
+reproduced / inconclusive and whether the penalty sparsifies each gate, the model-cost table).
 Everything is validated before the first trial starts. ``--resume`` continues an interrupted study where it
 stopped, with the profile and overrides it started with; ``--set key=value`` applies to both sweeps.
 """
@@ -87,9 +89,13 @@ def _plan(args: argparse.Namespace) -> tuple[StudyLayout, dict, dict[str, SweepS
     return study, record, specs, prepared[MODEL_COMPARISON].image_size
 
 
-def _measure_costs(study: StudyLayout, spec: SweepSpec, image_size: tuple[int, int]) -> None:
-    seed0 = [cfg for cfg in spec.trial_configs() if cfg.seed == spec.seeds[0]]
-    costs = measure_on_cluster(seed0, image_size)
+def _measure_costs(study: StudyLayout, specs: dict[str, SweepSpec], image_size: tuple[int, int]) -> None:
+    """The costs of the model comparison's arms and of the Sparse Attention U-Net (the paper's gate at the
+    gamma sweep's largest gamma: the penalty's cost does not depend on its weight)."""
+    comparison, sweep = specs[MODEL_COMPARISON], specs[GAMMA_SWEEP]
+    seed0 = [cfg for cfg in comparison.trial_configs() if cfg.seed == comparison.seeds[0]]
+    sparse = [cfg for cfg in sweep.trial_configs() if cfg.gamma > 0 and not cfg.identifying_options()]
+    costs = measure_on_cluster(seed0 + sorted(sparse, key=lambda cfg: cfg.gamma)[-1:], image_size)
     experiment.write_json(study.model_costs_file, {"image_size": list(image_size), "models": costs})
 
 
@@ -123,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         experiment.write_json(study.study_file, record)
     if not experiment.exists(study.model_costs_file):
         connect()
-        _measure_costs(study, specs[MODEL_COMPARISON], image_size)
+        _measure_costs(study, specs, image_size)
     report, findings = write_report(study.path)
     print("\n".join(["findings:", *(f"  {line}" for line in findings), f"report: {report}"]), flush=True)
     return 0

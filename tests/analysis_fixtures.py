@@ -59,6 +59,7 @@ class TrialPlan:
     stopped: bool = False
     drop_metrics: tuple[str, ...] = ()  # metric keys missing from every result line
     mpand: list[float] | None = None  # MPAND per epoch (default: falling 5 per epoch from -35)
+    alpha: tuple[float, float] | None = None  # (mean alpha, fraction below 0.1) at every epoch
     checkpoints: bool = True
     trial_id: str = ""
     dir_name: str = ""
@@ -152,6 +153,8 @@ def write_experiment(
             metrics = epoch_metrics(model, epoch, ssim)
             if plan.mpand is not None:
                 metrics["mpand"] = plan.mpand[epoch - 1]
+            if plan.alpha is not None:
+                metrics["alpha_mean"], metrics["alpha_below_0_1"] = plan.alpha
             history.append(metrics)
             checkpoint = run_dir / f"checkpoint_2026-11-24_02-{index:02d}-{epoch:02d}.000000"
             line = {k: v for k, v in metrics.items() if k not in plan.drop_metrics}

@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from mri_models.attention_metrics import AttentionStatsAccumulator
 from mri_models.models import build_model
 from ray_jobs.images import PANELS, ValidationImages, image_epochs
 
@@ -103,9 +104,20 @@ def experiment(tmp_path_factory) -> Path:
         network = build_model("attention_unet", chans=4, num_pool_layers=2, drop_prob=0.0)
         images = ValidationImages(str(trial / "images"), EVERY, EPOCHS)
         batches = fake_batches(seed)
-        for epoch in range(1, EPOCHS + 1):
-            images.write(network, batches, epoch, torch.device("cpu"))
+        histograms = coefficient_histograms(network, batches)
+        for epoch in range(EPOCHS + 1):  # histograms from epoch 0, the untrained network; images from 1
+            images.write(network, batches, epoch, torch.device("cpu"), histograms)
     return root
+
+
+def coefficient_histograms(network, batches) -> tuple[np.ndarray, ...]:
+    """The attention coefficients' histograms over the batches, as the validation pass accumulates them."""
+    accumulator = AttentionStatsAccumulator()
+    with torch.no_grad():
+        for batch in batches:
+            image = torch.from_numpy(batch["image"]).unsqueeze(1)
+            accumulator.add(network(image, return_attention=True).attention_maps)
+    return accumulator.compute().histograms
 
 
 def decode(encoded: bytes) -> np.ndarray:
@@ -145,11 +157,22 @@ def test_event_files_hold_the_validation_images(experiment: Path) -> None:
                 parts["zero-filled"], np.clip(zero_filled / scale, 0, 1), atol=1.5 / 255
             )
             assert parts["target"].max() > 254 / 255  # the target's maximum is white
-        for event in images.Images("attention/level_1"):
+        for event in images.Images("attention/level_2"):
             level = decode(event.encoded_image_string)
-            # The deepest level's coefficients (16 x 16 for 32 x 32 and two pools) enlarged 2 x by repetition.
+            # The deepest level's coefficients (16 x 16 for 32 x 32 and two pools) enlarged 2 x by repetition;
+            # level 1, the finest, is at full resolution.
             np.testing.assert_array_equal(level, np.kron(level[::2, ::2], np.ones((2, 2))))
             assert level.std() > 0
+        # Every epoch's coefficient histogram per level, from epoch 0, over every coefficient.
+        histograms = EventAccumulator(str(experiment / name / "images"), size_guidance={"histograms": 0})
+        histograms.Reload()
+        assert set(histograms.Tags()["histograms"]) == {"alpha/level_1", "alpha/level_2"}
+        for level, pixels in (("1", SIZE * SIZE), ("2", (SIZE // 2) ** 2)):
+            events = histograms.Histograms(f"alpha/level_{level}")
+            assert [event.step for event in events] == list(range(EPOCHS + 1))
+            coefficients = sum(len(batch["image"]) for batch in fake_batches(0)) * pixels
+            assert {event.histogram_value.num for event in events} == {coefficients}
+            assert all(0 <= event.histogram_value.min <= event.histogram_value.max <= 1 for event in events)
 
 
 def test_image_runs_on_disk_are_named_as_tensorboard_names_them(experiment: Path) -> None:

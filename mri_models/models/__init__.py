@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 
-from mri_models.models.attention_unet import PSI_NORMS, AttentionGate, AttentionUnet
+from mri_models.models.attention_unet import INSTANCE_NORM_FLOOR, PSI_NORMS, AttentionGate, AttentionUnet
 from mri_models.models.registry import (
     SHARED_HPARAMS,
     Architecture,
@@ -35,6 +35,7 @@ for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
+    "INSTANCE_NORM_FLOOR",
     "PSI_NORMS",
     "SHARED_HPARAMS",
     "Architecture",
