@@ -8,10 +8,11 @@ the other tests see the registries as shipped.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -32,6 +33,7 @@ from mri_models.metrics import (
     unregister_metric,
 )
 from mri_models.models import AttentionOutput, build_model, model_names, register_model, unregister
+from ray_jobs.cli import parse_overrides
 from ray_jobs.config import ConfigError, make_train_config
 from ray_jobs.sweep_config import SweepSpec
 from ray_jobs.worker import metric_keys
@@ -56,11 +58,13 @@ class ToyGatedNet(nn.Module):
         chans: int = 32,
         num_pool_layers: int = 4,
         drop_prob: float = 0.0,
+        gate_kernel: Literal[1, 3] = 1,
     ) -> None:
         super().__init__()
         del num_pool_layers  # one level: accepted for the uniform signature
         self.encode = nn.Conv2d(in_chans, chans, kernel_size=3, padding=1)
-        self.gate = nn.Conv2d(chans, 1, kernel_size=1)
+        # Its own hyper-parameter: a configuration key as soon as the plugin registers the network.
+        self.gate = nn.Conv2d(chans, 1, kernel_size=gate_kernel, padding=gate_kernel // 2)
         self.dropout = nn.Dropout2d(drop_prob)
         self.decode = nn.Conv2d(chans, out_chans, kernel_size=3, padding=1)
 
@@ -130,6 +134,36 @@ def test_registered_entries_reach_every_derived_place(toys):
     assert arm_of("toy_gated_net", {"entropy_weight": 0.0, "gamma": 0.0}).name == "toy_gated_net"
 
 
+def test_an_architectures_own_hyper_parameter_is_a_configuration_key(toys):
+    # Declared by the constructor's signature only: --set, the model's hyper-parameters, the arm, the dump.
+    values = {"model": "toy_gated_net", "plugins": [PLUGIN], **parse_overrides(["gate_kernel=3"])}
+    cfg = make_train_config(values)
+    assert cfg.model_options == {"gate_kernel": 3} and cfg.model_hparams()["gate_kernel"] == 3
+    assert build_model(cfg.model, **cfg.model_hparams()).gate.kernel_size == (3, 3)
+    assert cfg.arm.name == "toy_gated_net (gate_kernel=3)" and cfg.model_dump()["gate_kernel"] == 3
+    assert make_train_config(cfg.model_dump()) == cfg  # the recorded configuration reads back
+    # The defaults fill in, so a recorded configuration names every option; a default is not shown.
+    plain = make_train_config({"model": "toy_gated_net", "plugins": [PLUGIN]})
+    assert plain.model_options == {"gate_kernel": 1} and plain.arm.name == "toy_gated_net"
+    # Validated against the annotation and the model, naming the key, the value and what was expected.
+    with pytest.raises(ConfigError, match=re.escape("gate_kernel: Input should be 1 or 3 (got 5)")):
+        make_train_config({**values, "gate_kernel": 5})
+    with pytest.raises(
+        ConfigError, match=re.escape("gate_kernel: a hyper-parameter of toy_gated_net, not of model 'unet'")
+    ):
+        make_train_config({"model": "unet", "plugins": [PLUGIN], "gate_kernel": 3})
+    # A fixed option applies to the models that declare it; a searched one must apply to every model.
+    fixed = {"plugins": [PLUGIN], "gate_kernel": 3, "psi_norm": "none"}
+    models = {"model": ["unet", "attention_unet", "toy_gated_net"]}
+    spec = SweepSpec(experiment="x", profile="smoke", train=fixed, search=models, seeds=[0])
+    arms = [cfg.arm.name for cfg in spec.trial_configs()]
+    assert arms == ["unet", "attention_unet (psi_norm=none)", "toy_gated_net (gate_kernel=3)"]
+    searched = SweepSpec(experiment="x", profile="smoke", train={"plugins": [PLUGIN]}, seeds=[0],
+                         search={"model": ["unet", "toy_gated_net"], "gate_kernel": [1, 3]})  # fmt: skip
+    with pytest.raises(ConfigError, match="gate_kernel: a hyper-parameter of toy_gated_net"):
+        searched.trial_configs()
+
+
 def test_new_entries_are_validated_like_the_built_in_ones(toys):
     with pytest.raises(
         ConfigError, match=re.escape("entropy_weight=0.1 weights entropy of α, which needs AttentionOutput")
@@ -158,7 +192,13 @@ def test_a_sweep_trains_and_tabulates_the_new_entries(toys, ray_local, tiny_root
     spec = SweepSpec(
         experiment="extension",
         profile="smoke",
-        train={"plugins": [PLUGIN], "entropy_weight": 1e-2, "epochs": 2},
+        train={
+            "plugins": [PLUGIN],
+            "entropy_weight": 1e-2,
+            "epochs": 2,
+            "gate_kernel": 3,
+            "psi_norm": "none",
+        },
         search={"model": ["attention_unet", "toy_gated_net"]},
         seeds=[0],
         scheduler={"type": "fifo"},
@@ -171,17 +211,30 @@ def test_a_sweep_trains_and_tabulates_the_new_entries(toys, ray_local, tiny_root
     assert set(trials["status"]) == {"completed"}, experiment.problems
     assert trials["best_mae"].gt(0).all() and trials["last_attention_entropy"].gt(0).all()
     epochs = pd.read_csv(Path(path) / "results" / "epochs.csv")
-    assert {"mae", "attention_entropy", "ssim"} <= set(epochs.columns) and len(epochs) == 4
+    assert {"mae", "attention_entropy", "ssim"} <= set(epochs.columns) and len(epochs) == 2 * 3  # epochs 0-2
     # The toy network is trained with its penalty: the training loss exceeds the reconstruction loss.
-    assert (epochs["train_loss"] > epochs["train_reconstruction_loss"]).all()
+    trained = epochs[epochs["epoch"] >= 1]
+    assert (trained["train_loss"] > trained["train_reconstruction_loss"]).all()
     assert not epochs["mpand"].isna().any()  # its skip norms feed MPAND like the attention U-Net's
+    assert epochs["alpha_mean"].between(0, 1).all()  # and its coefficients the attention statistics
+    # Each network recorded and trained with its own option: the configuration, the checkpoint.
+    for trial in trials.itertuples():
+        run = Path(path) / "train_runs" / trial.trial_id
+        recorded = json.loads((run / "train_config.json").read_text())
+        checkpoint = sorted(run.glob("checkpoint_*"))[-1] / "checkpoint.pt"
+        saved = torch.load(checkpoint, weights_only=True)["model_spec"]
+        key, value = ("gate_kernel", 3) if trial.model == "toy_gated_net" else ("psi_norm", "none")
+        assert recorded[key] == saved["hparams"][key] == value and saved["model"] == trial.model
 
     study = load_study([path])
-    assert study.arms() == ["attention_unet (entropy_weight=0.01)", "toy_gated_net (entropy_weight=0.01)"]
+    assert study.arms() == [
+        "attention_unet (entropy_weight=0.01, psi_norm=none)",
+        "toy_gated_net (entropy_weight=0.01, gate_kernel=3)",
+    ]
     result = compare_models.run(study, OutDir(str(tmp_path / "analysis")))
     assert not result.problems
     table = pd.read_csv(tmp_path / "analysis" / "compare_models.csv")
-    toy = table[table["arm"] == "toy_gated_net (entropy_weight=0.01)"].iloc[0]
+    toy = table[table["arm"] == "toy_gated_net (entropy_weight=0.01, gate_kernel=3)"].iloc[0]
     assert math.isclose(
         toy["mae_best_mean"], trials.loc[trials["model"] == "toy_gated_net", "best_mae"].iloc[0]
     )

@@ -52,7 +52,13 @@ def test_ddp_run_reports_every_metric_every_epoch(ray_local, tiny_root, tmp_path
     result = _fit(cfg, tiny_root, tmp_path, f"{model}-{workers}")
     assert result.error is None
     history = history_from_checkpoint(result.checkpoint)
-    assert [row["epoch"] for row in history] == [1, 2]
+    assert [row["epoch"] for row in history] == [0, 1, 2]  # epoch 0: the untrained network
+    initial, *history = history
+    assert list(initial) == metric_keys(2) and initial["train_slices"] == 0
+    assert math.isnan(initial["train_loss"]) and math.isnan(initial["compute_fraction"])
+    if workers == 1 and model == "attention_unet":  # epoch 0 is an evaluation of the untrained network
+        for key, value in _fastmri_reference(cfg, tiny_root, seed=cfg.seed).items():
+            assert initial[key] == pytest.approx(value, rel=1e-5), key
     for row in history:
         assert list(row) == metric_keys(2)
         assert row["train_slices"] == 16 and row["val_volumes"] == 3
@@ -65,9 +71,11 @@ def test_ddp_run_reports_every_metric_every_epoch(ray_local, tiny_root, tmp_path
                 and math.isnan(row["attention_l1"])
             )
         else:
-            assert row["mpand"] < 0 and row["mpand_level_1"] < 0 and row["mpand_level_2"] < 0
+            assert -100 < row["mpand"] < 0 and row["mpand_level_1"] < 0 and row["mpand_level_2"] < 0
             assert math.isclose(row["mpand"], (row["mpand_level_1"] + row["mpand_level_2"]) / 2)
-            assert row["attention_l1"] > 0
+            assert row["mpand_absolute"] < 0 and row["attention_l1"] > 0
+            assert 0 < row["alpha_q10"] <= row["alpha_q50"] <= row["alpha_q90"] < 1
+            assert row["attention_l1_vs_init"] == pytest.approx(row["attention_l1"] / initial["attention_l1"])
     if model == "sparse_attention_unet":  # the penalty is part of the training loss
         assert history[0]["train_loss"] > history[0]["train_reconstruction_loss"]
     else:
@@ -120,10 +128,18 @@ def test_validation_metrics_equal_for_one_and_two_workers_and_fastmri(ray_local,
         assert metrics[1][key] == pytest.approx(metrics[2][key], rel=1e-6), key
 
     # Independent reference: fastMRI's own transform and evaluate.py on whole volumes, same weights.
-    torch.manual_seed(123)
+    reference = _fastmri_reference(cfg, tiny_root, seed=123)
+    for key, value in reference.items():
+        assert metrics[2][key] == pytest.approx(value, rel=1e-5), key
+
+
+def _fastmri_reference(cfg, root, seed: int) -> dict[str, float]:
+    """The validation metrics of the network ``torch.manual_seed(seed)`` builds, with fastMRI's own
+    transform and ``evaluate`` on whole volumes (no Ray, none of our data or metric code)."""
+    torch.manual_seed(seed)
     model = build_model(cfg.model, **cfg.model_hparams()).eval()
     dataset = SliceDataset(
-        tiny_root / VAL_SPLIT,
+        root / VAL_SPLIT,
         transform=UnetDataTransform("singlecoil", RandomMaskFunc([0.08], [4])),
         cache_dir="",
     )
@@ -144,8 +160,7 @@ def test_validation_metrics_equal_for_one_and_two_workers_and_fastmri(ray_local,
         per_volume["nmse"].append(ref_evaluate.nmse(gt, pred))
         per_volume["psnr"].append(ref_evaluate.psnr(gt, pred, maxval=slices[0][2]))
         per_volume["ssim"].append(ref_evaluate.ssim(gt, pred, maxval=slices[0][2]))
-    for key, values in per_volume.items():
-        assert metrics[2][key] == pytest.approx(float(np.mean(values)), rel=1e-5), key
+    return {key: float(np.mean(values)) for key, values in per_volume.items()}
 
 
 def _train_worker_pids() -> set[int]:
@@ -202,7 +217,7 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(ray_local, tiny_root
     result = outcome["result"]
     assert result.error is None
     history = history_from_checkpoint(result.checkpoint)
-    assert [row["epoch"] for row in history] == [1, 2, 3, 4, 5, 6], "every epoch exactly once"
+    assert [row["epoch"] for row in history] == [0, 1, 2, 3, 4, 5, 6], "every epoch exactly once"
     straight = history_from_checkpoint(_fit(cfg, tiny_root, tmp_path, "straight").checkpoint)
     assert _numbers(history) == _numbers(straight), "the resumed run took other steps than the straight one"
 
@@ -210,8 +225,8 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(ray_local, tiny_root
 def test_same_name_resumes_at_next_epoch(ray_local, tiny_root, tmp_path):
     first = history_from_checkpoint(_fit(_cfg(tiny_root, epochs=2), tiny_root, tmp_path, "again").checkpoint)
     second = history_from_checkpoint(_fit(_cfg(tiny_root, epochs=3), tiny_root, tmp_path, "again").checkpoint)
-    assert [row["epoch"] for row in second] == [1, 2, 3]
-    assert second[:2] == first, "the finished epochs were trained again instead of resumed"
+    assert [row["epoch"] for row in second] == [0, 1, 2, 3]
+    assert second[:3] == first, "the finished epochs were trained again instead of resumed"
 
 
 def test_divergence_ends_the_run_once(ray_local, tiny_root, tmp_path):
