@@ -14,8 +14,9 @@ The paper's findings, each judged with the statistic behind it (95% level throug
 (b) *SSIM falls as gamma grows* (Section 5.2, Figure 8): Spearman's rank correlation between gamma and
     SSIM over the gamma > 0 trials with the paper's gate (one point per trial). **Reproduced** for rho < 0
     with p < 0.05; **not reproduced** for rho > 0 with p < 0.05; else inconclusive. The gamma = 0
-    (Attention U-Net) value is given as the reference. Trials stopped early by ASHA had fewer epochs to reach their best, so when any
-    was stopped every trial is read at the common budget (the last epoch all of them reached).
+    (Attention U-Net) value is given as the reference. Trials stopped early by ASHA had fewer epochs to
+    reach their best, so when any was stopped every trial is read at the common budget (the last epoch all
+    of them reached).
 (c) *MPAND falls during training* (Section 4.1, Figure 6): per Attention U-Net seed, the relative MPAND at
     the last epoch minus at epoch 0 (the untrained network). **Reproduced** when the 95% interval of the
     mean difference lies below 0; **not reproduced** when it lies above 0; else inconclusive.
