@@ -291,25 +291,25 @@ def _sparsity_finding(study: Study, gate: str, rows: pd.DataFrame) -> Finding:
     )
     below = float(by_gamma[("alpha_below_0_1", "mean")].iloc[-1])
     cost_text, _ = _ssim_cost(study, rows)
+    plain = ""
+    if gate == PAPER_GATE:
+        plain = (
+            f". In plain words: this gate cannot become sparse. Its instance norm gives every image's logits "
+            f"mean 0 and variance 1, so mean α cannot fall below {INSTANCE_BOUND:.4f} whatever γ is; the "
+            f"lowest mean α of any trial was {float(at['alpha_mean'].min()):.3f}, with at most "
+            f"{100 * float(at['alpha_below_0_1'].max()):.1f}% of coefficients below 0.1"
+        )
     finding.n = len(at)
     if len(at) < 3 or at["gamma"].nunique() < 2:
-        finding.statistic = f"fewer than 3 trials over 2 values of γ; {curve}"
+        finding.statistic = f"fewer than 3 trials over 2 values of γ; {curve}{plain}"
         return finding
     rho, p = stats.spearmanr(at["gamma"], at["alpha_mean"])
     finding.estimate, finding.p_value = float(rho), float(p)
     finding.statistic = (
-        f"Spearman ρ(γ, mean α) = {rho:+.3f} (p = {p:.3g}, {len(at)} trials); {curve}; {cost_text}"
+        f"Spearman ρ(γ, mean α) = {rho:+.3f} (p = {p:.3g}, {len(at)} trials); {curve}; {cost_text}{plain}"
     )
     if np.isfinite(rho) and p < ALPHA:
         finding.verdict = RAISES if rho > 0 else SPARSIFIES if below >= SPARSE_FRACTION else LOWERS
-    if gate == PAPER_GATE:
-        lowest = float(at["alpha_mean"].min())
-        finding.statistic += (
-            f". In plain words: this gate cannot become sparse. Its instance norm gives every image's logits "
-            f"mean 0 and variance 1, so mean α cannot fall below {INSTANCE_BOUND} whatever γ is; the lowest "
-            f"mean α of any trial was {lowest:.3f}, with at most "
-            f"{100 * float(at['alpha_below_0_1'].max()):.1f}% of coefficients below 0.1"
-        )
     return finding
 
 

@@ -151,7 +151,8 @@ def multinode_cluster() -> Iterator[MultiNodeCluster]:
 def _sweep(cluster: MultiNodeCluster, storage: Path, name: str) -> DriverProcess:
     """The smoke gamma sweep (3 trials, one seed) at full budget; chans 16 makes epochs last seconds."""
     overrides = ["seeds=[0]", f"epochs={EPOCHS}", "image_every_epochs=0", "scheduler.type=fifo",
-                 "cpus_per_worker=0.75", "chans=16"]  # fmt: skip
+                 "cpus_per_worker=0.75", "chans=16", "search.gamma=[0.0,1.0e-4,1.0e-2]",
+                 "search.psi_norm=[instance]"]  # fmt: skip
     command = [sys.executable, str(REPO / "sweeps" / "gamma_sweep.py"), "--profile", "smoke",
                "--storage", str(storage), "--name", name]  # fmt: skip
     command += [arg for override in overrides for arg in ("--set", override)]

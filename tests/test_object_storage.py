@@ -287,6 +287,7 @@ def test_sweep_with_data_and_experiment_on_s3_resumes_and_analyses(ray_head, s3_
         "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--",
         "python", "sweeps/gamma_sweep.py", "--profile", "smoke", "--data-root", data, "--storage", storage,
         "--name", "on_s3", "--set", "seeds=[0]", "--set", "search.gamma=[0,1e-4]",
+        "--set", "search.psi_norm=[instance]",
         "--set", "data_cache_gb=0.5", "--set", f"data_cache_dir={tmp_path / 'node_cache'}",
     ]  # fmt: skip
     done = subprocess.run(command, env=ray_head.env, capture_output=True, text=True, timeout=600)

@@ -16,6 +16,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from mri_models.experiment import ASHA_STATE_FILE
+from mri_models.models import INSTANCE_NORM_FLOOR
 from ray_jobs.images import image_epochs
 from sweeps.run import sweep_main
 from tests.conftest import DriverProcess, kill_once_a_trial_finished
@@ -48,6 +49,9 @@ def test_smoke_gamma_sweep_submitted_as_a_job(ray_head, tmp_path):
         str(tmp_path),
         "--name",
         "job",
+        # One slice per step: 32 steps in the smoke profile's 2 epochs, enough for Oktay's gate to move.
+        "--set",
+        "batch_size=1",
     ]
     done = subprocess.run(command, env=ray_head.env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -59,20 +63,26 @@ def test_smoke_gamma_sweep_submitted_as_a_job(ray_head, tmp_path):
     assert progress and len(progress) == len(set(progress)), progress
     assert "repeated" not in log
     trials = _trials(tmp_path / "job")
-    assert len(trials) == 6  # 3 gammas x 2 seeds
+    assert len(trials) == 8  # 2 gammas x 2 gates (psi_norm, the gate's own hyper-parameter) x 2 seeds
     assert set(trials["status"]) <= {"completed", "stopped"}
     assert (trials["status"] == "stopped").any(), "ASHA stopped no trial"
     assert set(trials.loc[trials["status"] == "completed", "epochs_run"]) == {2}
     assert set(trials.loc[trials["status"] == "stopped", "epochs_run"]) == {1}
     epochs = pd.read_csv(tmp_path / "job" / "results" / "epochs.csv")
-    assert len(epochs) == trials["epochs_run"].sum()
+    assert len(epochs) == trials["epochs_run"].sum() + len(trials)  # and epoch 0, the untrained network
+    # The penalty switches Oktay's gate off, far below what the paper's gate can reach at all; the paper's
+    # gate stays at or above its floor whatever gamma is.
+    last = epochs.sort_values("epoch").groupby("trial_id").tail(1)
+    oktay = last[(last["psi_norm"] == "none") & (last["gamma"] > 0)]
+    assert len(oktay) == 2 and (oktay["alpha_mean"] < INSTANCE_NORM_FLOOR - 0.05).all(), oktay["alpha_mean"]
+    assert (epochs.loc[epochs["psi_norm"] == "instance", "alpha_mean"] >= INSTANCE_NORM_FLOOR).all()
     # The final evaluation: every trial on the test split at 4x and 8x, one row per volume and setting.
     assert trials[["test_ssim_4x", "test_ssim_8x", "zero_filled_test_ssim_4x"]].notna().all().all()
     volumes = pd.read_parquet(tmp_path / "job" / "results" / "volumes.parquet")
     test = volumes[(volumes["split"] == "test") & (volumes["source"] == "network")]
-    assert len(test) == 6 * 2 * 2  # trials x settings x the smoke data's test volumes
+    assert len(test) == 8 * 2 * 2  # trials x settings x the smoke data's test volumes
     trial_dirs = sorted((tmp_path / "job").glob("trial_*"))
-    assert len(trial_dirs) == 6
+    assert len(trial_dirs) == 8
     for trial_dir in trial_dirs:
         assert list(trial_dir.glob("events.out.tfevents.*")), f"no TensorBoard scalars in {trial_dir.name}"
         # Rank 0's validation images, a TensorBoard run of their own beside the trial's scalars.
@@ -82,11 +92,20 @@ def test_smoke_gamma_sweep_submitted_as_a_job(ray_head, tmp_path):
         steps = [event.step for event in images.Images("reconstruction")]
         expected = image_epochs(1, 2)
         assert steps == expected[: len(steps)] and len(steps) >= 1  # stopped trials write fewer
+        histograms = EventAccumulator(str(trial_dir / "images"), size_guidance={"histograms": 0})
+        histograms.Reload()
+        steps = [event.step for event in histograms.Histograms("alpha/level_1")]
+        assert steps == list(range(len(steps))) and len(steps) >= 2  # every epoch from 0
+        # Tune's scalars step by epoch, from 0, in line with the images and histograms.
+        scalars = EventAccumulator(str(trial_dir))
+        scalars.Reload()
+        assert [event.step for event in scalars.Scalars("ray/tune/ssim")] == steps
     # Directory (and TensorBoard run) names carry the exact grid values, never a rounded 0.0000.
-    assert {d.name.split("_", 3)[3].split(",")[0] for d in trial_dirs} == {
-        "gamma=0",
-        "gamma=0.0001",
-        "gamma=0.01",
+    assert {d.name.split("_", 3)[3].rsplit(",", 1)[0] for d in trial_dirs} == {
+        "gamma=0,psi_norm=instance",
+        "gamma=0,psi_norm=none",
+        "gamma=0.01,psi_norm=instance",
+        "gamma=0.01,psi_norm=none",
     }
 
     # The analysis runs on the real sweep output without Ray and links every figure it made.
@@ -101,8 +120,10 @@ def test_smoke_gamma_sweep_submitted_as_a_job(ray_head, tmp_path):
 
 
 def _start_sweep(ray_head, storage: Path, log: str, *extra: str) -> DriverProcess:
+    # Three trials one after the other: the paper's gate only, at three gammas.
     command = [sys.executable, str(GAMMA_SWEEP), "--profile", "smoke", "--storage", str(storage), "--name",
-               "killed", "--set", "seeds=[0]", "--set", "max_concurrent_trials=1", *extra]  # fmt: skip
+               "killed", "--set", "seeds=[0]", "--set", "max_concurrent_trials=1", "--set",
+               "search.psi_norm=[instance]", "--set", "search.gamma=[0.0,1.0e-4,1.0e-2]", *extra]  # fmt: skip
     return DriverProcess(command, ray_head.env, storage / f"{log}.log")
 
 

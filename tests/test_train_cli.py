@@ -8,6 +8,7 @@ import sys
 import h5py
 import pytest
 
+from mri_models.models import build_model
 from ray_jobs.train import main
 
 
@@ -38,6 +39,14 @@ def _run(capsys, storage, *args):
         (["--set", "num_pool_layers=5"], "num_pool_layers=5 is too deep for 32x32 images"),
         (["--set", "lerning_rate=1"], "lerning_rate: Extra inputs are not permitted"),
         (["--set", "sample_rate=0"], "sample_rate: Input should be greater than 0"),
+        (
+            ["--model", "attention_unet", "--set", "psi_norm=batch"],
+            "psi_norm: Input should be 'instance', 'instance_affine' or 'none' (got 'batch')",
+        ),
+        (
+            ["--model", "unet", "--set", "psi_norm=none"],
+            "psi_norm: a hyper-parameter of attention_unet and sparse_attention_unet, not of model 'unet'",
+        ),
     ],
 )
 def test_bad_config_exits_2_before_ray(tiny_root, storage, capsys, args, message):
@@ -84,3 +93,20 @@ def test_real_process_exit_code(tiny_root, tmp_path):
     )  # fmt: skip
     assert done.returncode == 2
     assert "drop_prob" in done.stdout and "Started a local Ray" not in done.stdout + done.stderr
+
+
+def test_an_architecture_option_through_set_names_the_run_and_builds_the_gate():
+    from ray_jobs.cli import parse_overrides
+    from ray_jobs.config import make_train_config, profile_defaults
+    from ray_jobs.run import default_run_name
+
+    values = {**profile_defaults("smoke"), "model": "sparse_attention_unet", "gamma": 0.01}
+    cfg = make_train_config({**values, **parse_overrides(["psi_norm=none"])})
+    assert default_run_name(cfg, "smoke") == "sparse_attention_unet-gamma0.01-psi_normnone-smoke-seed0"
+    network = build_model(cfg.model, **cfg.model_hparams())
+    assert {gate.psi_norm for gate in network.attention_gates} == {"none"}
+    assert all(gate.psi[0].bias is not None for gate in network.attention_gates)
+    # At its default the option is recorded but not named: existing run names stay as they were.
+    default = make_train_config(values)
+    assert default.model_dump()["psi_norm"] == "instance"
+    assert default_run_name(default, "smoke") == "sparse_attention_unet-gamma0.01-smoke-seed0"

@@ -43,7 +43,8 @@ def test_a_retried_trial_counts_and_one_whose_last_attempt_failed_does_not(ray_l
     # Two trials, one after the other, one retry each. The first loses its driver once, after its first
     # epoch, and finishes on the retry; the second loses it after its first epoch and again as the retry
     # starts, so its last attempt fails.
-    overrides = ["seeds=[0,1]", "search.gamma=[0.0]", "scheduler.type=fifo", "max_failures=1",
+    overrides = ["seeds=[0,1]", "search.gamma=[0.0]", "search.psi_norm=[instance]", "scheduler.type=fifo",
+                 "max_failures=1",
                  "max_concurrent_trials=1", f"epochs={EPOCHS}", "chans=16",
                  "image_every_epochs=0"]  # fmt: skip
     command = [sys.executable, str(REPO / "sweeps" / "gamma_sweep.py"), "--profile", "smoke",
