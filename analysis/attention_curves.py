@@ -17,6 +17,8 @@ Run ``python analysis/attention_curves.py --experiment PATH [--out DIR]``.
 
 from __future__ import annotations
 
+import math
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +39,7 @@ from analysis.common import (
     config_text,
     markdown_table,
     mean_std_text,
+    option_keys,
     run_step,
     selected_epoch_rows,
 )
@@ -50,13 +53,8 @@ STATISTICS = ("alpha_mean", "alpha_q10", "alpha_q50", "alpha_q90", "alpha_below_
 
 def levels(table: pd.DataFrame) -> list[str]:
     """Column suffixes of the pooled statistics (``""``) and of each reported level, in level order."""
-    found = sorted(
-        {
-            int(c.rsplit("_", 1)[1])
-            for c in table
-            if c.startswith("alpha_mean_level_") and table[c].notna().any()
-        }
-    )
+    matches = [(re.fullmatch(r"alpha_mean_level_(\d+)", c), c) for c in table]
+    found = sorted({int(m.group(1)) for m, c in matches if m and table[c].notna().any()})
     return ["", *(f"_level_{level}" for level in found)]
 
 
@@ -104,9 +102,11 @@ def plot_epochs(table: pd.DataFrame, keys: list[str]) -> plt.Figure:
     figure, axes = plt.subplots(1, len(suffixes), figsize=(4.4 * len(suffixes), 3.8), squeeze=False)
     colours = plt.get_cmap("tab10")
     groups = table.groupby(["arm", *keys], dropna=False, sort=False)
+    shown = [k for k in keys if k not in option_keys()]  # the arm's name already shows the options
     for ax, suffix in zip(axes[0], suffixes, strict=True):
         for k, (group, rows) in enumerate(groups):
-            label = " ".join(str(g) for g in (group if isinstance(group, tuple) else (group,)))
+            values = dict(zip(["arm", *keys], group if isinstance(group, tuple) else (group,), strict=True))
+            label = values["arm"] + (f" [{config_text(values, shown)}]" if shown else "")
             colour = colours(k % 10)
             ax.plot(
                 rows["epoch"], rows[f"alpha_mean{suffix}_mean"], marker="o", ms=3, color=colour, label=label
@@ -122,9 +122,11 @@ def plot_epochs(table: pd.DataFrame, keys: list[str]) -> plt.Figure:
         ax.set_ylim(0, 1)
         ax.set_ylabel("alpha: mean, 10-90% band")
         ax.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=7)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    rows = math.ceil(len(labels) / 3)
+    figure.legend(handles, labels, loc="lower center", ncol=3, fontsize=7, frameon=False)
     figure.suptitle("Attention coefficients against epoch (mean over seeds of each statistic)")
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.045 * rows + 0.02, 1, 1))
     return figure
 
 
@@ -133,6 +135,8 @@ def plot_gamma(table: pd.DataFrame, keys: list[str]) -> plt.Figure:
     figure, axes = plt.subplots(2, len(suffixes), figsize=(4.4 * len(suffixes), 6.6), squeeze=False)
     colours = plt.get_cmap("tab10")
     rows_of = [("alpha_mean", "mean alpha"), ("alpha_below_0_1", "fraction of alpha < 0.1")]
+    positive = table.loc[table["gamma"] > 0, "gamma"]
+    linthresh = float(positive.min()) if len(positive) else 1e-7
     for column, suffix in enumerate(suffixes):
         for row, (name, label) in enumerate(rows_of):
             ax = axes[row, column]
@@ -143,7 +147,8 @@ def plot_gamma(table: pd.DataFrame, keys: list[str]) -> plt.Figure:
                             label=text)  # fmt: skip
             if name == "alpha_mean":
                 ax.axhline(INSTANCE_BOUND, color="grey", linestyle=":", linewidth=1)
-            ax.set_xscale("symlog", linthresh=max(1e-7, table.loc[table["gamma"] > 0, "gamma"].min() or 1e-7))
+            ax.set_xscale("symlog", linthresh=linthresh)
+            ax.set_xlim(-0.5 * linthresh, 2 * table["gamma"].max())
             ax.set_ylim(0, 1)
             ax.set_xlabel("γ")
             ax.set_ylabel(label)

@@ -30,6 +30,7 @@ import torch
 
 from analysis.common import Artifact, OutDir, StepResult, Study, run_step, slug
 from mri_models import experiment as storage
+from mri_models.arms import model_options
 from mri_models.data import SliceDataset, UnetDataTransform, create_mask_func, store
 from mri_models.experiment import CHECKPOINT_FILE, HISTORY_FILE, ExperimentLayout
 from mri_models.metrics import PRIMARY_METRIC, VolumeMetricAccumulator, metric_table, slice_metrics
@@ -77,8 +78,13 @@ def load_network(path: str, config: dict[str, Any]):
     if data is None:
         raise FileNotFoundError(f"{path}: no {CHECKPOINT_FILE}")
     state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    hparams = {k: config[k] for k in ("chans", "num_pool_layers", "drop_prob") if k in config}
-    network = build_model(config.get("model", "unet"), **hparams)
+    spec = state.get("model_spec") or {}  # the network the weights are for (recorded since psi_norm)
+    model = spec.get("model") or config.get("model", "unet")
+    hparams = spec.get("hparams") or {
+        **{k: config[k] for k in ("chans", "num_pool_layers", "drop_prob") if k in config},
+        **model_options(model, config),
+    }
+    network = build_model(model, **hparams)
     network.load_state_dict(state["model"])
     network.eval()
     return network, int(state.get("epoch", -1)) + 1
