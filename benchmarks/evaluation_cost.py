@@ -1,4 +1,5 @@
-"""What the held-out evaluation costs: validating a data root once, and a trial's final evaluation.
+"""What evaluation costs: validating a data root once, a trial's final evaluation, and the attention
+measurements and epoch-0 validation of every run.
 
 Measured in one process, on a profile's synthetic data (generated into a temporary cache, nothing in the
 home directory), against references from the same run:
@@ -8,7 +9,11 @@ home directory), against references from the same run:
   (every later call of a study); ratios to the uncached check;
 - **final evaluation**: ``evaluate_volumes`` of a checkpoint on the test split at every test setting
   (network and zero-filled), against one training epoch of the same configuration in the same process
-  (forward, loss, backward and Adam over the training rows): the evaluation's cost in epochs.
+  (forward, loss, backward and Adam over the training rows): the evaluation's cost in epochs;
+- **attention measurements**: the Attention U-Net's forward over the validation rows (the reference), and
+  the same with what ``ray_jobs.worker.validation_pass`` adds for attention (``MpandAccumulator`` and
+  ``AttentionStatsAccumulator``: norms, a 1,000-bin histogram, fractions): their share of validation; and
+  that validation pass against the training epoch: what each run's epoch-0 record costs, in epochs.
 
     .venv/bin/python benchmarks/evaluation_cost.py [--profile cpu] [--repeats 3]
 """
@@ -99,12 +104,45 @@ def _run(args: argparse.Namespace, cache: Path) -> int:
     evaluation = _median_seconds(
         lambda: evaluate_volumes(cfg, str(checkpoint), data.test_slices, use_gpu=False), args.repeats
     )
+    forward, measured = _validation_seconds(network, cfg, data, args.repeats)
     settings = len(cfg.test_settings())
     print(f"final evaluation of {cfg.model} ({args.profile} profile, chans {cfg.chans}): "
           f"{len(data.test_slices)} test slices x {settings} settings, network and zero-filled")  # fmt: skip
     print(f"  one training epoch ({len(data.train_slices)} slices)  {epoch:7.2f} s  1.00x (reference)")
     print(f"  final evaluation                      {evaluation:7.2f} s  {evaluation / epoch:.2f}x")
+    print(f"validation forward of {len(data.val_slices)} slices    {forward:7.2f} s  1.00x (reference)")
+    print(f"  + MPAND and alpha statistics          {measured:7.2f} s  {measured / forward:.3f}x")
+    print(f"  the epoch-0 validation, in epochs     {measured:7.2f} s  {measured / epoch:.2f}x")
     return 0
+
+
+def _validation_seconds(network, cfg, data, repeats: int) -> tuple[float, float]:
+    """Median seconds of a validation forward pass without and with the attention measurements."""
+    import torch
+
+    from mri_models.attention_metrics import AttentionStatsAccumulator, MpandAccumulator
+    from ray_jobs.data import iter_rows_locally, train_read_tasks
+
+    tasks = train_read_tasks(data.val_slices, 0, 0, 1, cfg.seed, cfg.slices_per_read)
+    rows = list(iter_rows_locally(tasks, cfg, training=False))
+    images = [
+        torch.stack([torch.as_tensor(r["image"]) for r in rows[start : start + cfg.batch_size]])[:, None]
+        for start in range(0, len(rows), cfg.batch_size)
+    ]
+
+    @torch.no_grad()
+    def validate(measure: bool) -> None:
+        network.eval()
+        mpand, alphas = MpandAccumulator(), AttentionStatsAccumulator()
+        for image in images:
+            result = network(image, return_attention=True)
+            if measure:
+                mpand.add(result.skip_norms_before, result.skip_norms_after)
+                alphas.add(result.attention_maps)
+        mpand.compute(), alphas.compute()
+
+    validate(True)  # warm-up
+    return _median_seconds(lambda: validate(False), repeats), _median_seconds(lambda: validate(True), repeats)
 
 
 if __name__ == "__main__":
