@@ -7,10 +7,11 @@ and per level (level 1 the finest; :mod:`mri_models.attention_metrics`). This st
 - ``attention_curves.png``: per level, the mean alpha (line, mean over seeds) inside its 10-90% quantile
   band against epoch, one colour per arm and configuration, the lowest mean the paper's gate allows
   (:data:`INSTANCE_BOUND`) dotted;
-- ``attention_gamma.png``: per level, mean alpha and the fraction below 0.1 against gamma at each trial's
-  selected epoch (its best validation SSIM), mean ± std over seeds, one line per configuration (gate);
+- ``attention_gamma.png``: per level, mean alpha and the fraction below 0.1 against gamma at the common
+  budget (the last epoch every trial reached: what the penalty did after the same training, not at an
+  epoch chosen by SSIM), mean ± std over seeds, one line per configuration (gate);
 
-and writes both tables as CSV, and the per-arm table at the selected epoch as ``attention_table.csv``.
+and writes both tables as CSV (``attention_curves.csv``, ``attention_gamma.csv``).
 
 Run ``python analysis/attention_curves.py --experiment PATH [--out DIR]``.
 """
@@ -35,13 +36,13 @@ from analysis.common import (
     StepResult,
     Study,
     aggregate,
+    at_common_budget,
     config_groups,
     config_text,
     markdown_table,
     mean_std_text,
     option_keys,
     run_step,
-    selected_epoch_rows,
 )
 from mri_models.models import INSTANCE_NORM_FLOOR
 
@@ -78,16 +79,19 @@ def epoch_table(study: Study) -> pd.DataFrame:
 
 
 def gamma_table(study: Study) -> pd.DataFrame:
-    """Per configuration and gamma: the statistics at each trial's selected epoch, over seeds."""
+    """Per configuration and gamma: the statistics at the common budget, over seeds (``attrs["epoch"]``)."""
     trials = study.included_trials()
     if trials.empty or "gamma" not in trials:
         return pd.DataFrame()
     trials = trials[trials["has_attention"].astype(bool)]
-    at = selected_epoch_rows(study, trials, _columns(levels(study.epochs)) if not study.epochs.empty else [])
+    columns = _columns(levels(study.epochs)) if not study.epochs.empty else []
+    at, budget = at_common_budget(study, trials, columns)
     if at.empty or "alpha_mean" not in at:
         return pd.DataFrame()
     keys = [k for k in study.config_keys if k in at]
-    return aggregate(at, [*keys, "gamma"], _columns(levels(at))).sort_values([*keys, "gamma"])
+    table = aggregate(at, [*keys, "gamma"], _columns(levels(at))).sort_values([*keys, "gamma"])
+    table.attrs["epoch"] = budget
+    return table
 
 
 def _level_title(suffix: str) -> str:
@@ -155,7 +159,10 @@ def plot_gamma(table: pd.DataFrame, keys: list[str]) -> plt.Figure:
             ax.set_title(_level_title(suffix))
             ax.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=7)
-    figure.suptitle("Attention coefficients against γ at each trial's selected epoch (mean ± std over seeds)")
+    figure.suptitle(
+        f"Attention coefficients against γ at epoch {table.attrs.get('epoch')}, the common budget "
+        "(mean ± std over seeds)"
+    )
     figure.tight_layout()
     return figure
 
@@ -196,8 +203,9 @@ def run(study: Study, out: OutDir) -> StepResult:
         out.save_figure(plot_gamma(gammas, [k for k in keys if k in gammas]), "attention_gamma.png")
         result.artifacts.append(Artifact(
             "attention_gamma.png",
-            "Mean alpha and the fraction of coefficients below 0.1 against γ, per level, at each trial's "
-            "selected epoch, mean ± std over seeds, one line per gate.",
+            "Mean alpha and the fraction of coefficients below 0.1 against γ, per level, after the same "
+            f"training for every trial (epoch {gammas.attrs.get('epoch')}), mean ± std over seeds, one line "
+            "per gate.",
         ))  # fmt: skip
         result.markdown = markdown(gammas, [k for k in keys if k in gammas])
     return result

@@ -479,16 +479,18 @@ def common_budget(trials: pd.DataFrame) -> int | None:
     return int(pool["epochs_run"].min()) if not pool.empty else None
 
 
-def selected_epoch_rows(study: Study, trials: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
-    """Per trial of ``trials``: its identifying columns and ``columns`` from the epoch row of its selected
-    checkpoint (the final evaluation's epoch, else its best validation epoch)."""
-    if trials.empty or study.epochs.empty:
-        return pd.DataFrame()
-    selected = trials["test_epoch"] if "test_epoch" in trials else pd.Series(float("nan"), index=trials.index)
-    chosen = trials.assign(epoch=selected.fillna(trials["best_epoch"]))
-    rows = study.epochs[["experiment", "trial_id", "epoch", *[c for c in columns if c in study.epochs]]]
-    chosen = chosen.drop(columns=[c for c in columns if c in chosen])
-    return chosen.merge(rows, on=["experiment", "trial_id", "epoch"])
+def at_common_budget(
+    study: Study, trials: pd.DataFrame, columns: Sequence[str]
+) -> tuple[pd.DataFrame, int | None]:
+    """Per trial of ``trials``: its own columns and ``columns`` at the common budget of ``trials`` (the last
+    epoch every completed or stopped one reached): every trial read after the same training. Returns the
+    table and that epoch (None when there is none)."""
+    budget = common_budget(trials)
+    if budget is None or study.epochs.empty:
+        return pd.DataFrame(), None
+    at = metric_at_epoch(study.epochs, budget, columns)
+    own = trials.drop(columns=[c for c in columns if c in trials])
+    return own.merge(at, on=["experiment", "trial_id"]), budget
 
 
 def metric_at_epoch(epochs: pd.DataFrame, epoch: int, metrics: Sequence[str]) -> pd.DataFrame:

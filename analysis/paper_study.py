@@ -21,9 +21,10 @@ The paper's findings, each judged with the statistic behind it (95% level throug
     the last epoch minus at epoch 0 (the untrained network). **Reproduced** when the 95% interval of the
     mean difference lies below 0; **not reproduced** when it lies above 0; else inconclusive.
 (d) *the penalty sparsifies attention*, a question the paper could not ask of its own gate: per gate
-    (``psi_norm``) of the gamma sweep, Spearman's rho between gamma and the mean coefficient alpha (at each
-    trial's selected epoch, every gamma including 0), the fraction of coefficients below 0.1 at the largest
-    gamma, and what that cost in SSIM (Welch's t interval, largest gamma minus gamma = 0). **Sparsifies**
+    (``psi_norm``) of the gamma sweep, Spearman's rho between gamma and the mean coefficient alpha (at the
+    common budget: after the same training for every trial, not at an epoch chosen by SSIM; every gamma
+    including 0), the fraction of coefficients below 0.1 at the largest gamma, and what that cost in SSIM
+    at the reported point (Welch's t interval, largest gamma minus gamma = 0). **Sparsifies**
     when rho < 0 with p < 0.05 and at least :data:`SPARSE_FRACTION` of the coefficients fall below 0.1;
     **lowers α, not sparse** when rho < 0 with p < 0.05 but fewer do; **raises α** for rho > 0 with p < 0.05;
     else inconclusive. For the paper's gate the report also says whether it could become sparse at all: an
@@ -57,6 +58,7 @@ from analysis.common import (
     OutDir,
     StepResult,
     Study,
+    at_common_budget,
     common_budget,
     load_study,
     markdown_table,
@@ -66,7 +68,6 @@ from analysis.common import (
     point_column,
     point_label,
     reported_point,
-    selected_epoch_rows,
     test_points,
 )
 from analysis.report import run_safely
@@ -277,14 +278,14 @@ def _ssim_cost(study: Study, rows: pd.DataFrame) -> tuple[str, dict]:
 def _sparsity_finding(study: Study, gate: str, rows: pd.DataFrame) -> Finding:
     claim = f"The penalty sparsifies attention: {GATE_LABELS.get(gate, f'psi_norm={gate}')}"
     finding = Finding("d", claim, "new (the paper has no coefficient statistics)", INCONCLUSIVE, "")
-    at = selected_epoch_rows(study, rows, ["alpha_mean", "alpha_below_0_1"])
+    at, budget = at_common_budget(study, rows, ["alpha_mean", "alpha_below_0_1"])
     if "alpha_mean" in at:
         at = at[np.isfinite(at["alpha_mean"].astype(float))]
     if at.empty or "alpha_mean" not in at:
         finding.statistic = "no coefficient statistics reported (trials from before they were recorded)"
         return finding
     by_gamma = at.groupby("gamma")[["alpha_mean", "alpha_below_0_1"]].agg(["mean", "std"])
-    curve = "; ".join(
+    curve = f"at epoch {budget}, the common budget: " + "; ".join(
         f"γ={g:g}: mean α {mean_std_text(r[('alpha_mean', 'mean')], r[('alpha_mean', 'std')], '.3f')}, "
         f"{100 * r[('alpha_below_0_1', 'mean')]:.1f}% < 0.1"
         for g, r in by_gamma.iterrows()
@@ -479,6 +480,7 @@ def render(
     tables1: list[pd.DataFrame],
     costs: dict | None,
     steps: dict[str, StepResult],
+    table_study: Study | None = None,
     sparse_note: str = "",
 ) -> str:
     record = experiment.read_json(layout.study_file) or {}
@@ -501,11 +503,12 @@ def render(
         f"Verdicts at the 95% level; (a) counts SSIM differences within ±{EQUIVALENCE_MARGIN} as a match. "
         "*Inconclusive* means the seeds do not separate the answers: more seeds (`--set seeds=[...]`) or "
         "epochs narrow the intervals.\n",
-        *_table_one_sections(tables1, mc, sparse_note),
+        *_table_one_sections(tables1, table_study or mc, sparse_note),
         "The paper's columns are its Table 1 (fastMRI knee, 320 × 320, 50 epochs); ours come from the "
-        "`model_comparison` experiment. Absolute values depend on the data and the budget (the `cpu` and "
-        "`smoke` profiles train small networks briefly on synthetic knees); compare the orderings and the "
-        "gains over the zero-filled input. Paired differences: `compare_models.md`.\n",
+        "`model_comparison` experiment and, for the Sparse Attention U-Net, the `gamma_sweep`. Absolute "
+        "values depend on the data and the budget (the `cpu` and `smoke` profiles train small networks "
+        "briefly on synthetic knees); compare the orderings and the gains over the zero-filled input. "
+        "Paired differences: `compare_models.md`.\n",
         "## Figure 6: MPAND during training\n",
         *_step_section(steps["mpand"]),
         "## Figure 8: SSIM against γ\n",
@@ -593,7 +596,8 @@ def write_report(study_path: str, out_uri: str | None = None) -> tuple[str, list
     costs = experiment.read_json(layout.model_costs_file)
     if costs:
         out.write_csv("model_costs.csv", cost_table(costs["models"]))
-    out.write_text("report.md", render(layout, mc, gamma, checked, tables1, costs, steps, sparse_note))
+    report = render(layout, mc, gamma, checked, tables1, costs, steps, table_study, sparse_note)
+    out.write_text("report.md", report)
     return out.join("report.md"), _finding_lines(checked)
 
 
