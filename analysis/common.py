@@ -87,8 +87,10 @@ class Study:
 
     Attributes:
         experiments: the experiment directories, in command-line order.
-        trials: one row per trial: collect's columns plus ``experiment``, ``model``, ``gamma``, ``arm``,
-            ``arm_rank`` (sort order), ``included`` (counts in seed statistics) and the config keys.
+        trials: one row per trial: collect's columns plus ``experiment``, ``model``, ``gamma`` (every
+            penalty weight), every architecture option (``psi_norm``: the model's value or default, None
+            for models without it), ``arm``, ``arm_rank`` (sort order), ``included`` (counts in seed
+            statistics) and the config keys.
         epochs: one row per trial and reported epoch, with the same identifying columns.
         config_keys: the columns that tell configurations of one arm apart (search keys other than seed,
             model and gamma, plus ``experiment`` when several experiments are analysed together).
