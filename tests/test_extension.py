@@ -221,7 +221,7 @@ def test_a_sweep_trains_and_tabulates_the_new_entries(toys, ray_local, tiny_root
     for trial in trials.itertuples():
         run = Path(path) / "train_runs" / trial.trial_id
         recorded = json.loads((run / "train_config.json").read_text())
-        checkpoint = sorted(run.glob("checkpoint_*"))[-1] / "checkpoint.pt"
+        checkpoint = sorted(run.glob("checkpoint_*/checkpoint.pt"))[-1]
         saved = torch.load(checkpoint, weights_only=True)["model_spec"]
         key, value = ("gate_kernel", 3) if trial.model == "toy_gated_net" else ("psi_norm", "none")
         assert recorded[key] == saved["hparams"][key] == value and saved["model"] == trial.model
