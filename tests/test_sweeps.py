@@ -83,7 +83,9 @@ def test_smoke_gamma_sweep_submitted_as_a_job(ray_head, tmp_path):
     assert len(test) == 8 * 2 * 2  # trials x settings x the smoke data's test volumes
     trial_dirs = sorted((tmp_path / "job").glob("trial_*"))
     assert len(trial_dirs) == 8
+    epochs_run = dict(zip(trials["trial_id"], trials["epochs_run"], strict=True))
     for trial_dir in trial_dirs:
+        reported = list(range(epochs_run["_".join(trial_dir.name.split("_")[1:3])] + 1))  # from epoch 0
         assert list(trial_dir.glob("events.out.tfevents.*")), f"no TensorBoard scalars in {trial_dir.name}"
         # Rank 0's validation images, a TensorBoard run of their own beside the trial's scalars.
         images = EventAccumulator(str(trial_dir / "images"), size_guidance={"images": 0})
@@ -95,11 +97,13 @@ def test_smoke_gamma_sweep_submitted_as_a_job(ray_head, tmp_path):
         histograms = EventAccumulator(str(trial_dir / "images"), size_guidance={"histograms": 0})
         histograms.Reload()
         steps = [event.step for event in histograms.Histograms("alpha/level_1")]
-        assert steps == list(range(len(steps))) and len(steps) >= 2  # every epoch from 0
+        # Every reported epoch from 0. ASHA's stop reaches a worker asynchronously: a stopped trial's
+        # worker may validate (and write the histograms of) one more epoch that Tune never receives.
+        assert steps[: len(reported)] == reported and len(steps) <= len(reported) + 1
         # Tune's scalars step by epoch, from 0, in line with the images and histograms.
         scalars = EventAccumulator(str(trial_dir))
         scalars.Reload()
-        assert [event.step for event in scalars.Scalars("ray/tune/ssim")] == steps
+        assert [event.step for event in scalars.Scalars("ray/tune/ssim")] == reported
     # Directory (and TensorBoard run) names carry the exact grid values, never a rounded 0.0000.
     assert {d.name.split("_", 3)[3].rsplit(",", 1)[0] for d in trial_dirs} == {
         "gamma=0,psi_norm=instance",
