@@ -101,6 +101,8 @@ class Study:
         problems: everything found wrong while loading.
         volumes: one row per volume of every validation epoch and test evaluation (network and
             zero-filled), with ``experiment`` and, for trials' rows, ``arm`` and ``included``.
+        budget: where a scheduler stopped some included trials, the last epoch every one of them reached
+            (trials then carry ``budget_<metric>``: validation at that epoch); None otherwise.
     """
 
     experiments: list[ExperimentInfo]
@@ -111,6 +113,7 @@ class Study:
     baselines: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     volumes: pd.DataFrame = field(default_factory=pd.DataFrame)  # collect's per-volume rows, with arms
+    budget: int | None = None  # the common budget, where a scheduler stopped some trials
 
     def included_trials(self) -> pd.DataFrame:
         """Trials that count in seed statistics (not errored or diverged)."""
@@ -299,12 +302,36 @@ def load_study(paths: Sequence[str]) -> Study:
                 trials[key] = None
         trials["included"] = trials["status"].isin(INCLUDED_STATUSES)
     epochs = _join_epochs(epoch_frames, trials, config_keys)
+    budget = _add_budget_columns(trials, epochs)
     volumes = pd.concat(volume_frames, ignore_index=True) if volume_frames else pd.DataFrame()
     if not volumes.empty and not trials.empty and "trial_id" in volumes:
         arms = trials[["experiment", "trial_id", "arm", "arm_rank", "included"]]
         volumes = volumes.drop(columns=[c for c in ("arm", "included") if c in volumes])
         volumes = volumes.merge(arms, on=["experiment", "trial_id"], how="left")
-    return Study(infos, trials, epochs, config_keys, configs, baselines, problems, volumes)
+    return Study(infos, trials, epochs, config_keys, configs, baselines, problems, volumes, budget)
+
+
+def _add_budget_columns(trials: pd.DataFrame, epochs: pd.DataFrame) -> int | None:
+    """Where a scheduler stopped some trials, ``budget_<metric>`` (validation at the common budget) and
+    ``gain_budget_<metric>`` over the zero-filled input; returns that epoch (None when every included trial
+    ran the same number of epochs: there is nothing to equalise)."""
+    included = trials[trials["included"]] if not trials.empty else trials
+    if included.empty or included["epochs_run"].nunique() < 2 or epochs.empty:
+        return None
+    budget = common_budget(included)
+    if budget is None:
+        return None
+    metrics = list(metric_table())
+    at = metric_at_epoch(epochs, budget, metrics).rename(columns={m: f"budget_{m}" for m in metrics})
+    merged = trials[["experiment", "trial_id"]].merge(at, on=["experiment", "trial_id"], how="left")
+    for metric, spec in metric_table().items():
+        values = pd.to_numeric(merged.get(f"budget_{metric}"), errors="coerce").to_numpy()
+        trials[f"budget_{metric}"] = values
+        sign = 1.0 if spec.higher_is_better else -1.0
+        trials[f"gain_budget_{metric}"] = sign * (
+            values - trials[f"zero_filled_{metric}"].to_numpy(dtype=float)
+        )
+    return budget
 
 
 def matching_baseline(config: dict[str, Any], baselines: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -347,8 +374,15 @@ def point_column(point: str, metric: str) -> str:
 
 
 def reported_point(study: Study) -> str:
-    """What the tables report: the first test setting (selected on validation, evaluated on data no
-    choice saw) where the study has one, else the best validation epoch (optimistic: chosen on it)."""
+    """What the tables report and the findings decide on: arms compared at equal training.
+
+    Where a scheduler stopped some trials, validation at the common budget (every trial after the same
+    epochs; no checkpoint is chosen there); else the first test setting (selected on validation, evaluated
+    on data no choice saw) where the study has one, else the best validation epoch (optimistic: chosen on
+    it).
+    """
+    if study.budget is not None:
+        return "budget"
     points = test_points(study.trials) if not study.trials.empty else []
     return points[0] if points else "best"
 
@@ -360,7 +394,40 @@ def point_label(point: str) -> str:
             f"{PRIMARY_METRIC.upper()}"
         )
     best = f"validation at the epoch of best validation {PRIMARY_METRIC.upper()}, chosen on the same data"
-    return {"best": best, "last": "validation, last epoch"}[point]
+    budget = "validation at the common budget (the last epoch every trial reached; ASHA stopped some)"
+    return {"best": best, "last": "validation, last epoch", "budget": budget}[point]
+
+
+def seed_table(
+    study: Study, trials: pd.DataFrame, point: str, metric: str, keys: Sequence[str]
+) -> pd.DataFrame:
+    """One row per block (the values of ``keys``, the seed among them) and one column per test volume: each
+    trial's ``metric`` at a test point, from the per-volume rows. At other points, or without per-volume
+    rows, one column (``trial``) of the trial's value. Blocks index the rows, so tables of two arms
+    subtract into their paired differences."""
+    volumes = study.volumes
+    if point.startswith("test_") and not volumes.empty and "split" in volumes:
+        acceleration = int(point.removeprefix("test_").removesuffix("x"))
+        rows = volumes[(volumes["split"] == "test") & (volumes["source"] == "network")
+                       & (volumes["acceleration"] == acceleration)]  # fmt: skip
+        rows = rows.drop(columns=[k for k in keys if k in rows])
+        rows = rows.merge(trials[["experiment", "trial_id", *keys]], on=["experiment", "trial_id"])
+        if not rows.empty and metric in rows:
+            return rows.pivot_table(index=list(keys), columns="file", values=metric, aggfunc="mean")
+    column = point_column(point, metric)
+    values = trials[[*keys, column]].rename(columns={column: "trial"})
+    return values.groupby(list(keys), dropna=False)[["trial"]].mean()
+
+
+def zero_filled_row(study: Study, point: str, metric: str) -> pd.Series | None:
+    """The zero-filled input's ``metric`` per test volume at a test point (None elsewhere)."""
+    volumes = study.volumes
+    if not point.startswith("test_") or volumes.empty or "split" not in volumes:
+        return None
+    acceleration = int(point.removeprefix("test_").removesuffix("x"))
+    rows = volumes[(volumes["split"] == "test") & (volumes["source"] == "zero_filled")
+                   & (volumes["acceleration"] == acceleration)]  # fmt: skip
+    return rows.groupby("file")[metric].mean() if not rows.empty and metric in rows else None
 
 
 def baseline_label(baseline: dict[str, Any], baselines: list[dict[str, Any]]) -> str:

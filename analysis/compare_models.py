@@ -4,10 +4,14 @@ For every arm (U-Net, Attention U-Net, Sparse Attention U-Net at each gamma; gam
 and configuration (the search keys other than the seed), the mean ± std over seeds of each metric on the
 held-out test split at each test setting (4x and 8x: the checkpoint of the best validation SSIM, evaluated
 on data no choice saw; what the report leads with), and on validation at the epoch of best validation SSIM
-(chosen on the same data, so optimistic) and at the last epoch, sorted by SSIM. A breakdown per
-acceleration and acquisition comes from the test split's per-volume rows. Then, for every pair of arms, the
-paired differences over matched seeds (same seed, same other configuration keys): mean with a 95% t
-confidence interval, the paired t-test and, with at least six pairs, the Wilcoxon signed-rank test.
+(chosen on the same data, so optimistic) and at the last epoch, sorted by SSIM. Where ASHA stopped some
+trials the arms are compared at equal training first: validation at the common budget (the last epoch every
+trial reached), which the verdicts and paired differences then rest on; the other readings stay, labelled.
+A breakdown per acceleration and acquisition comes from the test split's per-volume rows. Then, for every
+pair of arms, the paired differences over matched seeds (same seed, same other configuration keys): the
+mean with its 95% t interval over seeds and its crossed bootstrap interval over seeds and test volumes
+(:mod:`analysis.inference`), the variance components, the paired t-test with its Holm-adjusted p-value over
+the whole table and, with at least six pairs, the Wilcoxon signed-rank test.
 
 Errored and diverged trials are left out of the statistics (and counted in ``failed``); trials stopped by
 ASHA or left unfinished count with the epochs they ran (their statuses are listed per row).
@@ -44,8 +48,11 @@ from analysis.common import (
     point_label,
     reported_point,
     run_step,
+    seed_table,
     test_points,
+    zero_filled_row,
 )
+from analysis.inference import ALPHA, estimate, holm, one_sided_p, plan_t
 from mri_models.metrics import PRIMARY_METRIC, metric_table
 
 POINTS = {"best": f"epoch of best validation {PRIMARY_METRIC.upper()}", "last": "last epoch"}
@@ -53,8 +60,10 @@ BASELINE_STATUS = "baseline (no training)"
 
 
 def points(study: Study) -> list[str]:
-    """The points the tables show: every test setting first, then validation's best and last epoch."""
-    return [*(test_points(study.trials) if not study.trials.empty else []), *POINTS]
+    """The points the tables show: the common budget where a scheduler stopped some trials (what the
+    comparison then rests on), every test setting, then validation's best and last epoch."""
+    tests = test_points(study.trials) if not study.trials.empty else []
+    return [*(["budget"] if study.budget is not None else []), *tests, *POINTS]
 
 
 def gain_column(point: str, metric: str) -> str:
@@ -132,7 +141,7 @@ def zero_filled_rows(study: Study) -> pd.DataFrame:
     for baseline in study.baselines:
         row = {"arm": baseline_label(baseline, study.baselines), "statuses": BASELINE_STATUS}
         for metric in image_metrics():
-            for point in POINTS:
+            for point in [*POINTS, "budget"]:  # validation: the baseline has no epochs
                 row[f"{metric}_{point}_mean"] = baseline["metrics"].get(metric, np.nan)
             for point in test_points(study.trials) if not study.trials.empty else []:
                 column = f"zero_filled_{point_column(point, metric)}"
@@ -142,43 +151,51 @@ def zero_filled_rows(study: Study) -> pd.DataFrame:
 
 
 def paired_differences(study: Study) -> pd.DataFrame:
-    """For each pair of arms, each metric and each point: the paired difference over matched seeds."""
+    """For each pair of arms, each metric and each point: the paired difference over matched seeds.
+
+    Per seed, the mean over test volumes of the per-volume difference (one value per trial at validation
+    points); the t interval and tests over seeds, the crossed bootstrap over seeds and volumes, the
+    variance components, and Holm's adjustment over every row of the table (``p_holm``, which
+    ``significant_5pct`` reads).
+    """
     trials = study.included_trials()
     if trials.empty or "seed" not in trials:
         return pd.DataFrame()
     match = [*study.config_keys, "seed"]
     rows = []
     for reference, other in pairs(study.arms()):
-        a = trials[trials["arm"] == reference]
-        b = trials[trials["arm"] == other]
-        matched = a.merge(b, on=match, suffixes=("_a", "_b"))
+        a, b = trials[trials["arm"] == reference], trials[trials["arm"] == other]
         for point in points(study):
             for metric in image_metrics():
-                column = point_column(point, metric)
-                if f"{column}_a" not in matched:
+                if point_column(point, metric) not in trials:
                     continue
-                differences = (matched[f"{column}_b"] - matched[f"{column}_a"]).tolist()
-                result = paired_test(differences)
-                rows.append(
-                    {
-                        "arm": other,
-                        "reference": reference,
-                        "metric": metric,
-                        "point": point,
-                        "pairs": result["n"],
-                        "mean_difference": result["mean"],
-                        "std": result["std"],
-                        "ci95_low": result["ci_low"],
-                        "ci95_high": result["ci_high"],
-                        "t": result["t"],
-                        "p_ttest": result["p_ttest"],
-                        "p_wilcoxon": result["p_wilcoxon"],
-                        "significant_5pct": bool(result["p_ttest"] < 0.05),
-                    }
+                difference = seed_table(study, b, point, metric, match) - seed_table(
+                    study, a, point, metric, match
                 )
+                rows.append({"arm": other, "reference": reference, "metric": metric, "point": point,
+                             **_difference_columns(difference.dropna(how="all"))})  # fmt: skip
     table = pd.DataFrame(rows)
+    if table.empty:
+        return table
     # Arms that share no seed and configuration (different experiments) have nothing to compare.
-    return table[table["pairs"] > 0].reset_index(drop=True) if not table.empty else table
+    table = table[table["pairs"] > 0].reset_index(drop=True)
+    table["p_holm"] = holm(table["p_ttest"].tolist())
+    table["significant_5pct"] = table["p_holm"] < ALPHA
+    return table
+
+
+def _difference_columns(difference: pd.DataFrame) -> dict:
+    result = estimate(difference)
+    test = paired_test(list(result.per_seed))
+    components = result.components
+    return {
+        "pairs": result.n, "volumes": result.volumes, "mean_difference": result.mean, "std": result.sd,
+        "ci95_low": result.t_low, "ci95_high": result.t_high, "boot95_low": result.boot_low,
+        "boot95_high": result.boot_high, "sd_seed": components.seed if components else np.nan,
+        "sd_volume": components.volume if components else np.nan,
+        "sd_residual": components.residual if components else np.nan, "t": test["t"],
+        "p_ttest": test["p_ttest"], "p_wilcoxon": test["p_wilcoxon"],
+    }  # fmt: skip
 
 
 def _markdown_summary(table: pd.DataFrame, study: Study, point: str) -> str:
@@ -218,36 +235,63 @@ def _markdown_summary(table: pd.DataFrame, study: Study, point: str) -> str:
 def verdicts(study: Study) -> list[str]:
     """Per arm (its best configuration), whether it beats the zero-filled input on the primary metric.
 
-    Beats: the mean gain over seeds is positive and its 95% interval excludes 0; inconclusive: positive
-    mean but an interval that includes 0 (or a single seed); does not beat: mean gain <= 0.
+    The gain per seed is its mean over test volumes of network minus zero-filled (the trial's gain at
+    validation points). Beats: the one-sided t-test over seeds (gain > 0), Holm-adjusted over the arms,
+    has p < 0.05; does not beat: mean gain <= 0; else inconclusive, with the seeds that would decide a
+    gain of the size observed.
     """
     table = summary_table(study)
     if table.empty or not study.baselines:
         return []
-    metric = metric_table()[PRIMARY_METRIC]
     point = reported_point(study)
-    gain = gain_column(point, PRIMARY_METRIC)
     trained = table[table["statuses"] != BASELINE_STATUS]
-    lines = []
-    for arm, rows in trained.groupby("arm", sort=False):  # the table is sorted best first
-        row = rows.iloc[0]
-        mean, low, high, n, above = (
-            row[f"{gain}_{k}"] for k in ("mean", "ci95_low", "ci95_high", "n", "above")
+    best = [rows.iloc[0] for _, rows in trained.groupby("arm", sort=False)]  # the table is sorted best first
+    gains = [_gain_estimate(study, row, point) for row in best]
+    adjusted = holm([one_sided_p(g.per_seed, 0.0, "greater") for g in gains])
+    return [_verdict_line(row["arm"], g, p, point) for row, g, p in zip(best, gains, adjusted, strict=True)]
+
+
+def _gain_estimate(study: Study, row: pd.Series, point: str):
+    """The gain over the zero-filled input of one arm and configuration, per seed and test volume."""
+    trials = study.included_trials()
+    keys = study.config_keys
+    trials = trials[trials["arm"] == row["arm"]]
+    for key in keys:
+        trials = trials[trials[key].astype(str) == str(row[key])]
+    zero_filled = zero_filled_row(study, point, PRIMARY_METRIC)
+    table = seed_table(study, trials, point, PRIMARY_METRIC, ["seed"])
+    if zero_filled is not None and "trial" not in table:
+        sign = 1.0 if metric_table()[PRIMARY_METRIC].higher_is_better else -1.0
+        return estimate(sign * table.sub(zero_filled, axis=1))
+    gains = trials.set_index("seed")[[gain_column(point, PRIMARY_METRIC)]]
+    return estimate(gains)
+
+
+def _verdict_line(arm: str, gain, p_adjusted: float, point: str) -> str:
+    metric = metric_table()[PRIMARY_METRIC]
+    above = sum(x > 0 for x in gain.per_seed)
+    if np.isnan(gain.mean):
+        return f"{arm}: no gain can be computed (no matching baseline)"
+    if gain.mean <= 0:
+        verdict = "does **not** beat the zero-filled input"
+    elif p_adjusted < ALPHA:
+        verdict = "beats the zero-filled input"
+    else:
+        plan = plan_t(gain.mean, gain.sd, gain.n, ALPHA)
+        needed = (
+            f"{plan.needed_observed} seeds would decide a gain this size"
+            if plan.needed_observed
+            else (
+                "a second seed is needed for any test"
+                if gain.n < 2
+                else "no affordable number of seeds decides it"
+            )
         )
-        if pd.isna(mean):
-            verdict = "no gain can be computed (no matching baseline)"
-        elif mean <= 0:
-            verdict = "does **not** beat the zero-filled input"
-        elif pd.isna(low) or low <= 0:
-            verdict = "is inconclusive against the zero-filled input"
-        else:
-            verdict = "beats the zero-filled input"
-        text = gain_text(mean, low, high, metric.fmt)
-        lines.append(
-            f"{arm} {verdict}: {metric.label} gain {text} over {int(n)} seed(s), {int(above)} of them above "
-            f"({point_label(point)})"
-        )
-    return lines
+        verdict = f"is inconclusive against the zero-filled input ({needed})"
+    return (
+        f"{arm} {verdict}: {metric.label} gain {gain.text(f'+{metric.fmt}')} over {gain.n} seed(s), "
+        f"{above} of them above, Holm-adjusted p = {p_adjusted:.3g} ({point_label(point)})"
+    )
 
 
 def gain_text(mean: float, low: float, high: float, fmt: str) -> str:
@@ -264,11 +308,10 @@ def _markdown_pairs(table: pd.DataFrame, point: str, metrics: Sequence[str] | No
     if shown.empty:
         return "_(no matched pairs of arms)_\n"
     shown["difference"] = shown["arm"] + " − " + shown["reference"]
-    shown = shown[
-        ["difference", "metric", "pairs", "mean_difference", "ci95_low", "ci95_high", "p_ttest", "p_wilcoxon"]
-    ]
-    formats = {"mean_difference": ".4g", "ci95_low": ".4g", "ci95_high": ".4g"}
-    formats.update({"p_ttest": ".3g", "p_wilcoxon": ".3g"})
+    shown = shown[["difference", "metric", "pairs", "volumes", "mean_difference", "ci95_low", "ci95_high",
+                   "boot95_low", "boot95_high", "p_ttest", "p_holm", "p_wilcoxon"]]  # fmt: skip
+    formats = {c: ".4g" for c in ("mean_difference", "ci95_low", "ci95_high", "boot95_low", "boot95_high")}
+    formats.update({"p_ttest": ".3g", "p_holm": ".3g", "p_wilcoxon": ".3g"})
     return markdown_table(shown, formats)
 
 
@@ -297,7 +340,10 @@ def run(study: Study, out: OutDir) -> StepResult:
         text += [f"## {point_label(point)}\n", _markdown_summary(summary, study, point)]
     text += [
         f"\n## Paired differences, {point_label(reported)}\n",
-        "Arm − reference over matched seeds, with a 95% t interval.\n",
+        "Arm − reference over matched seeds: per seed the mean over test volumes of the per-volume "
+        "difference; the 95% t interval over seeds (these test volumes) and the crossed bootstrap over seeds "
+        "and volumes (new seeds and new knees); `p_holm` is Holm-adjusted over every row of "
+        "`paired_differences.csv`.\n",
         _markdown_pairs(differences, reported),
     ]
     breakdown = breakdown_table(study)
@@ -330,8 +376,9 @@ def run(study: Study, out: OutDir) -> StepResult:
         Artifact("compare_models.csv", "The same per-configuration statistics (mean, std, min, max, n)."),
         Artifact(
             "paired_differences.csv",
-            "Paired differences between every two architectures over matched seeds at the best and last "
-            "epoch: mean, 95% confidence interval, paired t-test and Wilcoxon p-values.",
+            "Paired differences between every two architectures over matched seeds at every point: mean, "
+            "95% t and crossed-bootstrap intervals, variance components (seed, volume, residual), paired "
+            "t-test with its Holm-adjusted p-value, and Wilcoxon p-values.",
         ),
     ]
     few = differences[(differences["pairs"] < 2)] if not differences.empty else differences
