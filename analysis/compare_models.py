@@ -101,6 +101,10 @@ def summary_table(study: Study) -> pd.DataFrame:
             table[f"{gain}_mean"], table[f"{gain}_std"], table[f"{gain}_n"]
         )
     gain = gain_column(reported_point(study), PRIMARY_METRIC)
+    # The reported gain's crossed bootstrap over seeds and test volumes, beside its t interval.
+    boots = [_gain_estimate(study, row, reported_point(study)) for _, row in table.iterrows()]
+    table[f"{gain}_boot95_low"] = [b.boot_low for b in boots]
+    table[f"{gain}_boot95_high"] = [b.boot_high for b in boots]
     meta = values.groupby(keys, dropna=False, sort=False).agg(
         model=("model", "first"),
         gamma=("gamma", "first"),
@@ -223,7 +227,12 @@ def _markdown_summary(table: pd.DataFrame, study: Study, point: str) -> str:
                 "–"
                 if baseline
                 else gain_text(
-                    row[f"{gain}_mean"], row[f"{gain}_ci95_low"], row[f"{gain}_ci95_high"], primary.fmt
+                    row[f"{gain}_mean"],
+                    row[f"{gain}_ci95_low"],
+                    row[f"{gain}_ci95_high"],
+                    primary.fmt,
+                    row.get(f"{gain}_boot95_low", np.nan),
+                    row.get(f"{gain}_boot95_high", np.nan),
                 )
             )
         failed = row.get("failed")
@@ -263,7 +272,7 @@ def _gain_estimate(study: Study, row: pd.Series, point: str):
     if zero_filled is not None and "trial" not in table:
         sign = 1.0 if metric_table()[PRIMARY_METRIC].higher_is_better else -1.0
         return estimate(sign * table.sub(zero_filled, axis=1))
-    gains = trials.set_index("seed")[[gain_column(point, PRIMARY_METRIC)]]
+    gains = trials.set_index("seed")[[f"gain_{point_column(point, PRIMARY_METRIC)}"]]
     return estimate(gains)
 
 
@@ -294,11 +303,15 @@ def _verdict_line(arm: str, gain, p_adjusted: float, point: str) -> str:
     )
 
 
-def gain_text(mean: float, low: float, high: float, fmt: str) -> str:
-    """``+0.0412 [+0.0210, +0.0614]`` (without the interval for a single seed)."""
+def gain_text(
+    mean: float, low: float, high: float, fmt: str, boot_low: float = np.nan, boot_high: float = np.nan
+) -> str:
+    """``+0.0412 [+0.0210, +0.0614]`` (without the interval for a single seed), with the bootstrap
+    interval after it when given: ``+0.0412 [+0.0210, +0.0614; bootstrap +0.0301, +0.0533]``."""
     if pd.isna(mean):
         return "–"
-    interval = "" if pd.isna(low) else f" [{low:+{fmt}}, {high:+{fmt}}]"
+    boot = "" if pd.isna(boot_low) else f"; bootstrap {boot_low:+{fmt}}, {boot_high:+{fmt}}"
+    interval = "" if pd.isna(low) else f" [{low:+{fmt}}, {high:+{fmt}}{boot}]"
     return f"{mean:+{fmt}}{interval}"
 
 

@@ -123,6 +123,8 @@ def table_one(study: Study, point: str | None = None) -> pd.DataFrame:
             out["ssim_gain"] = row[f"{gain}_mean"]
             out["ssim_gain_ci95_low"] = row[f"{gain}_ci95_low"]
             out["ssim_gain_ci95_high"] = row[f"{gain}_ci95_high"]
+            out["ssim_gain_boot95_low"] = row.get(f"{gain}_boot95_low", math.nan)
+            out["ssim_gain_boot95_high"] = row.get(f"{gain}_boot95_high", math.nan)
         rows.append(out)
     table = pd.DataFrame(rows)
     table.attrs["point"] = point
@@ -149,7 +151,14 @@ def table_one_markdown(table: pd.DataFrame) -> str:
         out["SSIM gain over zero-filled (95% CI)"] = (
             "–"
             if pd.isna(gain)
-            else compare_models.gain_text(gain, row["ssim_gain_ci95_low"], row["ssim_gain_ci95_high"], ".4f")
+            else compare_models.gain_text(
+                gain,
+                row["ssim_gain_ci95_low"],
+                row["ssim_gain_ci95_high"],
+                ".4f",
+                row.get("ssim_gain_boot95_low", math.nan),
+                row.get("ssim_gain_boot95_high", math.nan),
+            )
         )
         rank, paper_rank = row.get("ssim_rank"), row.get("paper_ssim_rank")
         out["SSIM rank (ours / paper)"] = "–" if pd.isna(rank) else f"{int(rank)} / {int(paper_rank)}"

@@ -26,6 +26,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.collect import write_tables
+from analysis.findings import EQUIVALENCE_MARGIN
 from analysis.paper_study import write_report
 from mri_models import experiment
 from mri_models.experiment import GAMMA_SWEEP, MODEL_COMPARISON, StudyLayout
@@ -58,6 +59,17 @@ def study_overrides(sweep: str, profile: str) -> dict[str, Any]:
     return {**((raw.get("sweeps") or {}).get(sweep) or {}), **section}
 
 
+def study_margin() -> float:
+    """Finding (a)'s equivalence margin from configs/paper_study.yaml (``analysis.equivalence_margin``)."""
+    path = CONFIG_DIR / "paper_study.yaml"
+    raw = load_yaml(path.read_text()) or {}
+    value = (raw.get("analysis") or {}).get("equivalence_margin", EQUIVALENCE_MARGIN)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        expected = "expected an SSIM difference between 0 and 1"
+        raise ConfigError(f"{path}: analysis.equivalence_margin: {expected}, got {value!r}")
+    return float(value)
+
+
 def _plan(args: argparse.Namespace) -> tuple[StudyLayout, dict, dict[str, SweepSpec], tuple[int, int]]:
     """The study's record, both validated sweep specs and the image size; raises the user errors of
     :mod:`ray_jobs.cli`."""
@@ -74,6 +86,7 @@ def _plan(args: argparse.Namespace) -> tuple[StudyLayout, dict, dict[str, SweepS
         "profile": args.profile,
         "overrides": parse_overrides(args.overrides),
         "data_root": str(args.data_root or ensure_synthetic_data(args.profile)),
+        "equivalence_margin": study_margin(),
         "finished": [],
     }
     specs = {

@@ -229,6 +229,28 @@ def test_comparison_tables_use_the_common_budget_when_asha_stopped_trials(tmp_pa
     assert lines and all("common budget" in line for line in lines)
 
 
+def test_plan_prints_the_seeds_each_finding_needs(tmp_path):
+    # Finding (a) with a spread that three seeds cannot decide: the plan names the seeds that would.
+    layout = write_study(tmp_path, [0.60, 0.62, 0.64], [0.605, 0.612, 0.648],
+                         {0.0: [0.6, 0.61, 0.62], 1e-4: [0.59, 0.6, 0.615]}, FALLING_MPAND)  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "analysis.plan", "--study", layout.path], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    found = {f.key: f for f in findings(load_study([layout.model_comparison.path]),
+                                        load_study([layout.gamma_sweep.path]))}  # fmt: skip
+    needed = found["a"].plan.needed_observed
+    assert needed and needed > 3 and f"--set seeds=[{','.join(map(str, range(needed)))}]" in done.stdout
+    assert "(a) Attention U-Net matches or beats the U-Net" in done.stdout and "Seeds needed" in done.stdout
+    # User mistakes: one line each, exit code 2.
+    missing = subprocess.run([sys.executable, "-m", "analysis.plan", "--study", str(tmp_path / "none")],
+                             cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert missing.returncode == 2 and missing.stdout.startswith("error: no study at")
+    bad = subprocess.run([sys.executable, "-m", "analysis.plan", "--study", layout.path, "--margin", "0"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 2 and "expected an SSIM difference between 0 and 1, got 0" in bad.stderr
+    assert "Traceback" not in missing.stdout + missing.stderr + bad.stderr
+
+
 def test_table_one_sits_beside_the_paper_with_the_zero_filled_row(tmp_path):
     layout = write_study(
         tmp_path, [0.60, 0.62, 0.64], [0.61, 0.63, 0.65], {0.0: [0.6], 1e-4: [0.5]}, FALLING_MPAND
