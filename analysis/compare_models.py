@@ -105,6 +105,8 @@ def summary_table(study: Study) -> pd.DataFrame:
     boots = [_gain_estimate(study, row, reported_point(study)) for _, row in table.iterrows()]
     table[f"{gain}_boot95_low"] = [b.boot_low for b in boots]
     table[f"{gain}_boot95_high"] = [b.boot_high for b in boots]
+    for part in ("seed", "volume", "residual"):  # where the gain's spread comes from (test volumes only)
+        table[f"{gain}_sd_{part}"] = [getattr(b.components, part) if b.components else np.nan for b in boots]
     meta = values.groupby(keys, dropna=False, sort=False).agg(
         model=("model", "first"),
         gamma=("gamma", "first"),

@@ -179,8 +179,8 @@ def one_sided_p(per_seed: Sequence[float], null: float, alternative: str) -> flo
     values = np.asarray([x for x in per_seed if np.isfinite(x)], dtype=float)
     if values.size < 2:
         return math.nan
-    if _no_spread(values):  # the sign alone decides, with certainty either way
-        return 0.0 if (values[0] < null if alternative == "less" else values[0] > null) else 1.0
+    if _no_spread(values):  # no variance to test against: the t-test is undefined
+        return math.nan
     return float(stats.ttest_1samp(values, null, alternative=alternative).pvalue)
 
 
@@ -225,6 +225,8 @@ class Plan:
         seeds: seeds run.
         detectable: the smallest effect the finding's test detects with :data:`POWER` at ``seeds``.
         needed_observed: seeds needed for the effect observed (None: more than :data:`MAX_SEEDS`).
+        observed: the effect observed, in the units of ``detectable`` (for a trend: the mean at the
+            largest level minus at the smallest).
         needed_stated: seeds needed for the stated effect (None: more than :data:`MAX_SEEDS`).
         stated: the stated effect (NaN when the finding has none).
     """
@@ -234,15 +236,17 @@ class Plan:
     needed_observed: int | None
     needed_stated: int | None
     stated: float = math.nan
+    observed: float = math.nan
 
 
 def plan_t(observed: float, sd: float, seeds: int, alpha: float, stated: float = math.nan) -> Plan:
     """A two-sided t-test over seeds at level ``alpha`` (statsmodels' power of the one-sample t-test)."""
     if not (np.isfinite(sd) and sd > 0 and seeds >= 2):
-        return Plan(seeds, math.nan, None, None, stated)
+        return Plan(seeds, math.nan, None, None, stated, observed)
     solver = TTestPower()
     detectable = float(solver.solve_power(effect_size=None, nobs=seeds, alpha=alpha, power=POWER)) * sd
-    return Plan(seeds, detectable, _seeds_for(observed / sd, alpha), _seeds_for(stated / sd, alpha), stated)
+    needed = _seeds_for(observed / sd, alpha), _seeds_for(stated / sd, alpha)
+    return Plan(seeds, detectable, *needed, stated, observed)
 
 
 def _seeds_for(effect_size: float, alpha: float) -> int | None:
@@ -277,7 +281,7 @@ def plan_tost(observed: float, sd: float, seeds: int, margin: float, alpha: floa
     """Equivalence within ``±margin``: detectable is the largest true |difference| still shown equivalent
     with :data:`POWER`; the stated effect is a true difference of 0."""
     if not (np.isfinite(sd) and sd > 0 and seeds >= 2):
-        return Plan(seeds, math.nan, None, None, 0.0)
+        return Plan(seeds, math.nan, None, None, 0.0, observed)
     grid = np.linspace(0.0, margin, 201)
     shown = [d for d in grid if tost_power(d, sd, seeds, margin, alpha) >= POWER]
     detectable = float(max(shown)) if shown else math.nan
@@ -287,7 +291,7 @@ def plan_tost(observed: float, sd: float, seeds: int, margin: float, alpha: floa
             return None
         return _smallest(lambda n: tost_power(delta, sd, n, margin, alpha) >= POWER, 2, MAX_SEEDS)
 
-    return Plan(seeds, detectable, needed(observed), needed(0.0), 0.0)
+    return Plan(seeds, detectable, needed(observed), needed(0.0), 0.0, observed)
 
 
 def trend_power(
@@ -317,7 +321,7 @@ def plan_trend(table: np.ndarray, alpha: float, decreasing: bool) -> Plan:
     residual = values - values.mean(axis=1, keepdims=True) - means + values.mean()
     sd = math.sqrt((residual**2).sum() / ((seeds - 1) * (values.shape[1] - 1)))
     if sd == 0:
-        return Plan(seeds, 0.0, seeds, None)
+        return Plan(seeds, 0.0, seeds, None, observed=float(means[-1] - means[0]))
     profile = means - means.mean()
     span = float(np.ptp(means))
 
@@ -335,7 +339,7 @@ def plan_trend(table: np.ndarray, alpha: float, decreasing: bool) -> Plan:
                 else ((low + high) / 2, high)
             )
         detectable = high * span
-    return Plan(seeds, detectable, needed, None)
+    return Plan(seeds, detectable, needed, None, observed=float(means[-1] - means[0]))
 
 
 def _smallest(ok, low: int, high: int) -> int | None:

@@ -49,7 +49,7 @@ def plan_table(items: Sequence[Finding]) -> pd.DataFrame:
                 "sweep": SWEEP_OF.get(finding.key, ""),
                 "test": finding.test,
                 "seeds_run": plan.seeds if plan else finding.n,
-                "observed": finding.estimate,
+                "observed": plan.observed if plan else finding.estimate,
                 "unit": finding.effect_unit,
                 "detectable_80pct": plan.detectable if plan else math.nan,
                 "seeds_needed_observed": needed,

@@ -425,6 +425,11 @@ def test_smoke_study_submitted_as_a_job(ray_head, tmp_path):
     assert "Sparse Attention U-Net (γ=0.01)" in report  # Table 1's sparse arm, from the gamma sweep
     assert "](attention_curves.png)" in report and "cannot become sparse" in report
     assert "findings:" in done.stdout and "report:" in done.stdout
+    # The margin is the study's recorded setting; every finding carries its adjusted p and plan.
+    assert json.loads(Path(layout.study_file).read_text())["equivalence_margin"] == EQUIVALENCE_MARGIN
+    assert {"p_adjusted", "seeds_needed", "boot_low", "boot_high"} <= set(found.columns)
+    assert "## Planning: the seeds each finding needs" in report
+    assert Path(layout.report_dir, "plan.csv").is_file()
     # Table 1 on the held-out test split at both accelerations, and per acquisition.
     for acceleration in ("4x", "8x"):
         assert f"## Table 1: test split at {acceleration}" in report
