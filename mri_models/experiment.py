@@ -45,6 +45,7 @@ ASHA_STATE_FILE = "asha_state.txt"
 TRAIN_RUNS_DIR = "train_runs"
 RESULTS_DIR = "results"
 ANALYSIS_DIR = "analysis"
+INITIAL_REPORT_FILE = "epoch_0.json"
 RUN_CONFIG_FILE = "train_config.json"
 BASELINE_FILE = "baseline.json"
 METRICS_CSV = "metrics.csv"
@@ -196,6 +197,12 @@ class RunLayout:
 
     def val_volumes_file(self, epoch: int) -> str:
         return join(self.volumes_dir, f"val-epoch-{epoch:04d}.parquet")
+
+    @property
+    def initial_report_file(self) -> str:
+        """The epoch-0 report (the untrained network), once it was reported: a run restarted before its
+        first checkpoint reads it instead of reporting epoch 0 again."""
+        return join(self.path, INITIAL_REPORT_FILE)
 
     @property
     def test_volumes_file(self) -> str:

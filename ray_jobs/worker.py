@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from mri_models.attention_metrics import AttentionStatsAccumulator, MpandAccumulator, report_keys
 from mri_models.cost import synchronised_clock
-from mri_models.experiment import RunLayout
+from mri_models.experiment import RunLayout, read_json, write_json
 from mri_models.losses import penalty_terms, training_loss
 from mri_models.metrics import PRIMARY_METRIC, VolumeMetricAccumulator, metric_table
 from mri_models.models import build_model, get_architecture
@@ -289,9 +289,25 @@ def _mpand_report(accumulator: MpandAccumulator, num_levels: int) -> dict[str, f
     return out
 
 
+def _reported_epoch_zero(run_dir: str | None, rank: int) -> dict[str, float] | None:
+    """The run's epoch-0 report if it was made already (rank 0 reads it; every rank gets its answer)."""
+    found = read_json(RunLayout(run_dir).initial_report_file) if rank == 0 and run_dir else None
+    if dist.is_available() and dist.is_initialized():
+        box = [found]
+        dist.broadcast_object_list(box, src=0)
+        found = box[0]
+    return found
+
+
 def with_initial_ratios(metrics: dict[str, float], history: list[dict[str, float]]) -> dict[str, float]:
     """``<penalty>_vs_init``: each penalty over its value at epoch 0 (NaN without an epoch-0 record)."""
-    initial = history[0] if history and history[0].get("epoch") == 0 else {}
+    initial = (
+        metrics
+        if metrics.get("epoch") == 0
+        else history[0]
+        if history and history[0].get("epoch") == 0
+        else {}
+    )
     for name in penalty_terms():
         start = initial.get(name, math.nan)
         metrics[f"{name}_vs_init"] = metrics[name] / start if start and math.isfinite(start) else math.nan
@@ -364,13 +380,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             images.write(unwrap(model), validation_batches, int(metrics["epoch"]), device, histograms)
         return metrics
 
-    if not history:  # a fresh run (a resumed one has its epoch 0 in the checkpoint's history)
+    # A resumed run has its epoch 0 in the checkpoint's history; one restarted before its first checkpoint
+    # (a lost node) reported it already and reads it back; a fresh run validates the untrained network.
+    earlier = None if history else _reported_epoch_zero(config.get("run_dir"), rank)
+    if earlier is not None:
+        history.append(earlier)
+    elif not history:
         started = synchronised_clock(device)
         val_metrics, per_volume, histograms = validation_pass(model, cfg, validation_batches, device)
         seconds = synchronised_clock(device) - started
         initial = {**val_metrics, "epoch": 0, "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": seconds,
                    "train_slices": 0, "diverged": 0.0}  # fmt: skip
         ray.train.report(record(initial, per_volume, histograms))  # no checkpoint: nothing was trained
+        if rank == 0 and config.get("run_dir"):  # after the report: a restart never reports it twice
+            write_json(RunLayout(config["run_dir"]).initial_report_file, history[0])
 
     for epoch in range(start_epoch, cfg.epochs):
         started = synchronised_clock(device)

@@ -222,6 +222,36 @@ def test_killed_worker_resumes_from_checkpoint_and_finishes(ray_local, tiny_root
     assert _numbers(history) == _numbers(straight), "the resumed run took other steps than the straight one"
 
 
+def test_a_worker_lost_before_its_first_checkpoint_reports_epoch_0_once(ray_local, tiny_root, tmp_path):
+    # The node dies after the untrained network's report and before the first checkpoint: the restarted
+    # run starts from scratch, reads its epoch-0 report back instead of making it again, and keeps it in
+    # its history (the penalties' ratios to their initial value need it).
+    cfg = _cfg(tiny_root, model="sparse_attention_unet", gamma=1e-3, epochs=3, max_failures=2)
+    trainer = build_trainer(cfg, prepare_data(cfg, tiny_root), "lost", str(tmp_path))
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("result", trainer.fit()))
+    thread.start()
+    run_dir = tmp_path / "lost"
+    deadline = time.monotonic() + 120
+    while not (run_dir / "epoch_0.json").exists() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    victims = _train_worker_pids()
+    checkpointed = list(run_dir.glob("checkpoint_*"))
+    epoch_0 = run_dir / "volumes" / "val-epoch-0000.parquet"
+    written = epoch_0.stat().st_mtime_ns
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    thread.join(timeout=240)
+    assert victims and not checkpointed, "the worker was not caught between epoch 0 and its first checkpoint"
+    result = outcome["result"]
+    assert result.error is None
+    history = history_from_checkpoint(result.checkpoint)
+    assert [row["epoch"] for row in history] == [0, 1, 2, 3]
+    assert all(math.isfinite(row["attention_l1_vs_init"]) for row in history)
+    # Epoch 0 was validated (and its files written) once, before the loss.
+    assert epoch_0.stat().st_mtime_ns == written and history[0]["attention_l1_vs_init"] == 1.0
+
+
 def test_same_name_resumes_at_next_epoch(ray_local, tiny_root, tmp_path):
     first = history_from_checkpoint(_fit(_cfg(tiny_root, epochs=2), tiny_root, tmp_path, "again").checkpoint)
     second = history_from_checkpoint(_fit(_cfg(tiny_root, epochs=3), tiny_root, tmp_path, "again").checkpoint)
