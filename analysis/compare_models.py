@@ -259,7 +259,11 @@ def verdicts(study: Study) -> list[str]:
     best = [rows.iloc[0] for _, rows in trained.groupby("arm", sort=False)]  # the table is sorted best first
     gains = [_gain_estimate(study, row, point) for row in best]
     adjusted = holm([one_sided_p(g.per_seed, 0.0, "greater") for g in gains])
-    return [_verdict_line(row["arm"], g, p, point) for row, g, p in zip(best, gains, adjusted, strict=True)]
+    strictest = ALPHA / max(len(best), 1)  # the seeds needed suffice at Holm's first step
+    return [
+        _verdict_line(row["arm"], g, p, point, strictest)
+        for row, g, p in zip(best, gains, adjusted, strict=True)
+    ]
 
 
 def _gain_estimate(study: Study, row: pd.Series, point: str):
@@ -278,7 +282,7 @@ def _gain_estimate(study: Study, row: pd.Series, point: str):
     return estimate(gains)
 
 
-def _verdict_line(arm: str, gain, p_adjusted: float, point: str) -> str:
+def _verdict_line(arm: str, gain, p_adjusted: float, point: str, plan_alpha: float = ALPHA) -> str:
     metric = metric_table()[PRIMARY_METRIC]
     above = sum(x > 0 for x in gain.per_seed)
     if np.isnan(gain.mean):
@@ -288,7 +292,7 @@ def _verdict_line(arm: str, gain, p_adjusted: float, point: str) -> str:
     elif p_adjusted < ALPHA:
         verdict = "beats the zero-filled input"
     else:
-        plan = plan_t(gain.mean, gain.sd, gain.n, ALPHA)
+        plan = plan_t(gain.mean, gain.sd, gain.n, plan_alpha)
         needed = (
             f"{plan.needed_observed} seeds would decide a gain this size"
             if plan.needed_observed
