@@ -113,7 +113,10 @@ def render(study: Study, results: list[StepResult]) -> str:
     lines.append("")
     verdicts = compare_models.verdicts(study)
     if verdicts:
-        lines.append("Against the zero-filled input (mean gain over seeds, 95% t interval):\n")
+        lines.append(
+            "Against the zero-filled input (mean gain over seeds with its t and bootstrap intervals; "
+            "one-sided t-tests over seeds, Holm-adjusted over the arms):\n"
+        )
         lines += [f"- {verdict}" for verdict in verdicts]
         lines.append("")
     problems: list[str] = list(study.problems)
