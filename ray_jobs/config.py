@@ -288,7 +288,7 @@ def make_train_config(values: Mapping[str, Any]) -> TrainConfig:
         problems = []
         for error in err.errors():
             location = [str(part) for part in error["loc"]]
-            if location[:1] == ["penalty_weights"]:
+            if location[:1] == ["penalty_weights"] and "penalty_weights" not in values:
                 location = location[1:]  # users wrote the weight as a top-level key
             if error["type"] == "architecture_option":  # so did they the option the error names
                 location, error["input"] = [error["ctx"]["key"]], error["ctx"]["value"]

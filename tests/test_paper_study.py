@@ -403,6 +403,7 @@ def test_peak_step_memory_grows_with_the_image():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)  # the job's own limit below: two sweeps, the costs and the report
 def test_smoke_study_submitted_as_a_job(ray_head, tmp_path):
     command = [
         str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head.dashboard_url,
