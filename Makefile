@@ -57,7 +57,13 @@ demo: install
 	ray job submit --working-dir . -- python sweeps/gamma_sweep.py --profile $(DEMO_PROFILE) \
 	  --storage $(DEMO_STORAGE) --name $(DEMO_NAME) && \
 	python -m analysis --experiment $(DEMO_STORAGE)/$(DEMO_NAME) && \
-	echo "tables: $(DEMO_STORAGE)/$(DEMO_NAME)/results/  analysis: $(DEMO_STORAGE)/$(DEMO_NAME)/analysis/report.md"
+	echo "tables: $(DEMO_STORAGE)/$(DEMO_NAME)/results/  analysis: $(DEMO_STORAGE)/$(DEMO_NAME)/analysis/report.md" && \
+	DATA=$$(python -c "import json, sys; print(json.load(open(sys.argv[1]))['data_root'])" \
+	  $(DEMO_STORAGE)/$(DEMO_NAME)/sweep.json) && \
+	echo "use the best model (source $(VENV)/bin/activate first):" && \
+	echo "  python -m ray_jobs.export --experiment $(DEMO_STORAGE)/$(DEMO_NAME) --best --out models/best" && \
+	echo "  python -m ray_jobs.predict --model models/best --data-root $$DATA/singlecoil_val --out recon/val" && \
+	echo "  python -m analysis.fastmri_evaluate --target-path $$DATA/singlecoil_val --predictions-path recon/val --challenge singlecoil"
 
 # The paper's study as one Ray job (model comparison, gamma sweep, model costs, report). Continue an
 # interrupted one with `make study STUDY_NAME=<its name> STUDY_ARGS=--resume`.

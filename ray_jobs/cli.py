@@ -17,11 +17,12 @@ import ray
 import yaml
 
 from mri_models.data.validate import DataValidationError
+from mri_models.package import PackageError
 from ray_jobs.config import PROFILES, ConfigError, load_yaml
 from ray_jobs.run import connect
 
 # The exceptions that mean "the user's input is wrong", as opposed to a bug or a failed run.
-USER_ERRORS = (ConfigError, DataValidationError, FileNotFoundError)
+USER_ERRORS = (ConfigError, DataValidationError, PackageError, FileNotFoundError)
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:

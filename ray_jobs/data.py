@@ -48,13 +48,14 @@ from filelock import FileLock
 
 from mri_models.data import store
 from mri_models.data.cache import FileCache, default_file_cache_dir
-from mri_models.data.hybrid_transforms import hybrid_batch_to_images, hybrid_sample, unet_sample_fast
+from mri_models.data.hybrid_transforms import hybrid_batch_to_images, hybrid_sample
 from mri_models.data.slice_dataset import RawSample, list_volumes, subsample_slices
 from mri_models.data.subsample import create_mask_func
 from mri_models.data.synthetic import generate_dataset
-from mri_models.data.transforms import unet_crop_size, unet_sample, volume_mask_seed
+from mri_models.data.transforms import volume_mask_seed
 from mri_models.data.validate import check_root, default_validation_cache
 from mri_models.data.volume import KSPACE_KEY, TARGET_KEY
+from mri_models.reconstruct import network_inputs
 from ray_jobs.config import SYNTHETIC_DATA, ConfigError, TrainConfig, default_data_dir
 from ray_jobs.splits import NO_TEST, VolumeFacts, choose_test_data, facts_of
 
@@ -330,24 +331,10 @@ def _stack(arrays: list[np.ndarray]) -> np.ndarray:
 def _network_rows(
     kspace, target, attrs, fname, indices, mask_func, mask_seeds, transform
 ) -> dict[str, np.ndarray]:
-    """One file's network rows (image, normalised target, mean, std).
-
-    The fast transform writes each slice's image and target into the chunk's arrays; the exact one is
-    fastMRI's own code, whose tensors are copied in.
-    """
-    crop_size = unet_crop_size(kspace.shape[-1], target[0], attrs)  # one file: one size
-    images = np.empty((len(indices), *crop_size), dtype=np.float32)
-    targets = np.empty_like(images)
-    means, stds = np.empty(len(indices), dtype=np.float32), np.empty(len(indices), dtype=np.float32)
-    for k, slice_num in enumerate(indices):
-        arguments = (kspace[k], target[k], attrs, fname, slice_num, mask_func, mask_seeds[k])
-        if transform == "exact":
-            sample = unet_sample(*arguments)
-            images[k], targets[k] = sample.image.numpy(), sample.target.numpy()
-        else:
-            sample = unet_sample_fast(*arguments, out=(images[k], targets[k]))
-        means[k], stds[k] = float(sample.mean), float(sample.std)
-    return {"image": images, "target": targets, "mean": means, "std": stds}
+    """One file's network rows (image, normalised target, mean, std): :func:`network_inputs`, whose fast
+    transform writes each slice straight into the chunk's arrays."""
+    rows = network_inputs(kspace, target, attrs, fname, indices, mask_func, mask_seeds, transform)
+    return {"image": rows.image, "target": rows.target, "mean": rows.mean, "std": rows.std}
 
 
 def network_rows_on_device(batch: dict[str, Any], device: torch.device) -> dict[str, torch.Tensor]:

@@ -2,12 +2,14 @@
 
 The selected checkpoint is the one of the epoch with the best validation SSIM (validation makes every
 choice; :mod:`ray_jobs.splits`). It is evaluated on every test volume under each of the configuration's
-test settings (fastMRI's 4x / 0.08 and 8x / 0.04 by default), with fastMRI's fixed per-volume masks and the
-volume metrics of validation, and the zero-filled input of the same rows beside it. The volumes are dealt
-to ``num_workers`` Ray tasks holding what one training worker holds (its GPU on GPU clusters). A run's
-evaluation is written once (``test_evaluation.json`` and ``volumes/test.parquet`` in the run directory)
-and skipped when it is there for the same selected epoch, so a resumed sweep evaluates what is missing and
-nothing twice.
+test settings (fastMRI's 4x / 0.08 and 8x / 0.04 by default), with fastMRI's fixed per-volume masks, and
+the zero-filled input of the same volumes beside it. It is scored as ``fastmri.evaluate`` scores a
+submission: against the target as stored. (Validation scores against the training transform's target,
+clamped to 6 standard deviations of the input, as fastMRI's ``MriModule`` does; on the synthetic sets that
+clamp touches up to 0.14% of a volume's pixels.) The volumes are dealt to ``num_workers`` Ray tasks holding
+what one training worker holds (its GPU on GPU clusters). A run's evaluation is written once
+(``test_evaluation.json`` and ``volumes/test.parquet`` in the run directory) and skipped when it is there
+for the same selected epoch, so a resumed sweep evaluates what is missing and nothing twice.
 """
 
 from __future__ import annotations
@@ -25,11 +27,18 @@ import torch
 
 from mri_models import experiment
 from mri_models.experiment import RunLayout
-from mri_models.metrics import PRIMARY_METRIC, VolumeMetricAccumulator, metric_table
+from mri_models.metrics import PRIMARY_METRIC, metric_table
 from mri_models.models import build_model
 from mri_models.plugins import load_plugins
+from mri_models.reconstruct import (
+    MaskSetting,
+    read_volume,
+    reconstruct_volume,
+    volume_metrics,
+    zero_filled_volume,
+)
 from ray_jobs.config import TrainConfig
-from ray_jobs.data import PreparedData, iter_rows_locally, val_read_tasks
+from ray_jobs.data import PreparedData, val_read_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +47,7 @@ SELECTION_RULE = (
     "by this evaluation, after training"
 )
 NETWORK, ZERO_FILLED = "network", "zero_filled"
+SCORED_AGAINST = "the stored target (reconstruction_esc), as fastmri.evaluate scores a submission"
 
 
 @dataclass(frozen=True)
@@ -81,14 +91,9 @@ def _setting_label(setting: dict[str, Any]) -> dict[str, Any]:
     return {"acceleration": setting["accelerations"][0], "center_fraction": setting["center_fractions"][0]}
 
 
-@torch.no_grad()
-def evaluate_volumes(
-    cfg: TrainConfig, checkpoint: str, slices: Sequence[tuple[str, int]], use_gpu: bool
-) -> list[dict[str, Any]]:
-    """Per-volume metrics of the network and of its zero-filled input on ``slices`` (whole volumes), for
-    every test setting of ``cfg``: one row per (source, setting, volume)."""
+def load_network(cfg: TrainConfig, checkpoint: str, device: torch.device) -> torch.nn.Module:
+    """The network of a run's checkpoint (a directory, local or a URI), in evaluation mode on ``device``."""
     load_plugins(cfg.plugins)  # a plugin architecture, in this task's process
-    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
     network = build_model(cfg.model, **cfg.model_hparams())
     state = torch.load(
         io.BytesIO(experiment.read_bytes(experiment.join(checkpoint, experiment.CHECKPOINT_FILE))),
@@ -96,25 +101,35 @@ def evaluate_volumes(
         weights_only=True,
     )
     network.load_state_dict(state["model"])
-    network.to(device).eval()
+    return network.to(device).eval()
+
+
+def evaluate_volumes(
+    cfg: TrainConfig, checkpoint: str, slices: Sequence[tuple[str, int]], use_gpu: bool
+) -> list[dict[str, Any]]:
+    """Per-volume metrics of the network and of its zero-filled input on ``slices`` (whole volumes), for
+    every test setting of ``cfg``: one row per (source, setting, volume).
+
+    Each volume is reconstructed as ``mri-reconstruct`` does (:mod:`mri_models.reconstruct`, one slice per
+    forward pass) and scored against its stored target, as ``fastmri.evaluate`` scores a submission.
+    """
+    device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
+    network = load_network(cfg, checkpoint, device)
+    settings = [
+        (setting, MaskSetting(cfg.mask_type, setting["accelerations"][0], setting["center_fractions"][0]))
+        for setting in cfg.test_settings()
+    ]
     rows = []
-    for setting in cfg.test_settings():
-        masked = cfg.model_copy(update={"center_fractions": tuple(setting["center_fractions"]),
-                                        "accelerations": tuple(setting["accelerations"])})  # fmt: skip
-        volumes = {NETWORK: VolumeMetricAccumulator(), ZERO_FILLED: VolumeMetricAccumulator()}
-        tasks = val_read_tasks(slices, 0, 1, cfg.slices_per_read)
-        for row in iter_rows_locally(tasks, masked, training=False):
-            image = torch.as_tensor(row["image"], device=device)[None, None]
-            output = network(image)[0, 0].cpu().numpy()
-            mean, std = float(row["mean"]), float(row["std"])
-            target = row["target"] * std + mean
-            for source, values in ((NETWORK, output), (ZERO_FILLED, row["image"])):
-                volumes[source].add_slices(
-                    [row["fname"]], [row["slice_num"]], [values * std + mean], [target], [row["max_value"]]
-                )
-        for source, accumulator in volumes.items():
-            for fname, metrics in accumulator.per_volume().items():
-                rows.append({"source": source, **_setting_label(setting), "file": fname, **metrics})
+    for path in sorted({path for path, _ in slices}):
+        volume = read_volume(path)
+        for setting, mask in settings:
+            outputs = {
+                NETWORK: reconstruct_volume(network, volume, mask, cfg.transform, device),
+                ZERO_FILLED: zero_filled_volume(volume, mask, cfg.transform),
+            }
+            for source, values in outputs.items():
+                metrics = volume_metrics(volume, values)
+                rows.append({"source": source, **_setting_label(setting), "file": volume.fname, **metrics})
     return rows
 
 
@@ -203,6 +218,7 @@ def write_evaluation(item: PendingRun, data: PreparedData, rows: list[dict[str, 
         "selected_epoch": item.selected.epoch,
         f"selected_val_{PRIMARY_METRIC}": item.selected.val_metric,
         "selection_rule": SELECTION_RULE,
+        "scored_against": SCORED_AGAINST,
         "checkpoint": os.path.basename(item.selected.path.rstrip("/")),
         "test_source": data.test_source,
         "settings": settings,

@@ -24,6 +24,7 @@ from ray_jobs.cli import add_common_arguments, exit_on_user_error, parse_overrid
 from ray_jobs.config import TrainConfig, make_train_config, profile_defaults
 from ray_jobs.data import PreparedData, ensure_synthetic_data, prepare_data
 from ray_jobs.final_evaluation import evaluate_runs, format_evaluation, pending
+from ray_jobs.replay import run_replay
 from ray_jobs.run import (
     build_trainer,
     check_cluster_fits,
@@ -53,6 +54,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--name", help="run name; rerunning a name resumes it (default from model, weights, seed)"
+    )
+    parser.add_argument(
+        "--replay",
+        metavar="EXP/TRIAL",
+        help="train a sweep's trial again alone and say whether every epoch equals the sweep's record",
     )
     add_common_arguments(parser, "any TrainConfig field, e.g. --set lr=3e-4 --set drop_prob=0.1")
     return parser.parse_args(argv)
@@ -85,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     """Validate everything, then train; exit code 2 for bad configuration or data, 1 for a failed run."""
     log_to_stdout()
     args = _parse_args(argv)
+    if args.replay:
+        code, replayed = exit_on_user_error(lambda: run_replay(args.replay, args.storage, args.name))
+        return code or replayed
     code, configured = exit_on_user_error(lambda: _configure(args))
     if code:
         return code

@@ -14,8 +14,9 @@ import os
 from typing import Any
 
 import ray
+import ray.train
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
@@ -261,3 +262,27 @@ def evaluate_finished_trials(layout: ExperimentLayout, results, data: PreparedDa
     if runs:
         logger.info("final evaluation of %d trial(s) on the test split (%s)", len(runs), data.test_source)
         evaluate_runs(runs, data, resolve_use_gpu(runs[0].cfg))
+
+
+def result_checkpoint(metrics: dict[str, Any] | None, experiment_path: str) -> ray.train.Checkpoint | None:
+    """The Ray Train checkpoint of one Tune result of a sweep (None: the result has none, or it was not kept).
+
+    Ray 2.60 runs a Train run inside a Tune trial through ``TuneReportCallback``, which does not hand the
+    checkpoint to Tune (it is in storage already) but adds its path to the result as ``checkpoint_path``:
+    so ``Result.checkpoint`` and ``ExperimentAnalysis.get_best_checkpoint`` find none, while
+    ``result.metrics["checkpoint_path"]`` names it. The checkpoint is looked up under the trial's own run
+    in ``experiment_path`` (``train_runs/<trial id>/<checkpoint dir>``), so it is found after the experiment
+    was moved or copied (a laptop after the cluster is gone), and on object storage with its scheme.
+
+    Args:
+        metrics: one result's metrics (``Result.metrics``, ``ExperimentAnalysis.best_result``, a row of
+            ``result.json``).
+        experiment_path: the sweep's directory, local or a URI.
+    """
+    path, trial_id = (metrics or {}).get(CHECKPOINT_PATH_KEY), (metrics or {}).get("trial_id")
+    if not path or not trial_id:
+        return None
+    uri = experiment.join(ExperimentLayout(experiment_path).train_run(trial_id).path, os.path.basename(path))
+    if not experiment.exists(experiment.join(uri, experiment.CHECKPOINT_FILE)):
+        return None
+    return ray.train.Checkpoint(uri)

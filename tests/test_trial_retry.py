@@ -23,12 +23,19 @@ REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 6
 
 
-def _alive_trial_drivers() -> list[int]:
-    """Process ids of the live Tune trial drivers (function trainables run in ``ImplicitFunc`` actors)."""
-    from ray.util.state import list_actors
+def _alive_trial_drivers(sweep_driver_pid: int) -> list[int]:
+    """Process ids of the live Tune trial drivers (function trainables run in ``ImplicitFunc`` actors) of
+    the sweep whose driver process is ``sweep_driver_pid``.
 
+    Only that sweep's: the suite shares one head, and a trial actor of another test's Tune run (the suite's
+    own process drives some in-process) that is still alive must not be taken for, nor hide, this one.
+    """
+    from ray.util.state import list_actors, list_jobs
+
+    jobs = {job.job_id for job in list_jobs(detail=True)
+            if job.driver_info is not None and str(job.driver_info.pid) == str(sweep_driver_pid)}  # fmt: skip
     filters = [("class_name", "=", "ImplicitFunc"), ("state", "=", "ALIVE")]
-    return [actor.pid for actor in list_actors(filters=filters, detail=True)]
+    return [actor.pid for actor in list_actors(filters=filters, detail=True) if actor.job_id in jobs]
 
 
 def _checkpointed_runs(experiment: Path) -> list[str]:
@@ -63,7 +70,7 @@ def test_a_retried_trial_counts_and_one_whose_last_attempt_failed_does_not(ray_l
             trial_id = runs[len(killed)]
         else:  # the second trial's retry, as soon as its driver is up
             trial_id = killed[1][0]
-        drivers = [pid for pid in _alive_trial_drivers() if pid not in {pid for _, pid in killed}]
+        drivers = [pid for pid in _alive_trial_drivers(driver.pid) if pid not in {pid for _, pid in killed}]
         if len(drivers) == 1:  # one trial at a time: the live driver is this trial's
             os.kill(drivers[0], signal.SIGKILL)
             killed.append((trial_id, drivers[0]))
