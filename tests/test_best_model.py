@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import h5py
 import numpy as np
@@ -22,6 +23,7 @@ from analysis.fastmri_evaluate import evaluate as fastmri_evaluation
 from mri_models.data.transforms import volume_mask_seed
 from mri_models.package import WEIGHTS_FILE, read_manifest
 from mri_models.reconstruct import RECONSTRUCTION_KEY, MaskSetting
+from ray_jobs import export, predict
 from tests.conftest import DriverProcess
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,6 +55,14 @@ def _data_root(sweep: Path) -> Path:
 
 def _predict(env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
     return _run(env, "-m", "ray_jobs.predict", *args)
+
+
+def _here(capsys, main, *args: str) -> SimpleNamespace:
+    """A command line's ``main`` run in this process: its exit code and what it printed."""
+    capsys.readouterr()
+    code = main(list(args))
+    printed = capsys.readouterr()
+    return SimpleNamespace(returncode=code, stdout=printed.out, stderr=printed.err)
 
 
 def _export(ray_head, sweep: Path, out: Path, *args: str) -> subprocess.CompletedProcess:
@@ -120,9 +130,10 @@ def test_export_the_best_and_reconstruct_what_the_final_evaluation_scored(ray_he
         assert printed[name] == format(ours, ".4g"), (name, cli.stdout)  # to printing precision
 
 
-def test_as_acquired_files_batches_resume_and_bad_roots(ray_head, sweep, tmp_path):
-    done = _export(ray_head, sweep, tmp_path / "pkg", "--best")
-    assert done.returncode == 0, done.stdout + done.stderr
+def test_as_acquired_files_batches_resume_and_bad_roots(sweep, tmp_path, capsys):
+    # In this process (the command lines' main functions): no Ray is needed, and each saves a start-up.
+    done = _here(capsys, export.main, "--experiment", str(sweep), "--best", "--out", str(tmp_path / "pkg"))
+    assert done.returncode == 0, done.stdout
     test_root = _data_root(sweep) / "singlecoil_test"
     # fastMRI's test layout: the k-space under-sampled with the volume's fixed 4x mask, the mask, no target.
     acquired = tmp_path / "singlecoil_test"
@@ -140,13 +151,13 @@ def test_as_acquired_files_batches_resume_and_bad_roots(ray_head, sweep, tmp_pat
                 dst.attrs[key] = src.attrs[key]
             dst.attrs["acceleration"] = 4
     model = ["--model", str(tmp_path / "pkg"), "--in-process"]
-    masked = _predict(ray_head.env, *model, "--data-root", str(test_root), "--out",
+    masked = _here(capsys, predict.main, *model, "--data-root", str(test_root), "--out",
                   str(tmp_path / "masked"), "--acceleration", "4")  # fmt: skip
-    as_acquired = _predict(ray_head.env, *model, "--data-root", str(acquired), "--out",
+    as_acquired = _here(capsys, predict.main, *model, "--data-root", str(acquired), "--out",
                        str(tmp_path / "acquired"), "--as-acquired")  # fmt: skip
     assert masked.returncode == 0 and as_acquired.returncode == 0, masked.stdout + as_acquired.stdout
     assert "no target in these files" in as_acquired.stdout
-    batched = _predict(ray_head.env, *model, "--data-root", str(test_root), "--out",
+    batched = _here(capsys, predict.main, *model, "--data-root", str(test_root), "--out",
                    str(tmp_path / "batched"), "--acceleration", "4", "--batch-size", "3")  # fmt: skip
     assert batched.returncode == 0, batched.stdout
     for path in sorted((tmp_path / "masked").glob("*.h5")):
@@ -161,12 +172,12 @@ def test_as_acquired_files_batches_resume_and_bad_roots(ray_head, sweep, tmp_pat
     outputs = sorted((tmp_path / "masked").glob("*.h5"))
     kept = {p.name: p.stat().st_mtime_ns for p in outputs[1:]}
     outputs[0].unlink()
-    again = _predict(ray_head.env, *model, "--data-root", str(test_root), "--out",
+    again = _here(capsys, predict.main, *model, "--data-root", str(test_root), "--out",
                  str(tmp_path / "masked"), "--acceleration", "4")  # fmt: skip
     assert again.returncode == 0 and "reconstructing 1 of 2 volumes (1 written already)" in again.stdout
     assert {p.name: p.stat().st_mtime_ns for p in outputs[1:]} == kept and outputs[0].exists()
     # Another setting into the same directory would overwrite: refused in one line, nothing touched.
-    other = _predict(ray_head.env, *model, "--data-root", str(test_root), "--out",
+    other = _here(capsys, predict.main, *model, "--data-root", str(test_root), "--out",
                  str(tmp_path / "masked"), "--acceleration", "8")  # fmt: skip
     assert other.returncode == 2 and "written by another model or mask setting" in other.stdout
     assert other.stdout.strip().count("\n") == 0
@@ -178,7 +189,7 @@ def test_as_acquired_files_batches_resume_and_bad_roots(ray_head, sweep, tmp_pat
         (test_root, ["--as-acquired"], "has no 'mask'"),
         (acquired, ["--acceleration", "4"], "carries a 'mask'"),
     ):
-        bad = _predict(ray_head.env, *model, "--data-root", str(root), "--out",
+        bad = _here(capsys, predict.main, *model, "--data-root", str(root), "--out",
                    str(tmp_path / "bad"), *extra)  # fmt: skip
         assert bad.returncode == 2 and message in bad.stdout, bad.stdout
         assert bad.stdout.strip().count("\n") == 0, bad.stdout
