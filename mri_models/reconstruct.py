@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from mri_models.data import store
+from mri_models.data.cache import FileCache
 from mri_models.data.hybrid_transforms import unet_sample_fast
 from mri_models.data.subsample import MaskFunc, create_mask_func
 from mri_models.data.transforms import unet_crop_size, unet_sample, volume_mask_seed
@@ -126,9 +127,10 @@ class Volume:
         return posixpath.basename(self.uri)
 
 
-def read_volume(uri: str) -> Volume:
-    """Read one fastMRI single-coil file (a local path or a URI)."""
-    with store.open_hdf5(uri) as hf:
+def read_volume(uri: str, cache: FileCache | None = None) -> Volume:
+    """Read one fastMRI single-coil file (a local path or a URI; through the node's ``cache`` of remote
+    files when given)."""
+    with store.open_hdf5(uri, cache) as hf:
         attrs = dict(hf.attrs)
         attrs.update(parse_ismrmrd_header(read_header_xml(hf)).as_dict())
         return Volume(

@@ -38,7 +38,7 @@ from mri_models.reconstruct import (
     zero_filled_volume,
 )
 from ray_jobs.config import TrainConfig
-from ray_jobs.data import PreparedData, val_read_tasks
+from ray_jobs.data import PreparedData, data_cache, val_read_tasks
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +121,7 @@ def evaluate_volumes(
     ]
     rows = []
     for path in sorted({path for path, _ in slices}):
-        volume = read_volume(path)
+        volume = read_volume(path, data_cache(cfg))  # remote test files: the node's cache, as training
         for setting, mask in settings:
             outputs = {
                 NETWORK: reconstruct_volume(network, volume, mask, cfg.transform, device),
