@@ -13,7 +13,6 @@ import secrets
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +23,7 @@ import numpy as np
 import pytest
 
 from mri_models.data.volume import build_ismrmrd_header, write_volume
+from tests.ray_processes import BIN, free_port, head_env, head_flags, kill_sessions, ray_start
 
 # Ray reads its authentication mode when it is first imported; the integration tests' head runs with token
 # authentication on (as Ray 2.60 recommends), so every Ray client in this process must send the token. The
@@ -175,12 +175,6 @@ def fastmri_root(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @dataclass(frozen=True)
 class RayHead:
     """A running head started with ``ray start`` (token authentication on), as a user's would be."""
@@ -200,24 +194,20 @@ def ray_head() -> Iterator[RayHead]:
     """
     import ray
 
-    bin_dir = Path(sys.executable).parent
-    port, dashboard_port = _free_port(), _free_port()
+    port, dashboard_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"
     env = {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     # As after `source .venv/bin/activate`: a job's `python` entrypoint resolves with the head's PATH.
-    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
-    subprocess.run(
-        [bin_dir / "ray", "start", "--head", f"--port={port}", f"--dashboard-port={dashboard_port}",
-         "--dashboard-host=127.0.0.1", "--num-cpus=2", "--disable-usage-stats"],
-        env=env, check=True, capture_output=True,
-    )  # fmt: skip
-    os.environ.update({"RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"})
-    ray.init(address=address, log_to_driver=False)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    sessions: set[int] = set()
     try:
+        ray_start([*head_flags(port, dashboard_port), "--num-cpus=2"], head_env(env), sessions)
+        os.environ.update({"RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"})
+        ray.init(address=address, log_to_driver=False)
         yield RayHead(address, f"http://127.0.0.1:{dashboard_port}", env)
     finally:
         ray.shutdown()
-        subprocess.run([bin_dir / "ray", "stop", "--force"], env=env, capture_output=True)
+        kill_sessions(sessions)  # this head's processes only; another run's cluster or the user's stay up
 
 
 @pytest.fixture(scope="session")
@@ -279,9 +269,9 @@ _S3_KEYS = {"access_key": "testing", "secret_key": "testing", "region": "us-east
 def moto_server(**server_env: str) -> Iterator[str]:
     """A ``moto_server`` process on a free loopback port (``server_env`` added to its environment); its
     endpoint URL. Stopped on exit."""
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
-        [Path(sys.executable).parent / "moto_server", "-H", "127.0.0.1", "-p", str(port)],
+        [BIN / "moto_server", "-H", "127.0.0.1", "-p", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,

@@ -7,7 +7,6 @@ raylets of one CPU each started with ``ray start --address`` (their own ports, t
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
@@ -23,10 +22,10 @@ import pandas as pd
 import pytest
 
 from ray_jobs.tune import TRIAL_DRIVER_RESOURCE
-from tests.conftest import DriverProcess, _free_port
+from tests.conftest import DriverProcess
+from tests.ray_processes import BIN, free_port, head_env, head_flags, kill_sessions, own_ports, ray_start
 
 REPO = Path(__file__).resolve().parents[1]
-BIN = Path(sys.executable).parent
 WORKER_MARKER = "test_worker_node_"  # a custom resource naming each worker raylet
 EPOCHS = 12
 
@@ -73,92 +72,32 @@ class MultiNodeCluster:
         return [actor["node_id"] for actor in self._list("actors", "class_name=RayTrainWorker", *filters)]
 
 
-STARTUP_TIMEOUT = "The current node timed out during startup"  # ray start's fixed 30 s wait for the GCS
-
-
-def _ray_start(args: list[str], env: dict[str, str], sessions: set[int], attempts: int = 2) -> None:
-    """``ray start ...`` in a session of its own, added to ``sessions`` (the id its daemons keep).
-
-    ``ray start`` gives a new raylet a fixed 30 s to appear in the GCS; on 2 loaded cores (the suite's own
-    head beside this cluster) that wait once ran out in CI. Such an attempt is killed whole and made again:
-    the start-up is this fixture's, not the behaviour under test. Any other failure fails at once.
-    """
-    for attempt in range(attempts):
-        process = subprocess.Popen(
-            [BIN / "ray", "start", *args, "--disable-usage-stats"], env=env, start_new_session=True,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        )  # fmt: skip
-        out, _ = process.communicate(timeout=120)
-        if process.returncode == 0:
-            sessions.add(process.pid)
-            return
-        _kill_sessions({process.pid})  # whatever the failed attempt left running
-        if STARTUP_TIMEOUT not in out or attempt == attempts - 1:
-            raise AssertionError(out)
-
-
-def _kill_sessions(sessions: set[int]) -> None:
-    """SIGKILL every process in these sessions: this cluster's daemons and workers, and nothing else.
-
-    Not ``ray stop``, which stops every Ray process on the machine, the session's shared head included.
-    """
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) in sessions:  # field 6 of /proc/<pid>/stat: the session id
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(int(stat.parent.name), signal.SIGKILL)
-
-
-def _own_ports(node_manager_port: int) -> list[str]:
-    """``ray start`` flags giving a node free ports of its own for every server it starts (its raylet on
-    ``node_manager_port``).
-
-    The suite's shared head holds Ray's default ports; a second cluster on the same machine must not race
-    it for them (a node whose metrics agent cannot bind leaves its workers logging export errors).
-    """
-    flags = ["object-manager-port", "dashboard-agent-listen-port",
-             "dashboard-agent-grpc-port", "metrics-export-port", "runtime-env-agent-port"]  # fmt: skip
-    return [f"--node-manager-port={node_manager_port}", *(f"--{flag}={_free_port()}" for flag in flags)]
-
-
 @pytest.fixture
 def multinode_cluster() -> Iterator[MultiNodeCluster]:
-    port, dashboard_port = _free_port(), _free_port()
+    port, dashboard_port = free_port(), free_port()
     address = f"127.0.0.1:{port}"
     env = {**os.environ, "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
-    # The head's dashboard and autoscaler metrics servers take their ports from the environment only.
-    head_env = {
-        **env,
-        "DASHBOARD_METRIC_PORT": str(_free_port()),
-        "AUTOSCALER_METRIC_PORT": str(_free_port()),
-    }
     sessions: set[int] = set()
     try:
         resources = json.dumps({TRIAL_DRIVER_RESOURCE: 1000})
-        _ray_start(
-            ["--head", f"--port={port}", f"--dashboard-port={dashboard_port}", "--dashboard-host=127.0.0.1",
-             f"--ray-client-server-port={_free_port()}", "--num-cpus=0", f"--resources={resources}",
-             *_own_ports(_free_port())], head_env, sessions,
-        )  # fmt: skip
+        ray_start([*head_flags(port, dashboard_port), "--num-cpus=0", f"--resources={resources}"],
+                  head_env(env), sessions)
         worker_ports = []
         for index in range(2):
-            node_manager_port = _free_port()  # names the raylet to kill later
+            node_manager_port = free_port()  # names the raylet to kill later
             marker = json.dumps({f"{WORKER_MARKER}{index}": 1})
             flags = [
                 f"--address={address}",
                 "--num-cpus=1",
                 f"--resources={marker}",
-                *_own_ports(node_manager_port),
+                *own_ports(node_manager_port),
             ]
-            _ray_start(flags, env, sessions)
+            ray_start(flags, env, sessions)
             worker_ports.append(node_manager_port)
         yield MultiNodeCluster(address, f"http://127.0.0.1:{dashboard_port}", env, worker_ports)
     finally:
-        _kill_sessions(sessions)
+        kill_sessions(sessions)
 
 
 def _sweep(cluster: MultiNodeCluster, storage: Path, name: str) -> DriverProcess:
