@@ -11,7 +11,7 @@ and reported as slices/s with ratios against the same model's first variant meas
 Peak memory is what one training step holds above what was allocated before it (parameters, and the
 optimiser state after warm-up): on CUDA ``torch.cuda.max_memory_allocated`` after
 ``reset_peak_memory_stats``; on CPU the allocator events of ``torch.profiler`` summed in time order, as
-:mod:`mri_models.cost` measures it (Inductor's CPU kernels allocate through the same allocator).
+:mod:`mri_models.model_cost` measures it (Inductor's CPU kernels allocate through the same allocator).
 
 The default is the paper's size (chans 32, 4 pools, 320x320, batch 1) on CUDA when available. On this
 CPU-only machine use ``--tiny`` (chans 8, 3 pools, 64x64, two steps per round): a smoke run of the same
@@ -30,8 +30,8 @@ from collections.abc import Callable
 import torch
 from train_step import Variant, print_table
 
-from mri_models.cost import peak_bytes_during
 from mri_models.losses import training_loss
+from mri_models.model_cost import peak_bytes_during
 from mri_models.models import AttentionOutput, ImageOutput, build_model
 from mri_models.step_options import (
     CompileFallbackWarning,

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from mri_models.models.registry import AttentionOutput
-from mri_models.registries import Registry
+from mri_models.named_registry import Registry
 
 
 def reconstruction_loss(output: Tensor, target: Tensor) -> Tensor:

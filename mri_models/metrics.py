@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from mri_models.registries import Registry
+from mri_models.named_registry import Registry
 
 ArrayLike = np.ndarray | torch.Tensor
 

@@ -19,7 +19,7 @@ import yaml
 from mri_models.data.validate import DataValidationError
 from mri_models.package import PackageError
 from ray_jobs.config import PROFILES, ConfigError, load_yaml
-from ray_jobs.run import connect
+from ray_jobs.trainer import connect
 
 # The exceptions that mean "the user's input is wrong", as opposed to a bug or a failed run.
 USER_ERRORS = (ConfigError, DataValidationError, PackageError, FileNotFoundError)

@@ -112,7 +112,7 @@ def run_on_ray(job: ReconstructionJob, uris: list[str], workers: int | None, use
     """The volumes through Ray Data: one row per volume, an actor pool of ``workers`` networks."""
     import ray
 
-    from ray_jobs.run import connect
+    from ray_jobs.trainer import connect
 
     connect()
     resources = ray.cluster_resources()

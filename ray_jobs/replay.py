@@ -21,8 +21,8 @@ from mri_models.experiment import ExperimentLayout, RunLayout
 from ray_jobs.checkpoints import history_from_checkpoint
 from ray_jobs.config import ConfigError, TrainConfig, make_train_config
 from ray_jobs.data import PreparedData
-from ray_jobs.run import build_trainer, check_cluster_fits, claim_run_name, connect, default_storage
 from ray_jobs.sweep_config import SweepSpec
+from ray_jobs.trainer import build_trainer, check_cluster_fits, claim_run_name, connect, default_storage
 from ray_jobs.tune import prepare_sweep_data
 
 # Wall-clock measurements: they differ between any two runs.

@@ -25,7 +25,7 @@ from ray_jobs.config import TrainConfig, make_train_config, profile_defaults
 from ray_jobs.data import PreparedData, ensure_synthetic_data, prepare_data
 from ray_jobs.final_evaluation import evaluate_runs, format_evaluation, pending
 from ray_jobs.replay import run_replay
-from ray_jobs.run import (
+from ray_jobs.trainer import (
     build_trainer,
     check_cluster_fits,
     claim_run_name,

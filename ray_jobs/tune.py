@@ -1,8 +1,8 @@
 """The Tune driver: grid searches whose trials are Ray Train runs, scheduled by ASHA or FIFO.
 
-Each trial function builds the trainer of :mod:`ray_jobs.run` with Tune's report callback. Its Train run is
-named after the trial id under ``<experiment>/train_runs`` and records its resolved configuration there, so
-a retried or restored trial resumes its own checkpoints, and the analysis knows every trial's
+Each trial function builds the trainer of :mod:`ray_jobs.trainer` with Tune's report callback. Its Train
+run is named after the trial id under ``<experiment>/train_runs`` and records its resolved configuration
+there, so a retried or restored trial resumes its own checkpoints, and the analysis knows every trial's
 configuration without re-deriving it. ASHA's rung records persist in ``asha_state.txt``
 (:mod:`ray_jobs.asha`).
 """
@@ -29,8 +29,8 @@ from ray_jobs.baseline import baselines_for, mask_settings, record_baselines
 from ray_jobs.config import ConfigError, make_train_config
 from ray_jobs.data import PreparedData, ensure_synthetic_data, prepare_data
 from ray_jobs.final_evaluation import evaluate_runs, pending
-from ray_jobs.run import build_trainer, check_cluster_fits, claim_run_name, connect, resolve_use_gpu
 from ray_jobs.sweep_config import SweepSpec
+from ray_jobs.trainer import build_trainer, check_cluster_fits, claim_run_name, connect, resolve_use_gpu
 
 logger = logging.getLogger(__name__)
 

@@ -22,10 +22,10 @@ import torch
 import torch.distributed as dist
 
 from mri_models.attention_metrics import AttentionStatsAccumulator, MpandAccumulator, report_keys
-from mri_models.cost import synchronised_clock
 from mri_models.experiment import RunLayout, read_json, write_json
 from mri_models.losses import penalty_terms, training_loss
 from mri_models.metrics import PRIMARY_METRIC, VolumeMetricAccumulator, metric_table
+from mri_models.model_cost import synchronised_clock
 from mri_models.models import build_model, get_architecture
 from mri_models.step_options import (
     autocast,

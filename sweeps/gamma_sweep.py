@@ -13,7 +13,7 @@ from pathlib import Path
 # The job's working directory is the repository: make its packages importable without installing them.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweeps.run import CONFIG_DIR, sweep_main
+from sweeps.sweep_command import CONFIG_DIR, sweep_main
 
 
 def main(argv: list[str] | None = None) -> int:

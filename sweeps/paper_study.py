@@ -8,7 +8,7 @@ The study directory ``<storage>/<name>`` holds ``model_comparison/`` (configs/mo
 U-Net and the Attention U-Net x seeds at full budget, FIFO), ``gamma_sweep/`` (configs/gamma_sweep.yaml
 for the paper's gate and Oktay et al.'s, at full budget too, whose best gamma > 0 with the paper's gate is
 Table 1's Sparse Attention U-Net: configs/paper_study.yaml has what the study changes in each sweep),
-``model_costs.json`` and ``report/report.md`` (:mod:`analysis.paper_study`: Table 1 beside the paper's,
+``model_costs.json`` and ``report/report.md`` (:mod:`analysis.study_report`: Table 1 beside the paper's,
 Figures 6 and 8, the attention coefficients against epoch and gamma, the findings marked reproduced / not
 reproduced / inconclusive and whether the penalty sparsifies each gate, the model-cost table).
 Everything is validated before the first trial starts. ``--resume`` continues an interrupted study where it
@@ -27,18 +27,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.collect import write_tables
 from analysis.findings import EQUIVALENCE_MARGIN
-from analysis.paper_study import write_report
+from analysis.study_report import write_report
 from mri_models import experiment
 from mri_models.experiment import GAMMA_SWEEP, MODEL_COMPARISON, StudyLayout
 from ray_jobs import log_to_stdout
 from ray_jobs.cli import add_common_arguments, exit_on_user_error, parse_overrides
 from ray_jobs.config import ConfigError, load_yaml
-from ray_jobs.costs import measure_on_cluster
+from ray_jobs.cost_task import measure_on_cluster
 from ray_jobs.data import ensure_synthetic_data
-from ray_jobs.run import connect, default_storage
 from ray_jobs.sweep_config import SweepSpec, load_sweep_spec
+from ray_jobs.trainer import connect, default_storage
 from ray_jobs.tune import prepare_sweep_data, run_sweep
-from sweeps.run import CONFIG_DIR
+from sweeps.sweep_command import CONFIG_DIR
 
 SWEEPS = (MODEL_COMPARISON, GAMMA_SWEEP)  # in the order they run
 

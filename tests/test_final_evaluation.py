@@ -27,8 +27,8 @@ from mri_models.models import build_model
 from ray_jobs.config import ConfigError, make_train_config
 from ray_jobs.data import VAL_SPLIT, prepare_data
 from ray_jobs.final_evaluation import evaluate_runs, pending
-from ray_jobs.run import build_trainer
 from ray_jobs.splits import split_by_patient
+from ray_jobs.trainer import build_trainer
 from tests.conftest import make_fastmri_volume
 
 

@@ -27,9 +27,9 @@ from analysis.findings import (
     SPARSIFIES,
     findings,
 )
-from analysis.paper_study import PAPER_TABLE_1, cost_table, table_one, write_report
-from mri_models.cost import count_parameters, measure_costs
+from analysis.study_report import PAPER_TABLE_1, cost_table, table_one, write_report
 from mri_models.experiment import StudyLayout
+from mri_models.model_cost import count_parameters, measure_costs
 from mri_models.models import build_model
 from tests.analysis_fixtures import ZERO_FILLED, TrialPlan, canned_spec, make_data_root, write_experiment
 from tests.conftest import DriverProcess, kill_once_a_trial_finished

@@ -213,7 +213,7 @@ def test_inductor_training_steps_match_eager(fp32_eager) -> None:
 def test_timed_regions_wait_for_a_cuda_device_and_not_for_a_cpu(monkeypatch):
     # CUDA kernels run asynchronously; the worker's compute and epoch times must wait for them. Only the
     # routing can be checked without a GPU (benchmarks/gpu_step.py times a real device).
-    from mri_models.cost import synchronised_clock
+    from mri_models.model_cost import synchronised_clock
 
     waited = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))

@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from mri_models.experiment import ASHA_STATE_FILE
 from mri_models.models import INSTANCE_NORM_FLOOR
 from ray_jobs.images import image_epochs
-from sweeps.run import sweep_main
+from sweeps.sweep_command import sweep_main
 from tests.conftest import DriverProcess, kill_once_a_trial_finished
 
 REPO = Path(__file__).resolve().parents[1]

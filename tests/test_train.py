@@ -18,7 +18,7 @@ from mri_models.models import build_model
 from ray_jobs.checkpoints import history_from_checkpoint
 from ray_jobs.config import make_train_config
 from ray_jobs.data import VAL_SPLIT, prepare_data
-from ray_jobs.run import build_trainer
+from ray_jobs.trainer import build_trainer
 from ray_jobs.worker import metric_keys
 
 pytestmark = pytest.mark.slow

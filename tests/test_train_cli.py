@@ -98,7 +98,7 @@ def test_real_process_exit_code(tiny_root, tmp_path):
 def test_an_architecture_option_through_set_names_the_run_and_builds_the_gate():
     from ray_jobs.cli import parse_overrides
     from ray_jobs.config import make_train_config, profile_defaults
-    from ray_jobs.run import default_run_name
+    from ray_jobs.trainer import default_run_name
 
     values = {**profile_defaults("smoke"), "model": "sparse_attention_unet", "gamma": 0.01}
     cfg = make_train_config({**values, **parse_overrides(["psi_norm=none"])})

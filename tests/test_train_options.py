@@ -17,7 +17,7 @@ import pytest
 from ray_jobs.checkpoints import history_from_checkpoint
 from ray_jobs.config import make_train_config
 from ray_jobs.data import prepare_data
-from ray_jobs.run import build_trainer
+from ray_jobs.trainer import build_trainer
 
 pytestmark = pytest.mark.slow
 

@@ -30,7 +30,7 @@ from typing import Any, Protocol, TypeVar
 
 from torch import Tensor, nn
 
-from mri_models.registries import Registry
+from mri_models.named_registry import Registry
 
 __all__ = [
     "SHARED_HPARAMS",

@@ -1,4 +1,4 @@
-"""The model-cost measurement (:mod:`mri_models.cost`) as one Ray task on a node like the training workers'.
+"""The model-cost measurement (:mod:`mri_models.model_cost`) as one Ray task on a node like the workers'.
 
 The task reserves what one training worker reserves (its CPUs, and a GPU when the run uses GPUs) and uses
 as many torch threads, so the costs describe the hardware the study trains on, not the job's driver.
@@ -11,9 +11,9 @@ from typing import Any
 import ray
 import torch
 
-from mri_models.cost import measure_costs
+from mri_models.model_cost import measure_costs
 from ray_jobs.config import TrainConfig
-from ray_jobs.run import resolve_use_gpu
+from ray_jobs.trainer import resolve_use_gpu
 
 
 def _measure(
@@ -37,7 +37,7 @@ def measure_on_cluster(configs: list[TrainConfig], image_size: tuple[int, int]) 
         image_size: the network input's ``(H, W)`` (the data's reconstruction size).
 
     Returns:
-        One row per arm, as :meth:`mri_models.cost.ModelCost.as_row`.
+        One row per arm, as :meth:`mri_models.model_cost.ModelCost.as_row`.
     """
     arms: dict[str, tuple[str, dict[str, float]]] = {}
     for cfg in configs:

@@ -14,7 +14,7 @@ intervals, the test that decides it, its Holm-adjusted p-value, its verdict and 
 Table 1's Sparse Attention U-Net is the gamma sweep's best gamma > 0 with the paper's gate, chosen by mean
 validation SSIM over seeds and reported on the test split (the model comparison trains the other two).
 
-Run ``python -m analysis.paper_study --study PATH [--out DIR]``.
+Run ``python -m analysis.study_report --study PATH [--out DIR]``.
 """
 
 from __future__ import annotations

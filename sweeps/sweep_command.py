@@ -14,8 +14,8 @@ from pathlib import Path
 from analysis.collect import summary, write_tables
 from ray_jobs import log_to_stdout
 from ray_jobs.cli import add_common_arguments, exit_on_user_error, parse_overrides
-from ray_jobs.run import default_storage
 from ray_jobs.sweep_config import load_sweep_spec
+from ray_jobs.trainer import default_storage
 from ray_jobs.tune import run_sweep
 
 CONFIG_DIR = Path(__file__).resolve().with_name("configs")
