@@ -1,8 +1,8 @@
-"""The experiment directory: its file and folder names, and reading and writing them on any storage.
+"""The experiment directory: its file and folder names, on any storage.
 
-Both sides use this module and nothing else to find their files: ``ray_jobs`` writes runs and sweeps, and
-``analysis`` reads them, possibly on a laptop after the cluster is gone. Paths are local paths or URIs
-(``s3://bucket/prefix``, ``gs://...``) and go through ``pyarrow.fs``, as Ray's own storage does.
+Both sides use this module to find their files: ``ray_jobs`` writes runs and sweeps, and ``analysis``
+reads them, possibly on a laptop after the cluster is gone. Paths are local paths or URIs
+(``s3://bucket/prefix``, ``gs://...``), joined, listed, read and written through :mod:`mri_models.storage`.
 
 A training run (``python -m ray_jobs.train --name NAME``, or one sweep trial) under its storage path::
 
@@ -29,14 +29,11 @@ A sweep (a Ray Tune experiment)::
 
 from __future__ import annotations
 
-import json
-import os
 import posixpath
 import re
 from dataclasses import dataclass
-from typing import Any
 
-import pyarrow.fs as pafs
+from mri_models.storage import exists, join, list_files, subdirectories
 
 SWEEP_FILE = "sweep.json"
 # Not ".json": Tune copies every *.json/*.pkl of the experiment root into its driver staging directory on
@@ -75,98 +72,6 @@ TRIAL_ERROR_FILE = "error.txt"  # appended to on every failed attempt, also when
 TUNE_STATE_PREFIX = "experiment_state-"
 
 _TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})_")
-
-
-# ----------------------------------------------------------------------------------------- storage
-
-
-def filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem of a local path or URI, and the path within it."""
-    if "://" in uri:
-        return pafs.FileSystem.from_uri(uri)
-    return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
-
-
-def join(base: str, *parts: str) -> str:
-    """Join path parts onto a local path (made absolute) or a URI."""
-    if "://" in base:
-        return posixpath.join(base.rstrip("/"), *parts)
-    return os.path.join(os.path.abspath(os.path.expanduser(base)), *parts)
-
-
-def exists(uri: str) -> bool:
-    fs, path = filesystem(uri)
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
-
-
-def is_dir(uri: str) -> bool:
-    fs, path = filesystem(uri)
-    return fs.get_file_info(path).type == pafs.FileType.Directory
-
-
-def read_bytes(uri: str) -> bytes | None:
-    """A whole file, or None when it does not exist or cannot be read."""
-    fs, path = filesystem(uri)
-    try:
-        with fs.open_input_stream(path) as f:
-            return f.read()
-    except (FileNotFoundError, OSError):
-        return None
-
-
-def read_text(uri: str) -> str | None:
-    data = read_bytes(uri)
-    return None if data is None else data.decode()
-
-
-def read_json(uri: str) -> Any:
-    """A JSON file's content, or None when the file does not exist."""
-    text = read_text(uri)
-    return None if text is None else json.loads(text)
-
-
-def write_bytes(uri: str, data: bytes) -> None:
-    """Write a whole file; on a local disk via a temporary file and a rename, so readers never see half."""
-    fs, path = filesystem(uri)
-    fs.create_dir(posixpath.dirname(path), recursive=True)
-    local = isinstance(fs, pafs.LocalFileSystem)
-    tmp = f"{path}.tmp{os.getpid()}" if local else path
-    with fs.open_output_stream(tmp) as f:
-        f.write(data)
-    if local:
-        os.replace(tmp, path)
-
-
-def write_text(uri: str, text: str) -> None:
-    write_bytes(uri, text.encode())
-
-
-def write_json(uri: str, value: Any) -> None:
-    write_text(uri, json.dumps(value, indent=2))
-
-
-def _entries(uri: str, kind: pafs.FileType) -> list[tuple[str, str]]:
-    """``(name, uri)`` of the entries of one kind directly under ``uri``, by name; empty when missing."""
-    fs, path = filesystem(uri)
-    try:
-        entries = fs.get_file_info(pafs.FileSelector(path))
-    except (FileNotFoundError, OSError):
-        return []
-    names = sorted(e.base_name for e in entries if e.type == kind)
-    return [(name, join(uri, name)) for name in names]
-
-
-def subdirectories(uri: str) -> list[tuple[str, str]]:
-    """``(name, uri)`` of the directories directly under ``uri``, sorted by name; empty when missing."""
-    return _entries(uri, pafs.FileType.Directory)
-
-
-def files(uri: str) -> list[tuple[str, str]]:
-    """``(name, uri)`` of the files directly under ``uri``, sorted by name; empty when missing."""
-    return _entries(uri, pafs.FileType.File)
-
-
-# ----------------------------------------------------------------------------------------- layout
 
 
 @dataclass(frozen=True)
@@ -218,7 +123,7 @@ class RunLayout:
 
     def checkpoints(self) -> list[str]:
         """The run's checkpoint directories (the trainer keeps the best by SSIM and the latest)."""
-        return [uri for name, uri in subdirectories(self.path) if name.startswith(CHECKPOINT_PREFIX)]
+        return [entry.uri for entry in subdirectories(self.path) if entry.name.startswith(CHECKPOINT_PREFIX)]
 
 
 @dataclass(frozen=True)
@@ -305,16 +210,16 @@ class ExperimentLayout:
 
     def tune_state_file(self) -> str | None:
         """Tune's newest experiment state file (its names sort by the driver's start date), if any."""
-        names = [(name, uri) for name, uri in files(self.path) if name.startswith(TUNE_STATE_PREFIX)]
-        return names[-1][1] if names else None
+        states = [entry.uri for entry in list_files(self.path) if entry.name.startswith(TUNE_STATE_PREFIX)]
+        return states[-1] if states else None
 
     def trial_dirs(self) -> list[TrialDir]:
         """Tune's trial directories (those holding ``params.json``), sorted by name."""
         return [
-            TrialDir(name, uri)
-            for name, uri in subdirectories(self.path)
-            if name not in (TRAIN_RUNS_DIR, RESULTS_DIR, ANALYSIS_DIR)
-            and exists(join(uri, TRIAL_PARAMS_FILE))
+            TrialDir(entry.name, entry.uri)
+            for entry in subdirectories(self.path)
+            if entry.name not in (TRAIN_RUNS_DIR, RESULTS_DIR, ANALYSIS_DIR)
+            and exists(join(entry.uri, TRIAL_PARAMS_FILE))
         ]
 
 

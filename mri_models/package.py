@@ -1,6 +1,6 @@
 """A model package: one trained network with everything needed to use it and to know where it came from.
 
-A package is a directory (a local path or a URI, written through :mod:`mri_models.experiment`)::
+A package is a directory (a local path or a URI, written through :mod:`mri_models.storage`)::
 
     <package>/model.pt        the bare network's state dict (``torch.load(weights_only=True)`` reads it; the
                               U-Net's loads into ``fastmri.models.Unet`` with strict keys)
@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mri_models import experiment
+from mri_models import storage
 from mri_models.models import build_model
 from mri_models.plugins import load_plugins
 
@@ -109,8 +109,8 @@ def write_package(uri: str, weights: bytes, manifest: PackageManifest) -> None:
     """Write ``model.pt`` and then ``package.json`` (its presence means the package is complete)."""
     if hashlib.sha256(weights).hexdigest() != manifest.weights_sha256:
         raise ValueError("the manifest's weights_sha256 is not the checksum of the weights given")
-    experiment.write_bytes(experiment.join(uri, WEIGHTS_FILE), weights)
-    experiment.write_text(experiment.join(uri, MANIFEST_FILE), manifest.to_json())
+    storage.write_bytes(storage.join(uri, WEIGHTS_FILE), weights)
+    storage.write_text(storage.join(uri, MANIFEST_FILE), manifest.to_json())
 
 
 def write_network(uri: str, network: nn.Module, **fields: Any) -> PackageManifest:
@@ -132,8 +132,8 @@ def read_manifest(uri: str) -> PackageManifest:
     Raises:
         PackageError: no manifest, not JSON, another format, a newer format version, or missing fields.
     """
-    where = experiment.join(uri, MANIFEST_FILE)
-    text = experiment.read_text(where)
+    where = storage.join(uri, MANIFEST_FILE)
+    text = storage.read_text(where)
     if text is None:
         raise PackageError(f"{uri}: not a model package (no {MANIFEST_FILE}; `mri-export` writes packages)")
     try:
@@ -164,8 +164,8 @@ def load_package(uri: str) -> ModelPackage:
             or altered ``model.pt``, a model this installation does not know, weights of another shape).
     """
     manifest = read_manifest(uri)
-    where = experiment.join(uri, WEIGHTS_FILE)
-    weights = experiment.read_bytes(where)
+    where = storage.join(uri, WEIGHTS_FILE)
+    weights = storage.read_bytes(where)
     if weights is None:
         raise PackageError(f"{where}: missing")
     if hashlib.sha256(weights).hexdigest() != manifest.weights_sha256:

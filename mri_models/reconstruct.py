@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import io
 import posixpath
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -25,7 +25,7 @@ from mri_models.data import store
 from mri_models.data.cache import FileCache
 from mri_models.data.hybrid_transforms import unet_sample_fast
 from mri_models.data.subsample import MaskFunc, create_mask_func
-from mri_models.data.transforms import unet_crop_size, unet_sample, volume_mask_seed
+from mri_models.data.transforms import SliceChunk, unet_crop_size, unet_sample, volume_mask_seed
 from mri_models.data.validate import MASK_KEY
 from mri_models.data.volume import KSPACE_KEY, TARGET_KEY, parse_ismrmrd_header, read_header_xml
 from mri_models.metrics import VolumeMetricAccumulator
@@ -44,38 +44,30 @@ class NetworkInputs(NamedTuple):
     std: np.ndarray  # (n,)
 
 
-def network_inputs(
-    kspace: np.ndarray,
-    target: np.ndarray | None,
-    attrs: Mapping[str, Any],
-    fname: str,
-    indices: Sequence[int],
-    mask_func: MaskFunc | None,
-    mask_seeds: Sequence[Any],
-    transform: str,
-) -> NetworkInputs:
-    """The network rows of ``indices`` of one file (``kspace`` and ``target`` hold those slices).
+def network_inputs(chunk: SliceChunk, transform: str) -> NetworkInputs:
+    """The network rows of some slices of one file.
 
     Args:
+        chunk: the slices, their file's attributes and their masks (no mask function: the k-space as it
+            is, fully sampled or under-sampled as acquired).
         transform: ``exact`` (fastMRI's own operations, bit-equal) or ``fast`` (within float32 rounding).
-        mask_func: None keeps the k-space as it is (fully sampled, or under-sampled as acquired).
     """
-    crop_size = unet_crop_size(kspace.shape[-1], None if target is None else target[0], attrs)
-    images = np.empty((len(indices), *crop_size), dtype=np.float32)
+    target = chunk.target
+    crop_size = unet_crop_size(chunk.kspace.shape[-1], None if target is None else target[0], chunk.attrs)
+    images = np.empty((len(chunk), *crop_size), dtype=np.float32)
     targets = None if target is None else np.empty_like(images)
-    means, stds = np.empty(len(indices), dtype=np.float32), np.empty(len(indices), dtype=np.float32)
+    means, stds = np.empty(len(chunk), dtype=np.float32), np.empty(len(chunk), dtype=np.float32)
     scratch = np.empty_like(images[0])
-    for k, slice_num in enumerate(indices):
-        slice_target = None if target is None else target[k]
-        arguments = (kspace[k], slice_target, attrs, fname, slice_num, mask_func, mask_seeds[k])
+    for k in range(len(chunk)):
+        inputs = chunk.slice_inputs(k)
         if transform == "exact":
-            sample = unet_sample(*arguments)
+            sample = unet_sample(inputs)
             images[k] = sample.image.numpy()
             if targets is not None:
                 targets[k] = sample.target.numpy()
         else:
             out = (images[k], targets[k] if targets is not None else scratch)
-            sample = unet_sample_fast(*arguments, out=out)
+            sample = unet_sample_fast(inputs, out=out)
         means[k], stds[k] = float(sample.mean), float(sample.std)
     return NetworkInputs(images, targets, means, stds)
 
@@ -153,6 +145,15 @@ def setting_problem(uri: str, has_mask: bool, setting: MaskSetting) -> str | Non
     return None
 
 
+def _volume_chunk(volume: Volume, setting: MaskSetting) -> SliceChunk:
+    """Every slice of the volume under the setting's mask, fastMRI's fixed one per volume (the file name
+    seeds it, as validation and the final evaluation seed it)."""
+    indices = list(range(volume.kspace.shape[0]))
+    seeds = [volume_mask_seed(volume.fname)] * len(indices)
+    mask_func = setting.mask_func()
+    return SliceChunk(volume.kspace, volume.target, volume.attrs, volume.fname, indices, mask_func, seeds)
+
+
 @torch.no_grad()
 def reconstruct_volume(
     network: nn.Module,
@@ -176,13 +177,11 @@ def reconstruct_volume(
         device: Where the network is.
         batch_size: Slices per forward pass.
     """
-    indices = list(range(volume.kspace.shape[0]))
-    seeds = [volume_mask_seed(volume.fname)] * len(indices)
-    inputs = network_inputs(volume.kspace, volume.target, volume.attrs, volume.fname, indices,
-                            setting.mask_func(), seeds, transform)  # fmt: skip
+    inputs = network_inputs(_volume_chunk(volume, setting), transform)
+    count = len(inputs.image)
     out = np.empty_like(inputs.image)
-    for start in range(0, len(indices), batch_size):
-        stop = min(start + batch_size, len(indices))
+    for start in range(0, count, batch_size):
+        stop = min(start + batch_size, count)
         image = torch.as_tensor(inputs.image[start:stop], device=device)[:, None]
         output = network(image)[:, 0].cpu().numpy()
         for k in range(start, stop):
@@ -192,11 +191,9 @@ def reconstruct_volume(
 
 def zero_filled_volume(volume: Volume, setting: MaskSetting, transform: str = "fast") -> np.ndarray:
     """The network's input, un-normalised: the zero-filled baseline's reconstruction of the volume."""
-    indices = list(range(volume.kspace.shape[0]))
-    seeds = [volume_mask_seed(volume.fname)] * len(indices)
-    inputs = network_inputs(volume.kspace, volume.target, volume.attrs, volume.fname, indices,
-                            setting.mask_func(), seeds, transform)  # fmt: skip
-    return np.stack([inputs.image[k] * float(inputs.std[k]) + float(inputs.mean[k]) for k in indices])
+    inputs = network_inputs(_volume_chunk(volume, setting), transform)
+    slices = range(len(inputs.image))
+    return np.stack([inputs.image[k] * float(inputs.std[k]) + float(inputs.mean[k]) for k in slices])
 
 
 def crop_to_target(volume: Volume) -> np.ndarray | None:

@@ -51,7 +51,7 @@ class FileCache:
         """The path of a complete local copy of ``uri``, downloading it if needed; None if it cannot fit.
 
         Raises:
-            DataStoreError: the object cannot be read (naming the URI).
+            StorageError: the object cannot be read (naming the URI).
         """
         size, tag = store.version(uri)
         if size > self.max_bytes:
