@@ -13,37 +13,23 @@ and per level (level 1 the finest; :mod:`mri_models.attention_metrics`). This st
 
 and writes both tables as CSV (``attention_curves.csv``, ``attention_gamma.csv``).
 
-Run ``python analysis/attention_curves.py --experiment PATH [--out DIR]``.
+Run ``python -m analysis.attention_curves --experiment PATH [--out DIR]``.
 """
 
 from __future__ import annotations
 
 import math
 import re
-import sys
 from collections.abc import Sequence
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import matplotlib.pyplot as plt
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from analysis.common import (
-    Artifact,
-    OutDir,
-    StepResult,
-    Study,
-    aggregate,
-    at_common_budget,
-    config_groups,
-    config_text,
-    markdown_table,
-    mean_std_text,
-    option_keys,
-    run_step,
-)
+from analysis.cli import run_step
+from analysis.output import Artifact, OutDir, StepResult, config_text, markdown_table, mean_std_text
+from analysis.seed_stats import aggregate, at_common_budget, config_groups
+from analysis.study import Study, option_keys
 from mri_models.models import INSTANCE_NORM_FLOOR
 
 # The least mean alpha the paper's gate (psi followed by an instance norm without affine parameters) can

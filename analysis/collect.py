@@ -36,9 +36,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from analysis.outcome import parse_failures, trial_outcome, tune_trial_states
-from mri_models import experiment as storage
-from mri_models.experiment import ExperimentLayout
+from analysis.outcome import TuneTrialState, parse_failures, trial_outcome, tune_trial_states
+from mri_models import storage
+from mri_models.experiment import HISTORY_FILE, ExperimentLayout, TrialDir
 from mri_models.losses import penalty_terms
 from mri_models.metrics import PRIMARY_METRIC, metric_table
 
@@ -83,9 +83,9 @@ def test_columns(record: dict | None) -> dict[str, float]:
 
 def _trial_volumes(layout: ExperimentLayout, trial_id: str, config_columns: dict) -> list[pd.DataFrame]:
     frames = []
-    for _, uri in storage.files(layout.train_run(trial_id).volumes_dir):
-        data = storage.read_bytes(uri)
-        if uri.endswith(".parquet") and data:
+    for entry in storage.list_files(layout.train_run(trial_id).volumes_dir, suffix=".parquet"):
+        data = storage.read_bytes(entry.uri)
+        if data:
             frame = pd.read_parquet(io.BytesIO(data))
             for key, value in reversed([("trial_id", trial_id), *config_columns.items()]):
                 frame.insert(0, key, value)
@@ -110,6 +110,25 @@ def _baseline_volumes(layout: ExperimentLayout) -> list[pd.DataFrame]:
     return frames
 
 
+@dataclass
+class _SweepRecords:
+    """What the sweep recorded about all of its trials."""
+
+    search_keys: list[str] | None  # None for sweeps written before search keys were recorded
+    max_epochs: int | None
+    stopped: set[str]  # the trials ASHA stopped early
+    tune_states: dict[str, TuneTrialState]
+
+
+@dataclass
+class _TrialRows:
+    """One trial directory's share of the experiment's tables."""
+
+    trial: dict
+    epochs: list[dict]
+    volumes: list[pd.DataFrame]
+
+
 def collect(path: str) -> Experiment:
     """Read an experiment directory (local or s3://) into per-epoch and per-trial tables.
 
@@ -123,54 +142,19 @@ def collect(path: str) -> Experiment:
     if not storage.is_dir(path):
         raise FileNotFoundError(f"experiment directory {path} does not exist")
     sweep = storage.read_json(layout.sweep_file) or {}
-    stopped = set((storage.read_json(layout.asha_state_file) or {}).get("stopped_trials", []))
-    tune_states = tune_trial_states(layout)
-    search_keys = sweep.get("search_keys")
-    max_epochs = sweep.get("max_epochs")
+    records = _SweepRecords(
+        search_keys=sweep.get("search_keys"),
+        max_epochs=sweep.get("max_epochs"),
+        stopped=set((storage.read_json(layout.asha_state_file) or {}).get("stopped_trials", [])),
+        tune_states=tune_trial_states(layout),
+    )
     problems: list[str] = []
     trial_rows, epoch_rows, volume_frames = [], [], _baseline_volumes(layout)
     for trial_dir in layout.trial_dirs():
-        config = storage.read_json(trial_dir.params_file) or {}
-        reports = _read_reports(trial_dir.name, storage.read_text(trial_dir.result_file) or "", problems)
-        trial_id = (reports[0].get("trial_id") if reports else None) or trial_dir.trial_id_from_name()
-        failures = parse_failures(storage.read_text(trial_dir.error_file))
-        outcome = trial_outcome(reports, failures, tune_states.get(trial_id), max_epochs, trial_id in stopped)
-        reports = _last_report_per_epoch(reports)
-        keys = search_keys or sorted(config)
-        config_columns = {key: config.get(key) for key in keys}
-        for report in reports:
-            row = {"trial_id": trial_id, **config_columns}
-            row.update({k: v for k, v in report.items() if k not in _TUNE_KEYS and not isinstance(v, dict)})
-            epoch_rows.append(row)
-        epochs_run = int(max((r.get("epoch", 0) for r in reports), default=0))
-        # Epoch 0 is the untrained network: a row of the curves, never a trial's last or best epoch.
-        trained = [r for r in reports if (r.get("epoch") or 0) >= 1]
-        row = {"trial_id": trial_id, **config_columns, "status": outcome.status, "epochs_run": epochs_run,
-               "attempts": outcome.attempts}  # fmt: skip
-        for metric in summarised_metrics():
-            values = [r.get(metric) for r in trained]
-            values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
-            if trained and not values and metric in metric_table():
-                problems.append(f"trial {trial_id}: no value of {metric} in its results")
-            row[f"last_{metric}"] = values[-1] if values else math.nan
-        # The best epoch is the best by the primary metric; every metric is reported at that epoch.
-        sign = 1.0 if metric_table()[PRIMARY_METRIC].higher_is_better else -1.0
-        best = max(trained, key=lambda r: sign * _number(r.get(PRIMARY_METRIC), sign), default=None)
-        for metric in (*metric_table(), "epoch"):
-            row[f"best_{metric}"] = _number(best.get(metric)) if best else math.nan
-        row.update(test_columns(storage.read_json(layout.train_run(trial_id).test_evaluation_file)))
-        volume_frames += _trial_volumes(layout, trial_id, config_columns)
-        row["error"] = outcome.error
-        row["earlier_error"] = outcome.earlier_error
-        row["trial_dir"] = trial_dir.name
-        trial_rows.append(row)
-        if outcome.error:
-            problems.append(f"trial {trial_id} {outcome.status}: {outcome.error}")
-        elif outcome.earlier_error:
-            problems.append(
-                f"trial {trial_id} {outcome.status} after {outcome.attempts} attempts (Tune retried it; "
-                f"last earlier error: {outcome.earlier_error})"
-            )
+        rows = _collect_trial(layout, trial_dir, records, problems)
+        trial_rows.append(rows.trial)
+        epoch_rows += rows.epochs
+        volume_frames += rows.volumes
     trials = pd.DataFrame(trial_rows)
     epochs = pd.DataFrame(epoch_rows)
     volumes = pd.concat(volume_frames, ignore_index=True) if volume_frames else pd.DataFrame()
@@ -179,6 +163,62 @@ def collect(path: str) -> Experiment:
     elif not any(column.startswith("test_") for column in trials):
         problems.append(f"{layout.name}: no test evaluation (an experiment from before the held-out split)")
     return Experiment(path, trials, epochs, problems, volumes)
+
+
+def _collect_trial(
+    layout: ExperimentLayout, trial_dir: TrialDir, records: _SweepRecords, problems: list[str]
+) -> _TrialRows:
+    """A trial directory's rows; what is wrong with it is added to ``problems``."""
+    config = storage.read_json(trial_dir.params_file) or {}
+    reports = _read_reports(trial_dir.name, storage.read_text(trial_dir.result_file) or "", problems)
+    trial_id = (reports[0].get("trial_id") if reports else None) or trial_dir.trial_id_from_name()
+    reports = _with_checkpointed_epochs(reports, layout, trial_id, problems)
+    failures = parse_failures(storage.read_text(trial_dir.error_file))
+    state = records.tune_states.get(trial_id)
+    outcome = trial_outcome(reports, failures, state, records.max_epochs, trial_id in records.stopped)
+    reports = _last_report_per_epoch(reports)
+    keys = records.search_keys or sorted(config)
+    config_columns = {key: config.get(key) for key in keys}
+    epochs = []
+    for report in reports:
+        row = {"trial_id": trial_id, **config_columns}
+        row.update({k: v for k, v in report.items() if k not in _TUNE_KEYS and not isinstance(v, dict)})
+        epochs.append(row)
+    epochs_run = int(max((r.get("epoch", 0) for r in reports), default=0))
+    row = {"trial_id": trial_id, **config_columns, "status": outcome.status, "epochs_run": epochs_run,
+           "attempts": outcome.attempts}  # fmt: skip
+    row.update(_metric_columns(trial_id, reports, problems))
+    row.update(test_columns(storage.read_json(layout.train_run(trial_id).test_evaluation_file)))
+    volumes = _trial_volumes(layout, trial_id, config_columns)
+    row.update(error=outcome.error, earlier_error=outcome.earlier_error, trial_dir=trial_dir.name)
+    if outcome.error:
+        problems.append(f"trial {trial_id} {outcome.status}: {outcome.error}")
+    elif outcome.earlier_error:
+        problems.append(
+            f"trial {trial_id} {outcome.status} after {outcome.attempts} attempts (Tune retried it; "
+            f"last earlier error: {outcome.earlier_error})"
+        )
+    return _TrialRows(row, epochs, volumes)
+
+
+def _metric_columns(trial_id: str, reports: list[dict], problems: list[str]) -> dict[str, float]:
+    """``last_<metric>`` of every summarised metric, and ``best_<metric>`` of the metric table's metrics
+    and the epoch at the best epoch by the primary metric."""
+    # Epoch 0 is the untrained network: a row of the curves, never a trial's last or best epoch.
+    trained = [r for r in reports if (r.get("epoch") or 0) >= 1]
+    columns = {}
+    for metric in summarised_metrics():
+        values = [r.get(metric) for r in trained]
+        values = [v for v in values if isinstance(v, (int, float)) and not math.isnan(v)]
+        if trained and not values and metric in metric_table():
+            problems.append(f"trial {trial_id}: no value of {metric} in its results")
+        columns[f"last_{metric}"] = values[-1] if values else math.nan
+    # The best epoch is the best by the primary metric; every metric is reported at that epoch.
+    sign = 1.0 if metric_table()[PRIMARY_METRIC].higher_is_better else -1.0
+    best = max(trained, key=lambda r: sign * _number(r.get(PRIMARY_METRIC), sign), default=None)
+    for metric in (*metric_table(), "epoch"):
+        columns[f"best_{metric}"] = _number(best.get(metric)) if best else math.nan
+    return columns
 
 
 def _read_reports(trial_name: str, text: str, problems: list[str]) -> list[dict]:
@@ -190,6 +230,27 @@ def _read_reports(trial_name: str, text: str, problems: list[str]) -> list[dict]
         except json.JSONDecodeError:
             problems.append(f"{trial_name}: unreadable line in result.json (trial interrupted mid-write?)")
     return reports
+
+
+def _with_checkpointed_epochs(
+    reports: list[dict], layout: ExperimentLayout, trial_id: str, problems: list[str]
+) -> list[dict]:
+    """The reports, with the epochs that only the trial's newest checkpoint recorded, in epoch order.
+
+    Tune's driver writes ``result.json`` in a staging directory and copies it to the experiment every few
+    minutes, while the workers write their checkpoints (with every epoch's metrics so far) to the
+    experiment themselves. A driver killed in between leaves the last reports only in the checkpoint; a
+    resumed trial continues after the checkpoint and never reports those epochs again.
+    """
+    checkpoints = sorted(layout.train_run(trial_id).checkpoints())
+    history = storage.read_json(storage.join(checkpoints[-1], HISTORY_FILE)) if checkpoints else None
+    reported = {report.get("epoch") for report in reports}
+    missing = [entry for entry in history or [] if entry.get("epoch") not in reported]
+    if not missing:
+        return reports
+    epochs = ", ".join(str(entry.get("epoch")) for entry in missing)
+    problems.append(f"trial {trial_id}: epoch(s) {epochs} taken from its checkpoint (not in result.json)")
+    return sorted([*missing, *reports], key=lambda report: report.get("epoch", 0))  # stable: last stays last
 
 
 def _last_report_per_epoch(reports: list[dict]) -> list[dict]:

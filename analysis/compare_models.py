@@ -16,43 +16,32 @@ the whole table and, with at least six pairs, the Wilcoxon signed-rank test.
 Errored and diverged trials are left out of the statistics (and counted in ``failed``); trials stopped by
 ASHA or left unfinished count with the epochs they ran (their statuses are listed per row).
 
-Run ``python analysis/compare_models.py --experiment PATH [--out DIR]``.
+Run ``python -m analysis.compare_models --experiment PATH [--out DIR]``.
 """
 
 from __future__ import annotations
 
-import sys
+import itertools
 from collections.abc import Sequence
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pandas as pd
 from scipy import stats
 
-from analysis.common import (
+from analysis.cli import run_step
+from analysis.inference import ALPHA, estimate, holm, one_sided_p, paired_test, plan_t
+from analysis.output import (
     Artifact,
     OutDir,
     StepResult,
-    Study,
-    aggregate,
     baseline_label,
     config_text,
-    image_metrics,
     markdown_table,
     mean_std_text,
-    paired_test,
-    pairs,
-    point_column,
-    point_label,
-    reported_point,
-    run_step,
-    seed_table,
-    test_points,
-    zero_filled_row,
 )
-from analysis.inference import ALPHA, estimate, holm, one_sided_p, plan_t
+from analysis.points import point_column, point_label, test_points
+from analysis.seed_stats import aggregate, seed_table, zero_filled_row
+from analysis.study import Study, image_metrics, reported_point
 from mri_models.metrics import PRIMARY_METRIC, metric_table
 
 POINTS = {"best": f"epoch of best validation {PRIMARY_METRIC.upper()}", "last": "last epoch"}
@@ -169,7 +158,7 @@ def paired_differences(study: Study) -> pd.DataFrame:
         return pd.DataFrame()
     match = [*study.config_keys, "seed"]
     rows = []
-    for reference, other in pairs(study.arms()):
+    for reference, other in itertools.combinations(study.arms(), 2):
         a, b = trials[trials["arm"] == reference], trials[trials["arm"] == other]
         for point in points(study):
             for metric in image_metrics():

@@ -1,7 +1,7 @@
 """The paper's findings, each decided by a test that can come out either way, with the seeds it needs.
 
 Every comparison is paired by seed (a seed fixes initial weights, data order and masks in every arm) and
-read at equal training (:func:`analysis.common.reported_point`). The statistics are those of
+read at equal training (:func:`analysis.study.reported_point`). The statistics are those of
 :mod:`analysis.inference`; the decision rules and their justification are in ``docs/statistics.md``.
 
 (a) *attention matches or beats the U-Net* (the paper's Section 5.1, Table 1): per seed the SSIM
@@ -35,7 +35,6 @@ import numpy as np
 import pandas as pd
 
 from analysis.attention_curves import INSTANCE_BOUND
-from analysis.common import Study, at_common_budget, point_column, point_label, reported_point, seed_table
 from analysis.inference import (
     ALPHA,
     Estimate,
@@ -49,6 +48,9 @@ from analysis.inference import (
     tost_p,
     trend_p,
 )
+from analysis.points import point_column, point_label
+from analysis.seed_stats import at_common_budget, seed_table
+from analysis.study import Study, reported_point
 from mri_models.metrics import PRIMARY_METRIC
 
 # SSIM differences within this count as "matches": the paper reports SSIM to two decimals, reads its

@@ -6,36 +6,23 @@ whole run, and the value at a common epoch budget, the largest epoch every compl
 reached (typically ASHA's grace period), because trials stopped early by ASHA had fewer epochs to reach
 their best; stopped trials are drawn as crosses. A U-Net in the same experiments is a dotted reference.
 
-Run ``python analysis/gamma_curves.py --experiment PATH [--out DIR]``.
+Run ``python -m analysis.gamma_curves --experiment PATH [--out DIR]``.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from analysis.common import (
-    Artifact,
-    OutDir,
-    StepResult,
-    Study,
-    aggregate,
-    baseline_label,
-    common_budget,
-    config_groups,
-    config_text,
-    draw_baselines,
-    image_metrics,
-    metric_at_epoch,
-    run_step,
-)
+from analysis.cli import run_step
+from analysis.output import Artifact, OutDir, StepResult, baseline_label, config_text, draw_baselines
+from analysis.points import common_budget, metric_at_epoch
+from analysis.seed_stats import aggregate, config_groups
+from analysis.study import Study, image_metrics
+from mri_models.metrics import Metric
 
 
 def trial_points(study: Study) -> tuple[pd.DataFrame, int | None]:
@@ -84,78 +71,94 @@ def _unet_reference(study: Study, metric: str) -> float:
 def plot(study: Study, points: pd.DataFrame, table: pd.DataFrame, budget: int | None) -> plt.Figure:
     """One panel per metric: the curves over gamma, the gamma = 0 reference lines, the trials."""
     gammas = sorted(points["gamma"].unique())
-    nonzero = [g for g in gammas if g > 0]
     metrics = image_metrics()
     figure, axes = plt.subplots(1, len(metrics), figsize=(5.2 * len(metrics), 4.2), squeeze=False)
     styles = {
         "best": {"linestyle": "-", "marker": "o", "label": "best epoch of the run"},
         "budget": {"linestyle": "--", "marker": "s", "label": f"at epoch {budget} (common budget)"},
     }
-    colours = plt.get_cmap("tab10")
     groups = config_groups(table, study.config_keys)
     for ax, (metric, spec) in zip(axes[0], metrics.items(), strict=True):
-        for k, (config, rows) in enumerate(groups):
-            suffix = f" [{config_text(config, list(config))}]" if config else ""
-            for j, (point, style) in enumerate(styles.items()):
-                # One configuration: colour tells the two series apart; several: it tells configurations.
-                colour = colours(j) if len(groups) == 1 else colours(k % 10)
-                line = rows[rows["point"] == point].sort_values("gamma")
-                if line.empty:
-                    continue
-                ax.errorbar(
-                    line["gamma"],
-                    line[f"{metric}_mean"],
-                    yerr=line[f"{metric}_std"].fillna(0.0),
-                    color=colour,
-                    capsize=3,
-                    linestyle=style["linestyle"],
-                    marker=style["marker"],
-                    ms=5,
-                    label=style["label"] + suffix,
-                    alpha=0.9 if point == "best" else 0.6,
-                )
-                reference = line[line["gamma"] == 0]
-                if not reference.empty:
-                    ax.axhline(
-                        reference[f"{metric}_mean"].iloc[0],
-                        color=colour,
-                        linestyle=style["linestyle"],
-                        linewidth=0.9,
-                        alpha=0.5,
-                        label=f"Attention U-Net (γ=0), {point}{suffix}",
-                    )
-        # Individual trials of the full-run series; crosses for those ASHA stopped early.
-        trials = points[points["point"] == "best"]
-        for stopped, marker in ((False, "."), (True, "x")):
-            chosen = trials[(trials["status"] == "stopped") == stopped]
-            if not chosen.empty:
-                ax.scatter(
-                    chosen["gamma"],
-                    chosen[metric],
-                    marker=marker,
-                    color="black" if not stopped else "tab:red",
-                    s=22,
-                    alpha=0.6,
-                    zorder=3,
-                    label="trial stopped early by ASHA" if stopped else "trial (best epoch)",
-                )
+        _draw_curves(ax, groups, metric, styles)
+        _draw_trials(ax, points[points["point"] == "best"], metric)
         unet = _unet_reference(study, metric)
         if np.isfinite(unet):
             ax.axhline(unet, color="black", linestyle=":", linewidth=1.2, label="U-Net (best epoch)")
-        draw_baselines(ax, study, metric)
-        if nonzero:
-            ax.set_xscale("symlog", linthresh=min(nonzero), linscale=0.5)
-        ax.set_xticks(gammas)
-        ax.set_xticklabels([f"{g:g}" for g in gammas], rotation=30)
-        ax.set_xlabel("γ (attention sparsity weight, symlog)")
-        ax.set_ylabel(spec.label + ("" if spec.higher_is_better else " (lower is better)"))
-        ax.set_title(f"{spec.label} against γ")
-        ax.grid(alpha=0.3)
+        draw_baselines(ax, study.baselines, metric)
+        _label_axes(ax, gammas, spec)
     handles, labels = axes[0, 0].get_legend_handles_labels()
     figure.legend(handles, labels, loc="lower center", ncol=min(3, len(labels)), fontsize=8, frameon=False)
     figure.suptitle("Sparse Attention U-Net: validation metrics against γ (mean ± std over seeds)")
     figure.tight_layout(rect=(0, 0.08 + 0.03 * (len(labels) // 3), 1, 1))
     return figure
+
+
+def _draw_curves(
+    ax: plt.Axes, groups: list[tuple[dict, pd.DataFrame]], metric: str, styles: dict[str, dict[str, str]]
+) -> None:
+    """Per configuration and series (``best``, ``budget``): mean ± std over gamma, and its value at gamma = 0
+    (the Attention U-Net) as a reference line."""
+    colours = plt.get_cmap("tab10")
+    for k, (config, rows) in enumerate(groups):
+        suffix = f" [{config_text(config, list(config))}]" if config else ""
+        for j, (point, style) in enumerate(styles.items()):
+            # One configuration: colour tells the two series apart; several: it tells configurations.
+            colour = colours(j) if len(groups) == 1 else colours(k % 10)
+            line = rows[rows["point"] == point].sort_values("gamma")
+            if line.empty:
+                continue
+            ax.errorbar(
+                line["gamma"],
+                line[f"{metric}_mean"],
+                yerr=line[f"{metric}_std"].fillna(0.0),
+                color=colour,
+                capsize=3,
+                linestyle=style["linestyle"],
+                marker=style["marker"],
+                ms=5,
+                label=style["label"] + suffix,
+                alpha=0.9 if point == "best" else 0.6,
+            )
+            reference = line[line["gamma"] == 0]
+            if not reference.empty:
+                ax.axhline(
+                    reference[f"{metric}_mean"].iloc[0],
+                    color=colour,
+                    linestyle=style["linestyle"],
+                    linewidth=0.9,
+                    alpha=0.5,
+                    label=f"Attention U-Net (γ=0), {point}{suffix}",
+                )
+
+
+def _draw_trials(ax: plt.Axes, trials: pd.DataFrame, metric: str) -> None:
+    """Individual trials of the full-run series; crosses for those ASHA stopped early."""
+    for stopped, marker in ((False, "."), (True, "x")):
+        chosen = trials[(trials["status"] == "stopped") == stopped]
+        if not chosen.empty:
+            ax.scatter(
+                chosen["gamma"],
+                chosen[metric],
+                marker=marker,
+                color="black" if not stopped else "tab:red",
+                s=22,
+                alpha=0.6,
+                zorder=3,
+                label="trial stopped early by ASHA" if stopped else "trial (best epoch)",
+            )
+
+
+def _label_axes(ax: plt.Axes, gammas: list[float], spec: Metric) -> None:
+    """A symlog gamma axis (so that 0 shows next to log-spaced gammas) ticked at the gammas run."""
+    nonzero = [g for g in gammas if g > 0]
+    if nonzero:
+        ax.set_xscale("symlog", linthresh=min(nonzero), linscale=0.5)
+    ax.set_xticks(gammas)
+    ax.set_xticklabels([f"{g:g}" for g in gammas], rotation=30)
+    ax.set_xlabel("γ (attention sparsity weight, symlog)")
+    ax.set_ylabel(spec.label + ("" if spec.higher_is_better else " (lower is better)"))
+    ax.set_title(f"{spec.label} against γ")
+    ax.grid(alpha=0.3)
 
 
 def run(study: Study, out: OutDir) -> StepResult:

@@ -10,6 +10,8 @@ conclusion should hold for new knees, not only for the volumes seen.
   interval that resamples seeds and volumes independently (Owen's pigeonhole bootstrap; new seeds *and*
   new knees), with the variance components of a two-way seed x volume ANOVA (``statsmodels``).
 - :func:`one_sided_p` and :func:`tost_p`: t-tests over seeds, the equivalence test as two one-sided ones.
+- :func:`paired_test`: the paired differences of two arms over matched seeds, with their t interval, the
+  t-test and the Wilcoxon signed-rank test.
 - :func:`trend_p`: Page's trend test (``scipy.stats.page_trend_test``) over an ordered grid, blocked by
   seed.
 - :func:`holm`: Holm's step-down adjustment (``statsmodels``) over a family of p-values.
@@ -101,8 +103,7 @@ def crossed_bootstrap(
     the mean of the cells they select (missing cells are skipped); with one column it is the ordinary
     bootstrap over seeds. The interval is the mean ± the t quantile on ``min(seeds, volumes) - 1`` degrees
     of freedom times the replicates' standard deviation: with a handful of seeds the percentile interval
-    of the replicates is far too narrow (it covered 84% at 3 seeds x 4 volumes in our simulations, against
-    98% for this one; ``docs/statistics.md``).
+    of the replicates is far too narrow (its coverage in simulated studies is in ``docs/statistics.md``).
     """
     values = np.asarray(matrix, dtype=float)
     seeds, volumes = values.shape
@@ -187,6 +188,42 @@ def one_sided_p(per_seed: Sequence[float], null: float, alternative: str) -> flo
 def tost_p(per_seed: Sequence[float], margin: float) -> float:
     """Two one-sided tests of equivalence within ``±margin``: the larger of the two one-sided p-values."""
     return max(one_sided_p(per_seed, -margin, "greater"), one_sided_p(per_seed, margin, "less"))
+
+
+WILCOXON_MIN_N = 6  # below six pairs even perfectly consistent signs cannot reach p < 0.05 (two-sided)
+
+
+def paired_test(differences: Sequence[float], confidence: float = 0.95) -> dict[str, float]:
+    """Mean paired difference with its t confidence interval, paired t-test and Wilcoxon signed-rank test.
+
+    Args:
+        differences: per matched seed, the value of one arm minus the other's.
+        confidence: the interval's coverage.
+
+    Returns:
+        ``n``, ``mean``, ``std``, ``ci_low``, ``ci_high``, ``t``, ``p_ttest`` and ``p_wilcoxon`` (NaN where
+        undefined: fewer than two pairs, zero spread, or too few pairs for Wilcoxon).
+    """
+    d = np.asarray([x for x in differences if np.isfinite(x)], dtype=float)
+    n = d.size
+    out = {"n": n, "mean": math.nan, "std": math.nan, "ci_low": math.nan, "ci_high": math.nan}
+    out.update({"t": math.nan, "p_ttest": math.nan, "p_wilcoxon": math.nan})
+    if n == 0:
+        return out
+    out["mean"] = float(d.mean())
+    if n < 2:
+        return out
+    sd = float(d.std(ddof=1))
+    out.update({"std": sd, "ci_low": out["mean"], "ci_high": out["mean"]})  # no spread: a point
+    if sd > 0:
+        # ttest_rel(a, b) is the one-sample t-test of a - b against 0.
+        result = stats.ttest_1samp(d, 0.0)
+        interval = result.confidence_interval(confidence)
+        out.update({"ci_low": float(interval.low), "ci_high": float(interval.high)})
+        out.update({"t": float(result.statistic), "p_ttest": float(result.pvalue)})
+    if n >= WILCOXON_MIN_N and np.any(d != 0):
+        out["p_wilcoxon"] = float(stats.wilcoxon(d).pvalue)
+    return out
 
 
 def trend_p(table: np.ndarray, decreasing: bool) -> float:

@@ -8,32 +8,22 @@ the band is ± one standard deviation, and the CSV also has the min and max, and
 several configurations the curve is that of its best configuration by mean best SSIM, as the paper shows the
 best configuration of each model. The plain U-Net has no attention (MPAND is NaN) and is skipped.
 
-Run ``python analysis/mpand_curves.py --experiment PATH [--out DIR]``.
+Run ``python -m analysis.mpand_curves --experiment PATH [--out DIR]``.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 from matplotlib.ticker import MaxNLocator
 
-from analysis.common import (
-    Artifact,
-    OutDir,
-    StepResult,
-    Study,
-    aggregate,
-    config_groups,
-    config_text,
-    run_step,
-)
+from analysis.cli import run_step
+from analysis.output import Artifact, OutDir, StepResult, config_text
+from analysis.seed_stats import aggregate, config_groups
+from analysis.study import Study
 
 
 def mpand_columns(epochs: pd.DataFrame) -> list[str]:

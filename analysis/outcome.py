@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from mri_models import experiment as storage
+from mri_models import storage
 from mri_models.experiment import ExperimentLayout
 
 # Tune's header of each failure in error.txt: "Failure # 1 (occurred at 2026-11-24_02-41-00)".

@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 from collections.abc import Sequence
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd
 
-from analysis.common import Study, load_study, markdown_table
 from analysis.findings import EQUIVALENCE_MARGIN, Finding, findings
 from analysis.inference import MAX_SEEDS, POWER
-from mri_models import experiment
+from analysis.output import markdown_table
+from analysis.study import Study, load_study
+from mri_models import experiment, storage
 from mri_models.experiment import StudyLayout
 
 # Which of the study's sweeps each finding's seeds come from (``--set seeds=[...]`` applies to both).
@@ -107,7 +104,7 @@ def load_paper_study(path: str) -> tuple[StudyLayout, Study, Study, float]:
         FileNotFoundError: when ``path`` holds no study.
     """
     layout = StudyLayout(path)
-    record = experiment.read_json(layout.study_file)
+    record = storage.read_json(layout.study_file)
     if record is None:
         raise FileNotFoundError(f"no study at {path} (no {experiment.STUDY_FILE})")
     mc, gamma = (_load_or_empty(e.path) for e in (layout.model_comparison, layout.gamma_sweep))

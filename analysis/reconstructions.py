@@ -8,28 +8,27 @@ num_pool_layers) and the weights loaded with ``torch.load(weights_only=True)``. 
 zero-filled input, each reconstruction, the target, the absolute error maps and the attention maps of every
 up-sampling level. A missing data root or checkpoint is reported and skipped.
 
-Run ``python analysis/reconstructions.py --experiment PATH [--out DIR]``.
+Run ``python -m analysis.reconstructions --experiment PATH [--out DIR]``.
 """
 
 from __future__ import annotations
 
 import io
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import torch
 
-from analysis.common import Artifact, OutDir, StepResult, Study, run_step, slug
-from mri_models import experiment as storage
+from analysis.cli import run_step
+from analysis.output import Artifact, OutDir, StepResult, slug
+from analysis.study import Study
+from mri_models import storage
 from mri_models.arms import model_options
 from mri_models.data import SliceDataset, UnetDataTransform, create_mask_func, store
 from mri_models.experiment import CHECKPOINT_FILE, HISTORY_FILE, ExperimentLayout
@@ -134,12 +133,12 @@ def find_val_dir(study: Study, problems: list[str]) -> str | None:
         if not root:
             problems.append(f"reconstructions: {info.name} records no data_root in sweep.json")
             continue
-        val = store.join(root, "singlecoil_val")
+        val = storage.join(root, "singlecoil_val")
         try:
-            if store.list_files(val):
+            if store.volume_files(val):
                 return val
             problems.append(f"reconstructions: data root {root} of {info.name} holds no singlecoil_val/*.h5")
-        except store.DataStoreError as err:
+        except storage.StorageError as err:
             problems.append(f"reconstructions: data root {root} of {info.name} cannot be read here: {err}")
     return None
 
@@ -189,57 +188,32 @@ def score_text(scores: dict[str, float]) -> str:
 def plot_slice(sample, models: list[LoadedModel], outputs: list[dict], rows_out: list[dict]) -> plt.Figure:
     """Row 0: zero-filled input, its error, target; one row per arm: reconstruction, error, attention maps.
 
-    Column 1 always holds error maps, on one colour scale, so the rows compare directly.
+    Column 1 always holds error maps, on one colour scale, so the rows compare directly. Each row's scores
+    are appended to ``rows_out``.
     """
     target = (sample.target * sample.std + sample.mean).numpy()
     zero_filled = (sample.image * sample.std + sample.mean).numpy()
-    levels = max([len(o["maps"]) for o in outputs] + [1])
-    columns = 2 + levels
-    figure, axes = plt.subplots(
-        1 + len(models),
-        columns,
-        figsize=(2.5 * columns + 1.2, 2.6 * (1 + len(models))),
-        squeeze=False,
-        layout="constrained",
-    )
+    figure, axes = _slice_grid(1 + len(models), max([len(o["maps"]) for o in outputs] + [1]))
     vmin, vmax = float(np.percentile(target, 0.5)), float(np.percentile(target, 99.5))
     errors = [np.abs(zero_filled - target)] + [np.abs(o["output"] - target) for o in outputs]
     error_max = max(float(np.percentile(e, 99.5)) for e in errors) or 1.0
-    for ax in axes.flat:
-        ax.axis("off")
-
-    def show(ax, image, title, **kwargs):
-        handle = ax.imshow(image, **kwargs)
-        ax.set_title(title, fontsize=8)
-        return handle
-
     grey = {"cmap": "gray", "vmin": vmin, "vmax": vmax}
     heat = {"cmap": "inferno", "vmin": 0, "vmax": error_max}
     scores = slice_scores(target, zero_filled, sample.max_value)
     rows_out.append({"arm": "zero-filled input", **scores})
-    show(
-        axes[0, 0],
-        zero_filled,
-        f"zero-filled input\n{score_text(scores)}",
-        **grey,
-    )
-    error_handle = show(axes[0, 1], errors[0], "|zero-filled − target|", **heat)
-    show(axes[0, 2], target, "target", **grey)
+    _show(axes[0, 0], zero_filled, f"zero-filled input\n{score_text(scores)}", **grey)
+    error_handle = _show(axes[0, 1], errors[0], "|zero-filled − target|", **heat)
+    _show(axes[0, 2], target, "target", **grey)
     attention_handle = None
     for row, (model, output) in enumerate(zip(models, outputs, strict=True), start=1):
         scores = slice_scores(target, output["output"], sample.max_value)
         rows_out.append(
             {"arm": model.arm, "trial_id": model.trial_id, "checkpoint_epoch": model.epoch, **scores}
         )
-        title = f"{model.arm}\n{score_text(scores)}"
-        show(axes[row, 0], output["output"], title, **grey)
-        show(axes[row, 1], errors[row], "|reconstruction − target|", **heat)
-        if not output["maps"]:
-            axes[row, 2].text(0.5, 0.5, "no attention gates\n(U-Net)", ha="center", va="center", fontsize=9)
-        for level, alpha in enumerate(output["maps"]):
-            label = f"attention level {level + 1}" + (" (deepest)" if level == 0 else "")
-            title = f"{label}, {alpha.shape[0]}×{alpha.shape[1]}"
-            attention_handle = show(axes[row, 2 + level], alpha, title, cmap="magma", vmin=0, vmax=1)
+        _show(axes[row, 0], output["output"], f"{model.arm}\n{score_text(scores)}", **grey)
+        _show(axes[row, 1], errors[row], "|reconstruction − target|", **heat)
+        handle = _show_attention(axes[row, 2:], output["maps"])
+        attention_handle = handle if handle is not None else attention_handle
     figure.colorbar(error_handle, ax=axes[:, 1].tolist(), shrink=0.5, label="absolute error")
     if attention_handle is not None:
         figure.colorbar(
@@ -247,6 +221,39 @@ def plot_slice(sample, models: list[LoadedModel], outputs: list[dict], rows_out:
         )
     figure.suptitle(f"{sample.fname}, slice {sample.slice_num}: best checkpoint of each architecture")
     return figure
+
+
+def _slice_grid(rows: int, levels: int) -> tuple[plt.Figure, np.ndarray]:
+    """A figure of ``rows`` rows: image, error and one column per attention level; no axes drawn."""
+    columns = 2 + levels
+    figure, axes = plt.subplots(
+        rows,
+        columns,
+        figsize=(2.5 * columns + 1.2, 2.6 * rows),
+        squeeze=False,
+        layout="constrained",
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    return figure, axes
+
+
+def _show(ax: plt.Axes, image: np.ndarray, title: str, **kwargs: Any):
+    handle = ax.imshow(image, **kwargs)
+    ax.set_title(title, fontsize=8)
+    return handle
+
+
+def _show_attention(axes: np.ndarray, maps: list[np.ndarray]):
+    """An arm's attention maps, deepest level first, or a note that it has none; returns the last image."""
+    if not maps:
+        axes[0].text(0.5, 0.5, "no attention gates\n(U-Net)", ha="center", va="center", fontsize=9)
+    handle = None
+    for level, alpha in enumerate(maps):
+        label = f"attention level {level + 1}" + (" (deepest)" if level == 0 else "")
+        title = f"{label}, {alpha.shape[0]}×{alpha.shape[1]}"
+        handle = _show(axes[level], alpha, title, cmap="magma", vmin=0, vmax=1)
+    return handle
 
 
 def run(study: Study, out: OutDir) -> StepResult:

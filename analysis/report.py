@@ -5,7 +5,7 @@ The steps: the tidy tables (:mod:`analysis.collect`), the model comparison (Tabl
 overview and the reconstructions. A step that fails is
 reported in the problem list and the others still run, so one bad file never costs the whole report.
 
-Run ``python analysis/report.py --experiment PATH [--experiment PATH2] [--out DIR]``, or equivalently
+Run ``python -m analysis.report --experiment PATH [--experiment PATH2] [--out DIR]``, or equivalently
 ``python -m analysis ...``.
 """
 
@@ -13,12 +13,8 @@ from __future__ import annotations
 
 import argparse
 import posixpath
-import sys
 import traceback
 from collections.abc import Callable, Sequence
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis import (
     attention_curves,
@@ -28,17 +24,10 @@ from analysis import (
     reconstructions,
     sweep_overview,
 )
+from analysis.cli import add_common_arguments, default_out, print_result
 from analysis.collect import status_counts, write_tables
-from analysis.common import (
-    Artifact,
-    OutDir,
-    StepResult,
-    Study,
-    add_common_arguments,
-    default_out,
-    load_study,
-    print_result,
-)
+from analysis.output import Artifact, OutDir, StepResult
+from analysis.study import Study, load_study
 
 REPORT_FILE = "report.md"
 STEPS: list[Callable[[Study, OutDir], StepResult]] = [

@@ -21,32 +21,25 @@ from __future__ import annotations
 
 import argparse
 import math
+import shlex
 import sys
 from collections.abc import Sequence
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import pandas as pd
 
 from analysis import attention_curves, compare_models, gamma_curves, mpand_curves, reconstructions
 from analysis.collect import status_counts
-from analysis.common import (
-    OutDir,
-    StepResult,
-    Study,
-    markdown_table,
-    mean_std_text,
-    point_label,
-    reported_point,
-    test_points,
-)
 from analysis.findings import EQUIVALENCE_MARGIN, PAPER_GATE, Finding, best_sparse_gamma, findings, gates
 from analysis.inference import MAX_SEEDS
+from analysis.output import OutDir, StepResult, markdown_table, mean_std_text
 from analysis.plan import load_paper_study, plan_markdown, plan_table, positive_margin
+from analysis.points import point_label, test_points
 from analysis.report import run_safely
-from mri_models import experiment
+from analysis.study import Study, reported_point
+from mri_models import storage
 from mri_models.arms import arm_of
 from mri_models.experiment import StudyLayout
 from mri_models.metrics import PRIMARY_METRIC, metric_table
@@ -241,30 +234,11 @@ def render(
     sparse_note: str = "",
     margin: float = EQUIVALENCE_MARGIN,
 ) -> str:
-    record = experiment.read_json(layout.study_file) or {}
-    lines = [f"# Paper study: {layout.name}\n"]
-    lines.append(
-        f"Reproduces {PAPER}: profile `{record.get('profile', '?')}`, data `{record.get('data_root', '?')}`. "
-        "Every number is a mean over seeds with its spread or 95% interval, and set against the zero-filled "
-        "input. Experiments:\n"
-    )
-    for study in (mc, gamma):
-        for info in study.experiments:
-            lines.append(
-                f"- `{info.name}` ({info.path}): {len(study.trials)} trials ({status_counts(study.trials)}), "
-                f"{info.sweep.get('max_epochs', '?')} epochs each at most."
-            )
-    lines += ["", "## Findings\n"]
-    lines += [f"- {line}" for line in _finding_lines(checked)]
-    lines += [
-        "",
-        "Verdicts at the 95% level after Holm's adjustment over every hypothesis of the findings (each "
-        f"one's reproduced and not-reproduced alternatives); (a) counts SSIM differences within ±{margin:g} "
-        "as a match. Intervals: t over seeds (these test volumes) and the crossed bootstrap over seeds and "
-        "test volumes (new seeds and new knees). *Inconclusive* means the seeds do not separate the answers; "
-        "the planning table says how many would. Decision rules: `docs/statistics.md`.\n",
-        "## Planning: the seeds each finding needs\n",
-        plan_markdown(plan_table(checked)),
+    """The study's ``report.md``: the experiments, the findings and their planning table, Table 1, the
+    figures' steps, the model costs and every problem found."""
+    lines = [
+        *_header_lines(layout, mc, gamma),
+        *_findings_section(checked, margin),
         *_table_one_sections(tables1, table_study or mc, sparse_note),
         "The paper's columns are its Table 1 (fastMRI knee, 320 × 320, 50 epochs); ours come from the "
         "`model_comparison` experiment and, for the Sparse Attention U-Net, the `gamma_sweep`. Absolute "
@@ -279,25 +253,65 @@ def render(
         *_step_section(steps["attention"]),
         *([steps["attention"].markdown, ""] if steps["attention"].markdown else []),
         "## Model cost (Figures 15 and 16)\n",
+        *_cost_section(costs),
+        "## Reconstructions\n",
+        *_step_section(steps["reconstructions"]),
     ]
-    if costs:
-        size = "×".join(str(s) for s in costs.get("image_size", []))
-        first = costs["models"][0] if costs["models"] else {}
-        lines += [
-            cost_markdown(cost_table(costs["models"])),
-            f"Measured side by side in one process on `{first.get('device', '?')}` at {size} with batch size "
-            f"{first.get('batch_size', '?')}: parameters and state-dict size; the most memory one training "
-            "step (forward, loss with penalties, backward, Adam) holds above the weights; inference forward "
-            "time over interleaved repeats. Ratios are to the U-Net.\n",
-        ]
-    else:
-        lines.append("_(no model costs recorded: model_costs.json is missing)_\n")
-    lines += ["## Reconstructions\n", *_step_section(steps["reconstructions"])]
     problems = [*mc.problems, *gamma.problems]
     for result in steps.values():
         problems += result.problems
     lines += ["## Problems\n", *([f"- {p}" for p in problems] if problems else ["None found."])]
     return "\n".join(lines) + "\n"
+
+
+def _header_lines(layout: StudyLayout, mc: Study, gamma: Study) -> list[str]:
+    """The title, what the study reproduces with which profile and data, and its experiments."""
+    record = storage.read_json(layout.study_file) or {}
+    lines = [f"# Paper study: {layout.name}\n"]
+    lines.append(
+        f"Reproduces {PAPER}: profile `{record.get('profile', '?')}`, data `{record.get('data_root', '?')}`. "
+        "Every number is a mean over seeds with its spread or 95% interval, and set against the zero-filled "
+        "input. Experiments:\n"
+    )
+    for study in (mc, gamma):
+        for info in study.experiments:
+            lines.append(
+                f"- `{info.name}` ({info.path}): {len(study.trials)} trials ({status_counts(study.trials)}), "
+                f"{info.sweep.get('max_epochs', '?')} epochs each at most."
+            )
+    return lines
+
+
+def _findings_section(checked: list[Finding], margin: float) -> list[str]:
+    """The findings' verdicts, how they were decided, and the seeds each finding needs."""
+    return [
+        "",
+        "## Findings\n",
+        *[f"- {line}" for line in _finding_lines(checked)],
+        "",
+        "Verdicts at the 95% level after Holm's adjustment over every hypothesis of the findings (each "
+        f"one's reproduced and not-reproduced alternatives); (a) counts SSIM differences within ±{margin:g} "
+        "as a match. Intervals: t over seeds (these test volumes) and the crossed bootstrap over seeds and "
+        "test volumes (new seeds and new knees). *Inconclusive* means the seeds do not separate the answers; "
+        "the planning table says how many would. Decision rules: `docs/statistics.md`.\n",
+        "## Planning: the seeds each finding needs\n",
+        plan_markdown(plan_table(checked)),
+    ]
+
+
+def _cost_section(costs: dict | None) -> list[str]:
+    """The model-cost table and how it was measured (a note when the study recorded none)."""
+    if not costs:
+        return ["_(no model costs recorded: model_costs.json is missing)_\n"]
+    size = "×".join(str(s) for s in costs.get("image_size", []))
+    first = costs["models"][0] if costs["models"] else {}
+    return [
+        cost_markdown(cost_table(costs["models"])),
+        f"Measured side by side in one process on `{first.get('device', '?')}` at {size} with batch size "
+        f"{first.get('batch_size', '?')}: parameters and state-dict size; the most memory one training "
+        "step (forward, loss with penalties, backward, Adam) holds above the weights; inference forward "
+        "time over interleaved repeats. Ratios are to the U-Net.\n",
+    ]
 
 
 def _table_one_sections(tables1: list[pd.DataFrame], study: Study, sparse_note: str = "") -> list[str]:
@@ -353,12 +367,66 @@ def write_report(
     reported = test_points(table_study.trials) if not table_study.trials.empty else []
     tables1 = [table_one(table_study, point) for point in reported or ["best"]]
     out.write_csv("table1.csv", pd.concat([t.assign(point=t.attrs.get("point")) for t in tables1]))
-    costs = experiment.read_json(layout.model_costs_file)
+    costs = storage.read_json(layout.model_costs_file)
     if costs:
         out.write_csv("model_costs.csv", cost_table(costs["models"]))
     report = render(layout, mc, gamma, checked, tables1, costs, steps, table_study, sparse_note, margin)
     out.write_text("report.md", report)
     return out.join("report.md"), _finding_lines(checked)
+
+
+README_BEGIN, README_END = "<!-- study-results:begin -->", "<!-- study-results:end -->"
+
+
+class MissingMarkersError(ValueError):
+    """A file given to ``--readme`` has no study-results block to rewrite."""
+
+
+def readme_block(study_path: str, command: str, margin: float | None = None) -> str:
+    """The study's results for a README: one line naming the study (profile, seeds, date of its
+    ``study.json``) and ``command``, the command that generated it, then what ``report.md`` leads with:
+    the findings' planning table (verdicts, seeds run, seeds needed) and Table 1 at the first reported point.
+
+    Raises:
+        FileNotFoundError: when ``study_path`` holds no study.
+    """
+    layout, mc, gamma, recorded = load_paper_study(study_path)
+    checked = findings(mc, gamma, margin or recorded)
+    table_study, _ = with_sparse_arm(mc, gamma)
+    points = test_points(table_study.trials) if not table_study.trials.empty else []
+    table = table_one(table_study, (points or ["best"])[0])
+    record = storage.read_json(layout.study_file) or {}
+    written = datetime.fromtimestamp(storage.stat(layout.study_file).mtime_ns / 1e9, tz=timezone.utc)
+    seeds = "; ".join(
+        f"{name} seeds {', '.join(str(int(s)) for s in sorted(study.trials['seed'].dropna().unique()))}"
+        for name, study in (("model comparison", mc), ("gamma sweep", gamma))
+        if not study.trials.empty
+    )
+    lines = [
+        f"Study `{layout.name}`: profile `{record.get('profile', '?')}`, {seeds or 'no trials'}, "
+        f"`study.json` of {written:%Y-%m-%d}. Generated by `{command}`.\n",
+        plan_markdown(plan_table(checked)),
+        f"Table 1, {point_label(str(table.attrs.get('point', 'best')))}:\n",
+        table_one_markdown(table) if not table.empty else "_(no trial has metrics)_\n",
+    ]
+    return "\n".join(lines)
+
+
+def write_readme_results(readme: str, study_path: str, command: str, margin: float | None = None) -> None:
+    """Replace what lies between ``README_BEGIN`` and ``README_END`` in ``readme`` with
+    :func:`readme_block`, atomically (an interrupted run leaves the old file).
+
+    Raises:
+        FileNotFoundError: when ``readme`` or the study does not exist.
+        MissingMarkersError: when ``readme`` lacks the markers.
+    """
+    text = Path(readme).read_text(encoding="utf-8")
+    begin, end = text.find(README_BEGIN), text.find(README_END)
+    if begin < 0 or end < begin:
+        raise MissingMarkersError(f"{readme} has no {README_BEGIN} ... {README_END} block to rewrite")
+    block = readme_block(study_path, command, margin)
+    updated = f"{text[: begin + len(README_BEGIN)]}\n{block}{text[end:]}"
+    storage.write_text(str(readme), updated)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -368,10 +436,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--margin", type=positive_margin, help="finding (a)'s equivalence margin (default: the study's)"
     )
+    parser.add_argument(
+        "--readme", metavar="PATH", help="rewrite the study-results block of this Markdown file instead"
+    )
     args = parser.parse_args(argv)
     try:
+        if args.readme:
+            words = sys.argv[1:] if argv is None else list(argv)
+            command = shlex.join(["python", "-m", "analysis.study_report", *words])
+            write_readme_results(args.readme, args.study, command, args.margin)
+            print(f"{args.readme}: the results of {args.study}")
+            return 0
         report, lines = write_report(args.study, args.out, args.margin)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, MissingMarkersError) as err:
         print(f"error: {err}")
         return 2
     print("\n".join([*lines, f"report: {report}"]))

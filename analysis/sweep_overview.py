@@ -6,16 +6,12 @@
 - ``learning_curves.png``: validation SSIM (and loss) against epoch of every trial, coloured by status
   (completed, stopped by ASHA, unfinished, errored, diverged); a cross marks where a trial ended early.
 
-Run ``python analysis/sweep_overview.py --experiment PATH [--out DIR]``.
+Run ``python -m analysis.sweep_overview --experiment PATH [--out DIR]``.
 """
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -23,10 +19,19 @@ import pandas as pd
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from analysis.common import STATUS_COLOURS, Artifact, OutDir, StepResult, Study, draw_baselines, run_step
+from analysis.cli import run_step
+from analysis.output import Artifact, OutDir, StepResult, draw_baselines
+from analysis.study import Study
 from mri_models.models import model_names
 
 MAX_CATEGORIES = 12  # axes with at most this many distinct values are drawn as evenly spaced categories
+STATUS_COLOURS = {
+    "completed": "tab:green",
+    "stopped": "tab:orange",
+    "unfinished": "tab:gray",
+    "errored": "tab:purple",
+    "diverged": "tab:red",
+}
 
 
 def hyperparameter_axes(study: Study) -> list[str]:
@@ -142,7 +147,7 @@ def plot_learning_curves(study: Study) -> plt.Figure:
                 last = rows[rows[metric].notna()].iloc[-1]
                 ax.scatter([last["epoch"]], [last[metric]], marker="x", color=colour, s=40, zorder=3)
         if metric == "ssim":
-            draw_baselines(ax, study, metric)
+            draw_baselines(ax, study.baselines, metric)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel({"ssim": "validation SSIM", "val_loss": "validation L1 loss"}[metric])

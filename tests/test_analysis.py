@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -18,8 +19,10 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from analysis import compare_models, gamma_curves, reconstructions, sweep_overview
-from analysis.common import OutDir, StepResult, load_study, paired_test
+from analysis.inference import paired_test
+from analysis.output import OutDir, StepResult
 from analysis.report import run_safely
+from analysis.study import load_study
 from mri_models.experiment import ASHA_STATE_FILE
 from tests.analysis_fixtures import ZERO_FILLED, gamma_sweep, make_data_root, model_comparison
 
@@ -396,6 +399,32 @@ def test_an_epoch_reported_by_two_attempts_counts_once_with_the_last_report(retr
     epochs = collected.epochs[collected.epochs["trial_id"] == lines[0]["trial_id"]]
     assert list(epochs["epoch"]) == [line["epoch"] for line in lines]
     assert epochs["ssim"].iloc[-1] == pytest.approx(repeated["ssim"])
+
+
+def test_epochs_only_the_checkpoint_recorded_count(retried):
+    # A driver killed before it copied its staged result.json: the final epoch is only in the checkpoint,
+    # and a resumed trial starting from that checkpoint reports nothing more.
+    from analysis.collect import collect
+
+    experiment, trial_dir = retried
+    lines = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
+    trial_id = lines[0]["trial_id"]
+    (trial_dir / "result.json").write_text("".join(json.dumps(x) + "\n" for x in lines[:-1]))
+    (trial_dir / "error.txt").unlink()
+    _tune_state(experiment, {trial_id: ("TERMINATED", 0)})
+    collected = collect(str(experiment))
+    trial = collected.trials.set_index("trial_id").loc[trial_id]
+    assert trial["status"] == "completed" and trial["epochs_run"] == lines[-1]["epoch"]
+    epochs = collected.epochs[collected.epochs["trial_id"] == trial_id]
+    assert list(epochs["epoch"]) == [line["epoch"] for line in lines]
+    assert epochs["ssim"].iloc[-1] == pytest.approx(lines[-1]["ssim"])
+    assert f"trial {trial_id}: epoch(s) {lines[-1]['epoch']} taken from its checkpoint" in "".join(
+        collected.problems
+    )
+    # Without the checkpoint the trial did not reach its last epoch.
+    for checkpoint in (experiment / "train_runs" / trial_id).glob("checkpoint_*"):
+        shutil.rmtree(checkpoint)
+    assert collect(str(experiment)).trials.set_index("trial_id").loc[trial_id, "status"] == "unfinished"
 
 
 def test_tune_failures_are_parsed_oldest_first():
