@@ -53,6 +53,7 @@ from mri_models.data.synthetic import generate_dataset
 from mri_models.data.transforms import (
     CLAMP,
     NORMALISATION_EPS,
+    SliceInputs,
     apply_mask,
     center_crop,
     complex_abs,
@@ -66,6 +67,7 @@ from mri_models.data.transforms import (
 from mri_models.data.volume import KSPACE_KEY, TARGET_KEY
 from ray_jobs.config import TrainConfig
 from ray_jobs.data import (
+    configure_data_context,
     iter_rows_locally,
     network_rows_on_device,
     slice_dataset,
@@ -178,6 +180,8 @@ def ours_ray(
     """
     import ray.data
 
+    configure_data_context()  # as the training worker does before its first dataset
+
     def make(epoch: int):
         tasks = train_read_tasks(slices, epoch, 0, 1, cfg.seed, cfg.slices_per_read)
         context = ray.data.DataContext.get_current()
@@ -251,7 +255,7 @@ def profile_slices(
                 target_t = center_crop(to_tensor(target), target.shape[-2:])
                 target_t = normalize(target_t, mean, std, eps=NORMALISATION_EPS).clamp(-CLAMP, CLAMP)
                 t6 = time.perf_counter()
-                sample = unet_sample(
+                inputs = SliceInputs(
                     kspace_chunk[k],
                     target_chunk[k],
                     attrs,
@@ -260,6 +264,7 @@ def profile_slices(
                     mask_func,
                     training_mask_seed(cfg.seed, 0, fname, slice_num),
                 )
+                sample = unet_sample(inputs)
                 t7 = time.perf_counter()
                 for key, seconds in zip(
                     [keys[0], *keys[2:]],
@@ -269,10 +274,7 @@ def profile_slices(
                     steps[key].append(seconds)
                 if not nbytes:
                     scalars = 3 * 4 + 8 + 8 + len(fname)  # mean, std (f32), max (f64), slice_num, fname
-                    hybrid = hybrid_sample(
-                        kspace_chunk[k], target_chunk[k], attrs, fname, slice_num, mask_func,
-                        training_mask_seed(cfg.seed, 0, fname, slice_num),
-                    )  # fmt: skip
+                    hybrid = hybrid_sample(inputs)
                     nbytes = {
                         "transform in Ray Data tasks: image + target (+ scalars)": sample.image.numpy().nbytes
                         + sample.target.numpy().nbytes

@@ -63,7 +63,7 @@ def _run(args: argparse.Namespace, scratch: Path) -> int:
     cfg = make_train_config({**profile_defaults(args.profile), "model": args.model})
     root = ensure_synthetic_data(args.profile)
     uris = [entry.uri for split in ("singlecoil_val", "singlecoil_test")
-            for entry in store.list_files(str(root / split))]  # fmt: skip
+            for entry in store.volume_files(str(root / split))]  # fmt: skip
     package = _package(cfg, scratch / "package")
     setting = MaskSetting(cfg.mask_type, cfg.accelerations[0], cfg.center_fractions[0])
     torch.set_num_threads(os.cpu_count() or 1)

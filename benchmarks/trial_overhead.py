@@ -35,7 +35,8 @@ from ray import tune
 from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from mri_models.experiment import HISTORY_FILE, RunLayout, join, read_json
+from mri_models.experiment import HISTORY_FILE, RunLayout
+from mri_models.storage import join, read_json
 from ray_jobs.config import PROFILES
 from ray_jobs.data import ensure_synthetic_data, prepare_data
 from ray_jobs.sweep_config import SweepSpec

@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -146,6 +146,30 @@ def metric_table() -> dict[str, Metric]:
 
 # The metric the study is judged by: ASHA's objective, the "best epoch" and the sort order of tables.
 PRIMARY_METRIC = "ssim"
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A metric to optimise and its direction.
+
+    Attributes:
+        metric: The metric's name, its key in every report.
+        mode: ``max`` or ``min``, as Tune's ``TuneConfig`` and Train's ``CheckpointConfig`` take it.
+    """
+
+    metric: str
+    mode: Literal["max", "min"]
+
+    @property
+    def sign(self) -> float:
+        """+1 when larger is better, else -1: the best of some values is the largest ``sign * value``."""
+        return 1.0 if self.mode == "max" else -1.0
+
+
+def primary_objective() -> Objective:
+    """:data:`PRIMARY_METRIC` in the direction its entry of :func:`metric_table` gives."""
+    better = "max" if metric_table()[PRIMARY_METRIC].higher_is_better else "min"
+    return Objective(PRIMARY_METRIC, better)
 
 
 def _squared_error(target: np.ndarray, output: np.ndarray, max_value: float) -> SliceStats:

@@ -155,39 +155,72 @@ def measure_costs(
     """
     device = torch.device(device)
     image = _batch(batch_size, image_size, device)
-    networks = []
-    for model, _ in arms:
-        torch.manual_seed(0)
-        networks.append(build_model(model, **hparams).to(device))
+    networks = _build_networks([model for model, _ in arms], hparams, device)
     peaks = [
         peak_step_bytes(network, image, model, weights)
         for network, (model, weights) in zip(networks, arms, strict=True)
     ]
+    times = _interleaved_forward_ms(networks, image, repeats, warmup)
+    shape = (int(image_size[0]), int(image_size[1]))
+    return [
+        _model_cost(model, weights, network, peak, series, shape, batch_size, device)
+        for network, (model, weights), peak, series in zip(networks, arms, peaks, times, strict=True)
+    ]
+
+
+def _build_networks(
+    models: Sequence[str], hparams: Mapping[str, object], device: torch.device
+) -> list[torch.nn.Module]:
+    """One network per model, each initialised from the same seed."""
+    networks = []
+    for model in models:
+        torch.manual_seed(0)
+        networks.append(build_model(model, **hparams).to(device))
+    return networks
+
+
+def _interleaved_forward_ms(
+    networks: Sequence[torch.nn.Module], image: torch.Tensor, repeats: int, warmup: int
+) -> list[list[float]]:
+    """Per network, the wall times (ms) of ``repeats`` inference forward passes after ``warmup`` untimed ones.
+
+    The timed passes go round by round over all networks, so that drift in the machine's state (clock
+    boost, other load) falls equally on every network and the ratios between them hold.
+    """
     for network in networks:
         network.eval()
         for _ in range(warmup):
             _forward_seconds(network, image)
-    times: list[list[float]] = [[] for _ in arms]
+    times: list[list[float]] = [[] for _ in networks]
     for _ in range(repeats):
         for network, series in zip(networks, times, strict=True):
             series.append(_forward_seconds(network, image) * 1e3)
-    costs = []
-    for network, (model, weights), peak, series in zip(networks, arms, peaks, times, strict=True):
-        arm = arm_of(model, weights)
-        costs.append(
-            ModelCost(
-                arm=arm.name,
-                model=model,
-                label=arm.label,
-                parameters=count_parameters(network),
-                size_mb=state_size_mb(network),
-                peak_step_mb=peak / 2**20,
-                forward_ms=statistics.median(series),
-                forward_ms_min=min(series),
-                forward_ms_max=max(series),
-                image_size=(int(image_size[0]), int(image_size[1])),
-                batch_size=batch_size,
-                device=str(device),
-            )
-        )
-    return costs
+    return times
+
+
+def _model_cost(
+    model: str,
+    weights: Mapping[str, float],
+    network: torch.nn.Module,
+    peak: int,
+    forward_ms: Sequence[float],
+    image_size: tuple[int, int],
+    batch_size: int,
+    device: torch.device,
+) -> ModelCost:
+    """One arm's row from its network, its training step's peak bytes and its forward times."""
+    arm = arm_of(model, weights)
+    return ModelCost(
+        arm=arm.name,
+        model=model,
+        label=arm.label,
+        parameters=count_parameters(network),
+        size_mb=state_size_mb(network),
+        peak_step_mb=peak / 2**20,
+        forward_ms=statistics.median(forward_ms),
+        forward_ms_min=min(forward_ms),
+        forward_ms_max=max(forward_ms),
+        image_size=image_size,
+        batch_size=batch_size,
+        device=str(device),
+    )

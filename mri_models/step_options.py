@@ -213,7 +213,8 @@ def unwrap(model: nn.Module) -> nn.Module:
 
     Its ``state_dict()`` has the plain keys that load into an eager network of the same architecture.
     """
-    # An OptimizedModule can only exist once Dynamo was imported: do not import it (~1 s) just to check.
+    # An OptimizedModule can only exist once Dynamo was imported: do not import it (slow:
+    # benchmarks/README.md, Measured without a script) just to check.
     dynamo = sys.modules.get("torch._dynamo.eval_frame")
     compiled = dynamo.OptimizedModule if dynamo is not None else ()
     while True:

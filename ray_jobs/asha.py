@@ -19,7 +19,7 @@ from typing import Any
 import ray
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from mri_models import experiment
+from mri_models import storage
 from ray_jobs.config import ConfigError
 
 # Read in ray/tune/schedulers/async_hyperband.py of these releases.
@@ -71,7 +71,7 @@ class PersistentASHAScheduler(ASHAScheduler):
         self._load()
 
     def _load(self) -> None:
-        saved = experiment.read_json(self.state_path)
+        saved = storage.read_json(self.state_path)
         if saved is None:
             return
         for rungs, saved_rungs in zip(_rung_records(self), saved["brackets"], strict=True):
@@ -94,7 +94,7 @@ class PersistentASHAScheduler(ASHAScheduler):
             ],
             "stopped_trials": self.stopped_trials,
         }
-        experiment.write_text(self.state_path, json.dumps(state))
+        storage.write_text(self.state_path, json.dumps(state))
 
     def on_trial_result(self, tune_controller, trial, result: dict) -> str:
         action = super().on_trial_result(tune_controller, trial, result)

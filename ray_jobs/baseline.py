@@ -18,8 +18,7 @@ import json
 from collections.abc import Iterable
 from typing import Any
 
-from mri_models import experiment
-from mri_models.data import store
+from mri_models import storage
 from mri_models.data.slice_dataset import default_cache_dir
 from mri_models.metrics import VolumeMetricAccumulator, metric_table
 from ray_jobs.config import TrainConfig
@@ -36,7 +35,7 @@ def mask_settings(cfg: TrainConfig) -> dict[str, Any]:
 
 def _cache_key(data: PreparedData, mask: dict[str, Any]) -> str:
     files = sorted({path for path, _ in data.val_slices})
-    stats = [(path, entry.size, entry.mtime_ns) for path in files for entry in [store.stat(path)]]
+    stats = [(path, entry.size, entry.mtime_ns) for path in files for entry in [storage.stat(path)]]
     # "volumes": the record holds per-volume rows since that version (older cached records lack them).
     text = json.dumps([sorted(data.val_slices), stats, mask, sorted(metric_table()), "volumes"])
     return hashlib.sha1(text.encode()).hexdigest()[:16]
@@ -67,14 +66,14 @@ def zero_filled_baseline(data: PreparedData, cfg: TrainConfig) -> dict[str, Any]
     """
     mask = mask_settings(cfg)
     cache = default_cache_dir() / "baselines" / f"{_cache_key(data, mask)}.json"
-    cached = experiment.read_json(str(cache))
+    cached = storage.read_json(str(cache))
     if cached is not None:
         return cached
     slices = compute_zero_filled(data, cfg)
     volumes = [{"file": fname, **metrics} for fname, metrics in sorted(slices.per_volume().items())]
     baseline = {"metrics": slices.compute(), "mask": mask, "val_slices": len(data.val_slices)}
     baseline["volumes"] = volumes
-    experiment.write_json(str(cache), baseline)
+    storage.write_json(str(cache), baseline)
     return baseline
 
 
@@ -88,4 +87,4 @@ def baselines_for(data: PreparedData, configs: Iterable[TrainConfig]) -> list[di
 
 def record_baselines(path: str, baselines: list[dict[str, Any]]) -> None:
     """Write the baselines to ``path``, a run's or experiment's ``baseline_file``."""
-    experiment.write_json(path, {"baselines": baselines})
+    storage.write_json(path, {"baselines": baselines})

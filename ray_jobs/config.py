@@ -70,7 +70,7 @@ class TrainConfig(BaseModel):
     epochs: int = Field(50, ge=1)
     seed: int = Field(0, ge=0)
     # Data.
-    data_root: str | None = None  # a local path or a URI (mri_models.data.store)
+    data_root: str | None = None  # a local path or a URI (mri_models.storage)
     sample_rate: float | None = Field(None, gt=0.0, le=1.0)
     volume_sample_rate: float | None = Field(None, gt=0.0, le=1.0)
     mask_type: Literal["random", "equispaced", "equispaced_fraction"] = "random"
@@ -86,8 +86,8 @@ class TrainConfig(BaseModel):
     test_center_fractions: tuple[float, ...] = (0.08, 0.04)
     test_accelerations: tuple[int, ...] = (4, 8)
     slices_per_read: int = Field(8, ge=1, description="consecutive slices of one file read at once (a chunk)")
-    # 8 (64 slices per Ray task): Ray Data's per-task and block costs shrink against the work, 0.91x -> ~1.6x
-    # fastMRI's DataLoader at 640 x 368 on 2 cores (benchmarks/README.md). It decides block boundaries, which
+    # 8 (64 slices per Ray task): Ray Data's per-task and block costs shrink against the work
+    # (benchmarks/README.md, Data pipeline: chunks_per_task). It decides block boundaries, which
     # the trainer's local shuffle buffer sees: a run's batches depend on it as they do on its seed.
     chunks_per_task: int = Field(
         8, ge=1, description="chunks one Ray Data task reads: fewer, larger tasks, the same rows in order"
@@ -333,7 +333,8 @@ SYNTHETIC_DATA: dict[str, dict[str, Any]] = {
 # TrainConfig values per profile (the paper's settings for "paper").
 PROFILES: dict[str, dict[str, Any]] = {
     # Fractional CPUs per worker on small machines: two single-threaded trials train side by side on 2
-    # cores (each trial also waits ~15 s on Ray orchestration, which then overlaps), with CPU left for
+    # cores (each trial also waits on Ray orchestration, which then overlaps: benchmarks/README.md, Trial
+    # overhead), with CPU left for
     # the Ray Data tasks.
     "smoke": {
         "chans": 4,
@@ -344,8 +345,8 @@ PROFILES: dict[str, dict[str, Any]] = {
         "cpus_per_worker": 0.5,
         "image_every_epochs": 1,
     },
-    # Measured (docs in sweeps/configs/gamma_sweep.yaml): with RMSprop the networks needed ~800 slices to
-    # reach the zero-filled input's SSIM; Adam at 3e-3 passes it after ~300 and gains +0.05-0.07 by 800.
+    # Adam at 3e-3: in this profile's short training RMSprop barely reaches the zero-filled input's SSIM,
+    # Adam passes it early and clearly (benchmarks/README.md, Measured without a script).
     "cpu": {
         "chans": 8,
         "num_pool_layers": 3,
@@ -367,12 +368,12 @@ PROFILES: dict[str, dict[str, Any]] = {
         # splits (~108 GB) fit the GPU nodes' 200 GB volume (cluster.yaml). No effect on local data.
         "data_cache_gb": 150,
         # GPU nodes: bf16 autocast with NHWC tensors is what Ampere's tensor cores (the A10G of
-        # cluster.yaml) run fastest, at 0.65x the activation memory (benchmarks/gpu_step.py). The
-        # transform's mask, column FFT and normalisation run on the GPU, so the node's CPUs only read and
-        # do the readout FFT of the sampled columns (0.9 ms per slice, 0.17x fastMRI's 5.2 ms, and 2.1-2.3x
-        # the slices/s of fastMRI's DataLoader through Ray Data on 2 cores: benchmarks/README.md). Not
-        # compiled: on CPU Inductor made the attention gates slower (benchmarks/README.md); measure with
-        # gpu_step.py on a GPU node before turning it on.
+        # cluster.yaml) run fastest, with less activation memory (benchmarks/README.md, GPU step
+        # options). The transform's mask, column FFT and normalisation run on the GPU, so the node's CPUs
+        # only read and do the readout FFT of the sampled columns: a fraction of fastMRI's CPU per slice,
+        # and the path that beats fastMRI's DataLoader through Ray Data (benchmarks/README.md, Data
+        # pipeline). Not compiled: on CPU Inductor made the attention gates slower (benchmarks/README.md,
+        # Training step); measure with benchmarks/gpu_step.py on a GPU node before turning it on.
         "precision": "bf16",
         "channels_last": True,
         "transform_on": "trainer",

@@ -46,13 +46,14 @@ import ray.data
 import torch
 from filelock import FileLock
 
+from mri_models import storage
 from mri_models.data import store
 from mri_models.data.cache import FileCache, default_file_cache_dir
 from mri_models.data.hybrid_transforms import hybrid_batch_to_images, hybrid_sample
 from mri_models.data.slice_dataset import RawSample, list_volumes, subsample_slices
 from mri_models.data.subsample import create_mask_func
 from mri_models.data.synthetic import generate_dataset
-from mri_models.data.transforms import volume_mask_seed
+from mri_models.data.transforms import SliceChunk, volume_mask_seed
 from mri_models.data.validate import check_root, default_validation_cache
 from mri_models.data.volume import KSPACE_KEY, TARGET_KEY
 from mri_models.reconstruct import network_inputs
@@ -73,7 +74,7 @@ class PreparedData:
     evaluation (:mod:`ray_jobs.splits`, :mod:`ray_jobs.final_evaluation`).
     """
 
-    root: str  # a local path or a URI in object storage (mri_models.data.store)
+    root: str  # a local path or a URI in object storage (mri_models.storage)
     train_slices: tuple[SliceRef, ...]
     val_slices: tuple[SliceRef, ...]
     image_size: tuple[int, int]
@@ -138,13 +139,13 @@ def prepare_data(cfg: TrainConfig, root: str | os.PathLike) -> PreparedData:
             root cannot be reached (a bad URI, a missing bucket, denied access: named with the reason).
         ConfigError: the image is too small for ``num_pool_layers``, or subsampling leaves no slice.
     """
-    root = store.normalise(root)
-    check_values = not store.is_remote(root)
+    root = storage.normalise(root)
+    check_values = not storage.is_remote(root)
     splits = (TRAIN_SPLIT, VAL_SPLIT)
     check_root(root, splits, check_values=check_values, cache_dir=default_validation_cache())
-    val_dir = store.join(root, VAL_SPLIT)
+    val_dir = storage.join(root, VAL_SPLIT)
     test = choose_test_data(cfg, root, val_dir, check_values)
-    train_slices = _index(store.join(root, TRAIN_SPLIT), cfg)
+    train_slices = _index(storage.join(root, TRAIN_SPLIT), cfg)
     val_slices = _index(val_dir, cfg, test.val_kept)
     # The test split is evaluated whole: subsampling is for cheaper training and selection, not reporting.
     test_slices = tuple((str(v.fname), i) for v in test.volumes for i in range(v.num_slices))
@@ -153,7 +154,7 @@ def prepare_data(cfg: TrainConfig, root: str | os.PathLike) -> PreparedData:
     for split, slices in ((TRAIN_SPLIT, train_slices), (VAL_SPLIT, val_slices)):
         if not slices:
             raise ConfigError(
-                f"{store.join(root, split)}: no slice left after sample_rate/volume_sample_rate subsampling"
+                f"{storage.join(root, split)}: no slice left after sample_rate/volume_sample_rate subsampling"
             )
     with store.open_hdf5(train_slices[0][0]) as hf:
         image_size = tuple(int(n) for n in hf[TARGET_KEY].shape[-2:])
@@ -236,49 +237,78 @@ def training_mask_seed(seed: int, epoch: int, fname: str, slice_num: int) -> tup
     return (seed, epoch, zlib.crc32(fname.encode()), slice_num)
 
 
-def read_and_transform(
-    batch: dict[str, np.ndarray],
-    *,
-    training: bool,
-    epoch: int,
-    seed: int,
-    mask_type: str,
-    center_fractions: Sequence[float],
-    accelerations: Sequence[int],
-    transform: str = "exact",
-    rows: str = "network",
-    cache: FileCache | None = None,
-) -> Iterator[dict[str, np.ndarray]]:
+@dataclass(frozen=True)
+class ReadOptions:
+    """What the read tasks need to turn slices into rows: made from a configuration in one place
+    (:meth:`of`), for the Ray Data pipeline and its in-process twin (:func:`iter_rows_locally`) alike.
+
+    Attributes:
+        training: training rows (a new mask per slice every epoch) or validation rows (fastMRI's fixed
+            per-volume masks).
+        epoch: the epoch whose training masks are drawn.
+        seed: the run's seed, part of every training mask's seed.
+        mask_type: fastMRI's mask function name (:func:`create_mask_func`).
+        center_fractions: its fully sampled centre fractions.
+        accelerations: its accelerations, paired with ``center_fractions``.
+        transform: ``exact`` (fastMRI's operations, bit-equal) or ``fast`` (within float32 rounding).
+        rows: ``network`` rows (image, target, mean, std) or ``hybrid`` rows (the sampled columns of the
+            k-space after the readout inverse FFT, the column mask and the raw target), which the trainer
+            turns into network rows on its device (:func:`network_rows_on_device`).
+        cache: the node-local cache of remote volumes (None: stream every read).
+    """
+
+    training: bool
+    epoch: int
+    seed: int
+    mask_type: str
+    center_fractions: tuple[float, ...]
+    accelerations: tuple[int, ...]
+    transform: str
+    rows: str
+    cache: FileCache | None
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, *, training: bool, epoch: int = 0) -> ReadOptions:
+        """The read options of a configuration's training rows of ``epoch``, or of its validation rows."""
+        return cls(
+            training=training,
+            epoch=epoch,
+            seed=cfg.seed,
+            mask_type=cfg.mask_type,
+            center_fractions=tuple(cfg.center_fractions),
+            accelerations=tuple(cfg.accelerations),
+            transform=cfg.transform,
+            rows=row_kind(cfg, training),
+            cache=data_cache(cfg),
+        )
+
+    def mask_seeds(self, fname: str, indices: Sequence[int]) -> list[tuple[int, ...]]:
+        """The mask seed of each of a file's slices (:func:`training_mask_seed`, or fastMRI's per volume)."""
+        if self.training:
+            return [training_mask_seed(self.seed, self.epoch, fname, slice_num) for slice_num in indices]
+        return [volume_mask_seed(fname) for _ in indices]
+
+
+def read_and_transform(batch: dict[str, np.ndarray], options: ReadOptions) -> Iterator[dict[str, np.ndarray]]:
     """Read tasks (each one file and some of its slices) to rows; the Ray Data map function.
 
     Yields one batch of rows per read task, in order, which Ray Data appends to the task's block. Every
     column of a batch is one array made where the transform writes (one file: one shape), never a stack
     of per-slice arrays: Arrow takes contiguous arrays without copying, so a slice's rows are copied only
     once more, into the object store.
-
-    Args:
-        transform: ``exact`` (fastMRI's operations, bit-equal) or ``fast`` (within float32 rounding).
-        rows: ``network`` rows (image, target, mean, std) or ``hybrid`` rows (the sampled columns of the
-            k-space after the readout inverse FFT, the column mask and the raw target), which the trainer
-            turns into network rows on its device (:func:`network_rows_on_device`).
     """
-    mask_func = create_mask_func(mask_type, center_fractions, accelerations)
+    mask_func = create_mask_func(options.mask_type, options.center_fractions, options.accelerations)
     buffer = None
     for path, indices in zip(batch["path"], batch["slices"], strict=True):
         indices = [int(i) for i in indices]
         fname = os.path.basename(path)
-        with store.open_hdf5(path, cache) as hf:  # a remote file: ranged reads of these slices only
+        with store.open_hdf5(path, options.cache) as hf:  # a remote file: ranged reads of these slices only
             kspace = buffer = _read_slices(hf[KSPACE_KEY], indices, buffer)  # one read for the whole chunk
             target = hf[TARGET_KEY][indices]
             attrs = dict(hf.attrs)
-        mask_seeds = [
-            training_mask_seed(seed, epoch, fname, slice_num) if training else volume_mask_seed(fname)
-            for slice_num in indices
-        ]
-        if rows == "hybrid":
-            out = _hybrid_rows(kspace, target, attrs, fname, indices, mask_func, mask_seeds)
-        else:
-            out = _network_rows(kspace, target, attrs, fname, indices, mask_func, mask_seeds, transform)
+        seeds = options.mask_seeds(fname, indices)
+        chunk = SliceChunk(kspace, target, attrs, fname, indices, mask_func, seeds)
+        out = _hybrid_rows(chunk) if options.rows == "hybrid" else _network_rows(chunk, options.transform)
         out.update(
             max_value=np.full(len(indices), float(attrs.get("max", 0.0)), dtype=np.float64),
             fname=np.asarray([fname] * len(indices), dtype=object),
@@ -291,7 +321,8 @@ def _read_slices(dataset, indices: list[int], buffer: np.ndarray | None) -> np.n
     """The chunk's k-space, read into the previous chunk's array when it has the same shape and type.
 
     The transforms copy what they keep, so a task can reuse one k-space array for all its chunks: reading
-    into memory already paged in costs 0.32 instead of 0.44 ms per 640 x 368 slice (15 MB per chunk).
+    into memory already paged in is cheaper than into a new array per chunk (benchmarks/README.md, Data
+    pipeline).
     """
     shape = (len(indices), *dataset.shape[1:])
     consecutive = indices == list(range(indices[0], indices[0] + len(indices)))
@@ -303,17 +334,14 @@ def _read_slices(dataset, indices: list[int], buffer: np.ndarray | None) -> np.n
     return buffer
 
 
-def _hybrid_rows(kspace, target, attrs, fname, indices, mask_func, mask_seeds) -> dict[str, np.ndarray]:
+def _hybrid_rows(chunk: SliceChunk) -> dict[str, np.ndarray]:
     """One file's hybrid rows, compact: each slice ships only the columns its mask keeps (a third of the
     full width's bytes at 4x); the trainer scatters them back (:func:`hybrid_batch_to_images`)."""
-    samples = [
-        hybrid_sample(kspace[k], target[k], attrs, fname, slice_num, mask_func, mask_seeds[k])
-        for k, slice_num in enumerate(indices)
-    ]
+    samples = [hybrid_sample(chunk.slice_inputs(k)) for k in range(len(chunk))]
     return {
         "hybrid": _stack([sample.hybrid for sample in samples]),
         "mask": np.stack([sample.mask for sample in samples]),
-        "target": np.asarray(target, dtype=np.float32),  # the chunk as read: no per-slice copies
+        "target": np.asarray(chunk.target, dtype=np.float32),  # the chunk as read: no per-slice copies
         "crop_size": np.asarray([sample.crop_size for sample in samples], dtype=np.int64),
     }
 
@@ -328,12 +356,10 @@ def _stack(arrays: list[np.ndarray]) -> np.ndarray:
     return ragged
 
 
-def _network_rows(
-    kspace, target, attrs, fname, indices, mask_func, mask_seeds, transform
-) -> dict[str, np.ndarray]:
+def _network_rows(chunk: SliceChunk, transform: str) -> dict[str, np.ndarray]:
     """One file's network rows (image, normalised target, mean, std): :func:`network_inputs`, whose fast
     transform writes each slice straight into the chunk's arrays."""
-    rows = network_inputs(kspace, target, attrs, fname, indices, mask_func, mask_seeds, transform)
+    rows = network_inputs(chunk, transform)
     return {"image": rows.image, "target": rows.target, "mean": rows.mean, "std": rows.std}
 
 
@@ -354,25 +380,36 @@ def network_rows_on_device(batch: dict[str, Any], device: torch.device) -> dict[
     return {key: torch.tensor(np.asarray(batch[key])).to(device) for key in names}
 
 
-def slice_dataset(tasks: list[dict[str, Any]], cfg: TrainConfig, *, training: bool, epoch: int = 0):
-    """A streaming Ray Dataset of rows for the given read tasks (one block per task)."""
+def configure_data_context() -> None:
+    """Set this process's Ray Data options for the slice pipeline; idempotent.
+
+    Call it where a process starts its data work, before its first :func:`slice_dataset` (the training
+    worker does, first thing). The ``DataContext`` is process-wide and every dataset copies it when it is
+    made, so these are settings of the process, not of one dataset: set once, not rewritten per dataset.
+    """
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the per-epoch datasets would flood the job log
     context.print_on_execution_start = False
     # One map operator does all the work; Ray Data's default per-operator reservation (half the cluster)
-    # left it half the CPUs and serialised the read tasks on small nodes (benchmarks/data_pipeline.py:
-    # 95 -> 160 slices/s at 640 x 368 on 2 cores).
+    # left it half the CPUs and serialised the read tasks on small nodes (benchmarks/README.md).
     context.op_resource_reservation_enabled = False
     # Blocks in task order, whatever task finishes first: a run's rows (and so its numbers) are fixed by its
-    # configuration and seed. Measured cost: none at our sizes (the tasks finish in order anyway, and the
-    # trainer consumes far slower than they produce).
+    # configuration and seed. It costs nothing measurable: the tasks finish in order anyway, and the
+    # trainer consumes far slower than they produce.
     context.execution_options.preserve_order = True
+
+
+def slice_dataset(tasks: list[dict[str, Any]], cfg: TrainConfig, *, training: bool, epoch: int = 0):
+    """A streaming Ray Dataset of rows for the given read tasks (one block per task).
+
+    The process must have called :func:`configure_data_context` (its rows' order depends on it).
+    """
     # At most as many concurrent tasks as CPUs the training workers leave free: more would spawn worker
     # processes that Ray reaps between epochs, so every epoch would pay for starting them (and importing
-    # torch) again (25 -> 95 slices/s).
+    # torch) again (benchmarks/README.md).
     free_cpus = ray.cluster_resources().get("CPU", 1) - cfg.num_workers * cfg.cpus_per_worker
-    # Several entries of the task list per Ray task: Ray Data costs ~20 ms of scheduling and bookkeeping
-    # per task whatever its size, as much as the fast transform of 10 slices (benchmarks/README.md). The
+    # Several entries of the task list per Ray task: Ray Data's scheduling and bookkeeping cost per task,
+    # whatever its size, is that of the fast transform of several slices (benchmarks/README.md). The
     # dataset's rows and their order do not change (consecutive entries per task, blocks in order); the
     # blocks are larger, which the trainer's local shuffle buffer sees, so it is not a resumable change.
     num_blocks = max(1, math.ceil(len(tasks) / cfg.chunks_per_task))
@@ -382,17 +419,7 @@ def slice_dataset(tasks: list[dict[str, Any]], cfg: TrainConfig, *, training: bo
         batch_size=cfg.chunks_per_task,
         num_cpus=cfg.data_cpus_per_task,
         compute=ray.data.TaskPoolStrategy(size=max(1, min(num_blocks, int(free_cpus)))),
-        fn_kwargs={
-            "training": training,
-            "epoch": epoch,
-            "seed": cfg.seed,
-            "mask_type": cfg.mask_type,
-            "center_fractions": list(cfg.center_fractions),
-            "accelerations": list(cfg.accelerations),
-            "transform": cfg.transform,
-            "rows": row_kind(cfg, training),
-            "cache": data_cache(cfg),
-        },
+        fn_kwargs={"options": ReadOptions.of(cfg, training=training, epoch=epoch)},
     )
 
 
@@ -453,22 +480,12 @@ def iter_rows_locally(
     tasks: list[dict[str, Any]], cfg: TrainConfig, *, training: bool, epoch: int = 0
 ) -> Iterator[dict]:
     """The same rows without Ray (for tests and the reference side of benchmarks)."""
+    options = ReadOptions.of(cfg, training=training, epoch=epoch)
     for task in tasks:
         batch = {
             "path": np.asarray([task["path"]], dtype=object),
             "slices": np.asarray([task["slices"]], dtype=object),
         }
-        for out in read_and_transform(
-            batch,
-            training=training,
-            epoch=epoch,
-            seed=cfg.seed,
-            mask_type=cfg.mask_type,
-            center_fractions=cfg.center_fractions,
-            accelerations=cfg.accelerations,
-            transform=cfg.transform,
-            rows=row_kind(cfg, training),
-            cache=data_cache(cfg),
-        ):
+        for out in read_and_transform(batch, options):
             for i in range(len(out["slice_num"])):
                 yield {key: value[i] for key, value in out.items()}

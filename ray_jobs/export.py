@@ -18,10 +18,9 @@ from typing import Any
 
 import torch
 
-from mri_models import experiment
-from mri_models.data import store
+from mri_models import experiment, storage
 from mri_models.experiment import ExperimentLayout, RunLayout
-from mri_models.metrics import PRIMARY_METRIC, metric_table
+from mri_models.metrics import PRIMARY_METRIC, metric_table, primary_objective
 from mri_models.models import get_architecture
 from mri_models.package import PackageManifest, write_network
 from ray_jobs import log_to_stdout
@@ -50,13 +49,13 @@ class ExportedRun:
 
 def _runs(path: str) -> dict[str, RunLayout]:
     """Trial id -> run of a sweep (``train_runs/<id>``), or the one run when ``path`` is a run."""
-    if experiment.exists(RunLayout(path).config_file):
+    if storage.exists(RunLayout(path).config_file):
         return {_basename(path): RunLayout(path)}
     layout = ExperimentLayout(path)
     return {
-        name: RunLayout(uri)
-        for name, uri in experiment.subdirectories(layout.train_runs)
-        if experiment.exists(RunLayout(uri).config_file)
+        entry.name: RunLayout(entry.uri)
+        for entry in storage.subdirectories(layout.train_runs)
+        if storage.exists(RunLayout(entry.uri).config_file)
     }
 
 
@@ -69,7 +68,7 @@ def _last_epochs(path: str) -> dict[str, int]:
     layout = ExperimentLayout(path)
     out = {}
     for trial in layout.trial_dirs():
-        text = experiment.read_text(trial.result_file) or ""
+        text = storage.read_text(trial.result_file) or ""
         epochs = [json.loads(line).get("epoch") for line in text.splitlines() if line.strip().startswith("{")]
         epochs = [int(e) for e in epochs if isinstance(e, (int, float))]
         if epochs:
@@ -79,10 +78,10 @@ def _last_epochs(path: str) -> dict[str, int]:
 
 def _selection(run: RunLayout, last_epoch: int | None) -> tuple[SelectedCheckpoint | None, dict | None]:
     """The checkpoint the final evaluation used (when it ran), else the run's own selection."""
-    record = experiment.read_json(run.test_evaluation_file)
+    record = storage.read_json(run.test_evaluation_file)
     if record and record.get("checkpoint"):
-        path = experiment.join(run.path, record["checkpoint"])
-        if experiment.exists(experiment.join(path, experiment.CHECKPOINT_FILE)):
+        path = storage.join(run.path, record["checkpoint"])
+        if storage.exists(storage.join(path, experiment.CHECKPOINT_FILE)):
             value = record.get(f"selected_val_{PRIMARY_METRIC}", float("nan"))
             return SelectedCheckpoint(path, int(record["selected_epoch"]), float(value)), record
     return selected_checkpoint(run, last_epoch), None
@@ -102,7 +101,7 @@ def exportable_runs(path: str) -> list[ExportedRun]:
     last = _last_epochs(path)
     out = []
     for trial_id, run in sorted(runs.items()):
-        cfg = make_train_config(experiment.read_json(run.config_file))
+        cfg = make_train_config(storage.read_json(run.config_file))
         selected, record = _selection(run, last.get(trial_id))
         if selected is not None:
             out.append(ExportedRun(trial_id, run, cfg, selected, record))
@@ -129,7 +128,7 @@ def choose(runs: list[ExportedRun], trial: str | None, arm: str | None) -> Expor
             problem = "ambiguous" if found else "no such trial"
             raise ConfigError(f"--trial {trial!r}: {problem}; the trials are {shown}")
         return found[0]
-    sign = 1.0 if metric_table()[PRIMARY_METRIC].higher_is_better else -1.0
+    sign = primary_objective().sign
     return max(runs, key=lambda run: (sign * run.selected.val_metric, [-ord(c) for c in run.trial_id]))
 
 
@@ -137,11 +136,11 @@ def training_data_fingerprint(roles: dict[str, Any] | None) -> dict[str, Any]:
     """The data root, the files per role, and a SHA-256 of the training files' names and sizes.
 
     Raises:
-        DataStoreError: a training file cannot be reached (naming it).
+        StorageError: a training file cannot be reached (naming it).
     """
     if not roles:
         return {"root": None, "train_fingerprint": None}
-    entries = [store.stat(uri) for uri in sorted(roles.get("train", []))]
+    entries = [storage.stat(uri) for uri in sorted(roles.get("train", []))]
     lines = [f"{entry.name}\t{entry.size}" for entry in entries]
     digest = hashlib.sha256("\n".join(lines).encode()).hexdigest()
     counts = {f"{role}_files": len(roles.get(role, [])) for role in ("train", "val", "test")}
@@ -156,9 +155,9 @@ def training_data_fingerprint(roles: dict[str, Any] | None) -> dict[str, Any]:
 
 def _validation(chosen: ExportedRun, experiment_path: str) -> dict[str, Any]:
     """The selected epoch's validation metrics and the zero-filled input's on the same volumes."""
-    history = experiment.read_json(experiment.join(chosen.selected.path, experiment.HISTORY_FILE)) or []
+    history = storage.read_json(storage.join(chosen.selected.path, experiment.HISTORY_FILE)) or []
     epoch = next((h for h in history if h.get("epoch") == chosen.selected.epoch), {})
-    record = experiment.read_json(ExperimentLayout(experiment_path).baseline_file) or experiment.read_json(
+    record = storage.read_json(ExperimentLayout(experiment_path).baseline_file) or storage.read_json(
         chosen.run.baseline_file
     )
     mask = mask_settings(chosen.cfg)
@@ -176,7 +175,7 @@ def _validation(chosen: ExportedRun, experiment_path: str) -> dict[str, Any]:
 def write_chosen(chosen: ExportedRun, experiment_path: str, chosen_by: str, out: str) -> PackageManifest:
     """Package the chosen run's selected checkpoint, with the manifest describing it."""
     network = load_network(chosen.cfg, chosen.selected.path, torch.device("cpu"))
-    roles = experiment.read_json(ExperimentLayout(experiment_path).data_roles_file) or experiment.read_json(
+    roles = storage.read_json(ExperimentLayout(experiment_path).data_roles_file) or storage.read_json(
         chosen.run.data_roles_file
     )
     selection = {
@@ -218,11 +217,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def export(args: argparse.Namespace) -> tuple[ExportedRun, PackageManifest]:
     """Choose, check and write; raises the user errors of :mod:`ray_jobs.cli` before writing anything."""
-    path = store.normalise(args.experiment)
-    if not experiment.is_dir(path):
+    path = storage.normalise(args.experiment)
+    if not storage.is_dir(path):
         raise ConfigError(f"--experiment {args.experiment}: no such directory")
-    out = store.normalise(args.out)
-    if experiment.exists(experiment.join(out, "package.json")):
+    out = storage.normalise(args.out)
+    if storage.exists(storage.join(out, "package.json")):
         raise ConfigError(f"--out {args.out}: a package is there already; choose another directory")
     chosen = choose(exportable_runs(path), args.trial, args.arm)
     get_architecture(chosen.cfg.model)  # registered (the configuration loaded its plugins)
@@ -255,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if manifest.test:
         print(format_evaluation(manifest.test))
-    print(f"package written to {store.normalise(args.out)}")
+    print(f"package written to {storage.normalise(args.out)}")
     return 0
 
 

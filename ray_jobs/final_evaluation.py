@@ -5,9 +5,9 @@ choice; :mod:`ray_jobs.splits`). It is evaluated on every test volume under each
 test settings (fastMRI's 4x / 0.08 and 8x / 0.04 by default), with fastMRI's fixed per-volume masks, and
 the zero-filled input of the same volumes beside it. It is scored as ``fastmri.evaluate`` scores a
 submission: against the target as stored. (Validation scores against the training transform's target,
-clamped to 6 standard deviations of the input, as fastMRI's ``MriModule`` does; on the synthetic sets that
-clamp touches up to 0.14% of a volume's pixels.) The volumes are dealt to ``num_workers`` Ray tasks holding
-what one training worker holds (its GPU on GPU clusters). A run's evaluation is written once
+clamped to 6 standard deviations of the input, as fastMRI's ``MriModule`` does; that clamp touches few
+pixels, so the two differ slightly: ``docs/best_model.md``.) The volumes are dealt to ``num_workers`` Ray
+tasks holding what one training worker holds (its GPU on GPU clusters). A run's evaluation is written once
 (``test_evaluation.json`` and ``volumes/test.parquet`` in the run directory) and skipped when it is there
 for the same selected epoch, so a resumed sweep evaluates what is missing and nothing twice.
 """
@@ -25,9 +25,9 @@ import pandas as pd
 import ray
 import torch
 
-from mri_models import experiment
+from mri_models import experiment, storage
 from mri_models.experiment import RunLayout
-from mri_models.metrics import PRIMARY_METRIC, metric_table
+from mri_models.metrics import PRIMARY_METRIC, metric_table, primary_objective
 from mri_models.models import build_model
 from mri_models.plugins import load_plugins
 from mri_models.reconstruct import (
@@ -68,13 +68,13 @@ def selected_checkpoint(run: RunLayout, last_epoch: int | None = None) -> Select
     """
     histories = {}
     for path in run.checkpoints():
-        history = experiment.read_json(experiment.join(path, experiment.HISTORY_FILE))
+        history = storage.read_json(storage.join(path, experiment.HISTORY_FILE))
         if history:
             histories[path] = history
     if not histories:
         return None
     full = max(histories.values(), key=len)  # the latest checkpoint holds every epoch so far
-    sign = 1.0 if metric_table()[PRIMARY_METRIC].higher_is_better else -1.0
+    sign = primary_objective().sign
     # Trained epochs only (epoch 0, the untrained network, has no checkpoint), with a finite metric.
     finite = [h for h in full if h["epoch"] >= 1 and h.get(PRIMARY_METRIC) == h.get(PRIMARY_METRIC)]
     finite = [h for h in finite if last_epoch is None or h["epoch"] <= last_epoch]
@@ -96,7 +96,7 @@ def load_network(cfg: TrainConfig, checkpoint: str, device: torch.device) -> tor
     load_plugins(cfg.plugins)  # a plugin architecture, in this task's process
     network = build_model(cfg.model, **cfg.model_hparams())
     state = torch.load(
-        io.BytesIO(experiment.read_bytes(experiment.join(checkpoint, experiment.CHECKPOINT_FILE))),
+        io.BytesIO(storage.read_bytes(storage.join(checkpoint, experiment.CHECKPOINT_FILE))),
         map_location="cpu",
         weights_only=True,
     )
@@ -161,7 +161,7 @@ def pending(
     if selected is None:
         logger.warning("%s: no kept checkpoint of its best validation epoch; not evaluated", run.path)
         return None
-    done = experiment.read_json(run.test_evaluation_file)
+    done = storage.read_json(run.test_evaluation_file)
     if done and done.get("selected_epoch") == selected.epoch:
         return None
     return PendingRun(cfg, run, selected)
@@ -193,7 +193,7 @@ def write_volume_rows(uri: str, rows: list[dict[str, Any]], data: PreparedData, 
     table.insert(1, "epoch", epoch)
     buffer = io.BytesIO()
     table.to_parquet(buffer, index=False)
-    experiment.write_bytes(uri, buffer.getvalue())
+    storage.write_bytes(uri, buffer.getvalue())
     return table
 
 
@@ -223,7 +223,7 @@ def write_evaluation(item: PendingRun, data: PreparedData, rows: list[dict[str, 
         "test_source": data.test_source,
         "settings": settings,
     }
-    experiment.write_json(item.run.test_evaluation_file, record)  # last: its presence means done
+    storage.write_json(item.run.test_evaluation_file, record)  # last: its presence means done
     return record
 
 

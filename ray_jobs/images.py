@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mri_models import experiment
+from mri_models import storage
 from mri_models.attention_metrics import finest_first
 
 HISTOGRAM_BUCKETS = 50  # TensorBoard draws a few dozen buckets; the validation histograms have more
@@ -159,7 +159,7 @@ def write_event_file(
         names = sorted(os.listdir(local))
         for name in names:
             with open(os.path.join(local, name), "rb") as file:
-                experiment.write_bytes(experiment.join(directory, name), file.read())
+                storage.write_bytes(storage.join(directory, name), file.read())
     return names[0]
 
 

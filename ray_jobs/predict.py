@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mri_models import experiment
+from mri_models import storage
 from mri_models.data import store
 from mri_models.data.validate import MASK_KEY, validate_file
 from mri_models.metrics import metric_table
@@ -66,7 +66,7 @@ class ReconstructionJob:
     weights_sha256: str
 
     def output_uri(self, source: str) -> str:
-        return experiment.join(self.out, posixpath.basename(source))
+        return storage.join(self.out, posixpath.basename(source))
 
     def identity(self) -> dict[str, str]:
         """The attributes that say which model and mask wrote an output file."""
@@ -84,7 +84,7 @@ def reconstruct_file(network: torch.nn.Module, job: ReconstructionJob, uri: str,
         zero = volume_metrics(volume, zero_filled_volume(volume, job.setting, job.transform)) or {}
         attrs.update({name: metrics[name] for name in metric_table()})
         attrs.update({ZERO_FILLED_PREFIX + name: zero[name] for name in metric_table()})
-    experiment.write_bytes(job.output_uri(uri), submission_bytes(output, attrs))
+    storage.write_bytes(job.output_uri(uri), submission_bytes(output, attrs))
     return {"file": volume.fname, "slices": int(output.shape[0]), "seconds": time.perf_counter() - started}
 
 
@@ -165,9 +165,9 @@ def _inputs(root: str, setting: MaskSetting) -> list[str]:
         ConfigError: no ``.h5`` file there (a root above the split directories is named as such), or a
             file that is not a fastMRI single-coil volume or does not fit the mask setting.
     """
-    entries = store.list_files(root)
+    entries = store.volume_files(root)
     if not entries:
-        below = [name for name in store.subdirectories(root) if name.startswith("singlecoil_")]
+        below = [entry.name for entry in storage.subdirectories(root) if entry.name.startswith("singlecoil_")]
         hint = f" (it holds {', '.join(below)}/: give one of them)" if below else ""
         raise ConfigError(f"--data-root {root}: no .h5 files{hint}")
     split = posixpath.basename(root.rstrip("/"))
@@ -194,7 +194,7 @@ def _pending(job: ReconstructionJob, uris: list[str]) -> list[str]:
     todo = []
     for uri in uris:
         target = job.output_uri(uri)
-        if not experiment.exists(target):
+        if not storage.exists(target):
             todo.append(uri)
             continue
         attrs = submission_attrs(target)
@@ -214,18 +214,18 @@ def _validation_split(package: str, manifest: PackageManifest) -> str:
     root = (manifest.data or {}).get("root")
     if not root:
         raise ConfigError(f"{package}: the package records no data root; give --data-root")
-    return store.join(root, VAL_SPLIT)
+    return storage.join(root, VAL_SPLIT)
 
 
 def plan(args: argparse.Namespace) -> tuple[ReconstructionJob, list[str], list[str]]:
     """The job, every input and those still to do; raises the user errors before any work."""
     if args.batch_size < 1:
         raise ConfigError(f"--batch-size {args.batch_size}: expected at least 1")
-    package = store.normalise(args.model)
+    package = storage.normalise(args.model)
     manifest = load_package(package).manifest  # checks the weights too
     setting = _setting(args, manifest)
-    root = store.normalise(args.data_root or _validation_split(package, manifest))
-    out = store.normalise(args.out)
+    root = storage.normalise(args.data_root or _validation_split(package, manifest))
+    out = storage.normalise(args.out)
     if out == root:
         raise ConfigError("--out is the data root: the reconstructions would replace the input files")
     job = ReconstructionJob(package, out, setting, str(manifest.train_config.get("transform", "fast")),
@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = time.perf_counter() - started
     rate = len(todo) / seconds if todo and seconds > 0 else math.nan
     print(f"{len(todo)} volumes in {seconds:.1f} s ({rate:.2f} volumes/s); {summary(job, uris)}")
-    root = store.normalise(args.data_root or _validation_split(job.package, read_manifest(job.package)))
+    root = storage.normalise(args.data_root or _validation_split(job.package, read_manifest(job.package)))
     print(f"fastMRI's evaluation of them: python -m analysis.fastmri_evaluate --target-path {root} "
           f"--predictions-path {job.out} --challenge singlecoil")  # fmt: skip
     return 0

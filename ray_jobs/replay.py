@@ -16,12 +16,12 @@ from typing import Any
 
 import ray.train
 
-from mri_models import experiment
+from mri_models import experiment, storage
 from mri_models.experiment import ExperimentLayout, RunLayout
 from ray_jobs.checkpoints import history_from_checkpoint
 from ray_jobs.config import ConfigError, TrainConfig, make_train_config
 from ray_jobs.data import PreparedData
-from ray_jobs.sweep_config import SweepSpec
+from ray_jobs.sweep_config import SweepSpec, ValidatedSweep
 from ray_jobs.trainer import build_trainer, check_cluster_fits, claim_run_name, connect, default_storage
 from ray_jobs.tune import prepare_sweep_data
 
@@ -42,7 +42,7 @@ class RecordedTrial:
 
 def _trial_id(layout: ExperimentLayout, name: str) -> str:
     """A trial id from an id, its unique end (``00003``) or a Tune trial directory name."""
-    ids = [trial_id for trial_id, _ in experiment.subdirectories(layout.train_runs)]
+    ids = [entry.name for entry in storage.subdirectories(layout.train_runs)]
     if name in ids:
         return name
     from_dir = layout.trial_dir(name).trial_id_from_name()
@@ -65,13 +65,13 @@ def recorded_trial(target: str) -> RecordedTrial:
     if posixpath.basename(parent) == experiment.TRAIN_RUNS_DIR:
         parent = posixpath.dirname(parent)
     layout = ExperimentLayout(parent)
-    if not experiment.exists(layout.sweep_file):
+    if not storage.exists(layout.sweep_file):
         raise ConfigError(f"--replay {target}: {parent} is not a sweep (no {experiment.SWEEP_FILE})")
     trial_id = _trial_id(layout, name)
     run = layout.train_run(trial_id)
-    cfg = make_train_config(experiment.read_json(run.config_file))
+    cfg = make_train_config(storage.read_json(run.config_file))
     latest = max(run.checkpoints(), default=None)  # checkpoint_<date>: the newest sorts last
-    history = experiment.read_json(experiment.join(latest, experiment.HISTORY_FILE)) if latest else None
+    history = storage.read_json(storage.join(latest, experiment.HISTORY_FILE)) if latest else None
     if not history:
         raise ConfigError(f"--replay {target}: the trial has no checkpoint, so no record to compare with")
     return RecordedTrial(layout.path, trial_id, run, cfg, history)
@@ -79,8 +79,8 @@ def recorded_trial(target: str) -> RecordedTrial:
 
 def sweep_data(trial: RecordedTrial) -> PreparedData:
     """The data as the sweep prepared it for its trials (:func:`ray_jobs.tune.prepare_sweep_data`)."""
-    saved = experiment.read_json(ExperimentLayout(trial.experiment).sweep_file)
-    return prepare_sweep_data(SweepSpec(**saved["spec"]), saved["data_root"])
+    saved = storage.read_json(ExperimentLayout(trial.experiment).sweep_file)
+    return prepare_sweep_data(ValidatedSweep.of(SweepSpec(**saved["spec"])).trials, saved["data_root"])
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -107,21 +107,23 @@ def differences(replayed: list[dict[str, Any]], recorded: list[dict[str, Any]]) 
     return out
 
 
-def replay(target: str, storage: str | None, name: str | None) -> int:
+def replay(target: str, storage_path: str | None, name: str | None) -> int:
     """Train the trial again alone and compare; 0 when every epoch is equal, 1 otherwise."""
     trial = recorded_trial(target)
     epochs = int(max(row["epoch"] for row in trial.history))
     cfg = trial.cfg.model_copy(update={"epochs": epochs})
     data = sweep_data(trial)
-    storage = storage or default_storage()
+    storage_path = storage_path or default_storage()
     name = name or f"replay-{trial.trial_id}"
-    if experiment.exists(RunLayout(experiment.join(storage, name)).config_file):
-        raise ConfigError(f"run {name!r} exists under {storage}: a replay starts fresh; pass another --name")
+    if storage.exists(RunLayout(storage.join(storage_path, name)).config_file):
+        raise ConfigError(
+            f"run {name!r} exists under {storage_path}: a replay starts fresh; pass another --name"
+        )
     connect()
     check_cluster_fits(cfg)
-    claim_run_name(cfg, storage, name)
+    claim_run_name(cfg, storage_path, name)
     print(f"replaying trial {trial.trial_id} of {trial.experiment} alone as run {name!r} ({epochs} epochs)")
-    result = build_trainer(cfg, data, name, storage).fit()
+    result = build_trainer(cfg, data, name, storage_path).fit()
     replayed = history_from_checkpoint(result.checkpoint) if result.checkpoint else []
     found = differences(replayed, trial.history)
     if found:
@@ -133,10 +135,10 @@ def replay(target: str, storage: str | None, name: str | None) -> int:
     return 0
 
 
-def run_replay(target: str, storage: str | None, name: str | None) -> int:
+def run_replay(target: str, storage_path: str | None, name: str | None) -> int:
     """:func:`replay` with Train's failure as exit code 1 (user errors propagate to the caller)."""
     try:
-        return replay(target, storage, name)
+        return replay(target, storage_path, name)
     except ray.train.TrainingFailedError as err:
         print(f"replay failed: {err}", flush=True)
         return 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+from mri_models import storage
 from mri_models.data import store
 from mri_models.data.slice_dataset import VolumeInfo, list_volumes
 from mri_models.data.validate import check_root, default_validation_cache
@@ -79,11 +80,11 @@ def choose_test_data(cfg: TrainConfig, root: str, val_split_dir: str, check_valu
     """
     if cfg.test_split == NO_TEST:
         return TestData(NO_TEST, (), None)
-    test_root = store.normalise(cfg.test_root) if cfg.test_root else root
+    test_root = storage.normalise(cfg.test_root) if cfg.test_root else root
     split = TEST_SPLIT if cfg.test_split == "auto" else cfg.test_split
     if cfg.test_split != VAL_HALF:
-        split_dir = store.join(test_root, split)
-        if store.is_dir(split_dir) and store.list_files(split_dir):
+        split_dir = storage.join(test_root, split)
+        if storage.is_dir(split_dir) and store.volume_files(split_dir):
             check_root(test_root, (split,), check_values=check_values, cache_dir=default_validation_cache())
             volumes = list_volumes(split_dir)
             missing = _without_targets(volumes)

@@ -3,13 +3,14 @@
 A sweep YAML holds the fields of :class:`SweepSpec` plus ``profiles: {smoke: {...}, cpu: {...},
 paper: {...}}`` whose entries override them for that profile. Merging is key-wise for the ``train``,
 ``search`` and ``scheduler`` mappings and replaces everything else. Validation happens once, here, for
-every trial of the grid, so a bad value fails before any trial starts.
+every trial of the grid (:class:`ValidatedSweep`), so a bad value fails before any trial starts.
 """
 
 from __future__ import annotations
 
 import copy
 import itertools
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -95,6 +96,24 @@ class SweepSpec(BaseModel):
         return int(self.base_values().get("epochs", TrainConfig.model_fields["epochs"].default))
 
 
+@dataclass(frozen=True)
+class ValidatedSweep:
+    """A sweep whose every trial has been validated: what the sweep's driver passes along.
+
+    Attributes:
+        spec: the sweep.
+        trials: every grid point's TrainConfig, in grid order (:meth:`SweepSpec.grid_points`).
+    """
+
+    spec: SweepSpec
+    trials: tuple[TrainConfig, ...]
+
+    @classmethod
+    def of(cls, spec: SweepSpec) -> ValidatedSweep:
+        """Validate every trial of ``spec``, loading its plugins (ConfigError names the first bad one)."""
+        return cls(spec, tuple(spec.trial_configs()))
+
+
 def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
     merged = copy.deepcopy(base)
     for key, value in override.items():
@@ -118,7 +137,7 @@ def _apply_override(values: dict[str, Any], key: str, value: Any) -> None:
     target[parts[-1]] = value
 
 
-def load_sweep_spec(path: Path, profile: str, overrides: dict[str, Any] | None = None) -> SweepSpec:
+def load_sweep(path: Path, profile: str, overrides: dict[str, Any] | None = None) -> ValidatedSweep:
     """Load a sweep YAML for a profile, apply overrides, validate the spec and every trial.
 
     Raises:
@@ -155,5 +174,4 @@ def load_sweep_spec(path: Path, profile: str, overrides: dict[str, Any] | None =
     overlap = set(spec.search) & set(spec.train)
     if overlap:
         raise ConfigError(f"{path}: {sorted(overlap)} both fixed in train and searched in search")
-    spec.trial_configs()  # every trial must be valid before any starts
-    return spec
+    return ValidatedSweep.of(spec)  # every trial must be valid before any starts

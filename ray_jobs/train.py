@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import math
+from dataclasses import dataclass
 
 import pandas as pd
 import ray
 import ray.train
 
-from mri_models import experiment
+from mri_models import experiment, storage
 from mri_models.metrics import metric_table
 from mri_models.models import model_names
 from ray_jobs import log_to_stdout
@@ -64,8 +65,33 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _configure(args: argparse.Namespace) -> tuple[TrainConfig, PreparedData, str, str, bool, dict]:
-    """Validate everything and claim the run name; raises the user errors of :mod:`ray_jobs.cli`."""
+@dataclass(frozen=True)
+class PreparedRun:
+    """What the train command prepares before training: everything validated, the run's name claimed.
+
+    Attributes:
+        cfg: the run's configuration.
+        data: the validated, indexed data.
+        name: the run's name under ``storage_path``.
+        storage_path: where runs live (local path, NFS or s3:// URI).
+        resumed: whether a run of that name existed (the trainer resumes it).
+        baseline: the zero-filled input's validation metrics.
+    """
+
+    cfg: TrainConfig
+    data: PreparedData
+    name: str
+    storage_path: str
+    resumed: bool
+    baseline: dict[str, float]
+
+    @property
+    def run(self) -> experiment.RunLayout:
+        return experiment.RunLayout(storage.join(self.storage_path, self.name))
+
+
+def _train_config(args: argparse.Namespace) -> TrainConfig:
+    """The profile's values, overlaid with the flags given and then the ``--set`` overrides."""
     values = profile_defaults(args.profile)
     flags = {
         "model": args.model, "gamma": args.gamma, "epochs": args.epochs, "num_workers": args.workers,
@@ -73,18 +99,58 @@ def _configure(args: argparse.Namespace) -> tuple[TrainConfig, PreparedData, str
     }  # fmt: skip
     values.update({key: value for key, value in flags.items() if value is not None})
     values.update(parse_overrides(args.overrides))
-    cfg = make_train_config(values)
+    return make_train_config(values)
+
+
+def _record_inputs(run: experiment.RunLayout, cfg: TrainConfig, data: PreparedData) -> dict[str, float]:
+    """Write the run's zero-filled baseline and which files played which role; returns the baseline's
+    metrics."""
+    baseline = zero_filled_baseline(data, cfg)
+    record_baselines(run.baseline_file, [baseline])
+    storage.write_json(run.data_roles_file, data.roles())
+    return baseline["metrics"]
+
+
+def _prepare_run(args: argparse.Namespace) -> PreparedRun:
+    """Validate everything and claim the run name; raises the user errors of :mod:`ray_jobs.cli`."""
+    cfg = _train_config(args)
     data = prepare_data(cfg, args.data_root or ensure_synthetic_data(args.profile))
     name = args.name or default_run_name(cfg, args.profile)
     storage_path = args.storage or default_storage()
     connect()
     check_cluster_fits(cfg)
     resumed = claim_run_name(cfg, storage_path, name)
-    baseline = zero_filled_baseline(data, cfg)
-    run = experiment.RunLayout(experiment.join(storage_path, name))
-    record_baselines(run.baseline_file, [baseline])
-    experiment.write_json(run.data_roles_file, data.roles())
-    return cfg, data, name, storage_path, resumed, baseline["metrics"]
+    baseline = _record_inputs(experiment.RunLayout(storage.join(storage_path, name)), cfg, data)
+    return PreparedRun(cfg, data, name, storage_path, resumed, baseline)
+
+
+def _start_line(prepared: PreparedRun) -> str:
+    """What the command prints before training: the run, its data, where results go, the baseline."""
+    cfg, data = prepared.cfg, prepared.data
+    weights = "".join(f", {key} {value:g}" for key, value in cfg.identifying_weights().items())
+    weights += "".join(f", {key} {value}" for key, value in cfg.identifying_options().items())
+    baseline = prepared.baseline
+    return (
+        f"{'resuming' if prepared.resumed else 'starting'} run {prepared.name!r}: {cfg.model}{weights}, "
+        f"{cfg.num_workers} worker(s), {len(data.train_slices)} train / {len(data.val_slices)} val slices "
+        f"from {data.root}, results in {prepared.run.path}\nzero-filled baseline: "
+        + ", ".join(f"{key.upper()} {format(baseline[key], m.fmt)}" for key, m in metric_table().items())
+    )
+
+
+def _finish(prepared: PreparedRun, history: list[dict[str, float]]) -> None:
+    """Write the per-epoch metrics, print the last epoch's, and evaluate on the test split if not done."""
+    run, cfg = prepared.run, prepared.cfg
+    storage.write_text(run.metrics_csv, pd.DataFrame(history).to_csv(index=False))
+    final = history[-1]
+    print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items() if not math.isnan(v)))
+    print(f"per-epoch metrics written to {run.metrics_csv}")
+    item = pending(cfg, run, prepared.data)
+    if item is not None:
+        evaluate_runs([item], prepared.data, resolve_use_gpu(cfg))
+    evaluation = storage.read_json(run.test_evaluation_file)
+    if evaluation:
+        print(format_evaluation(evaluation) + f"\nwritten to {run.test_evaluation_file}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,22 +160,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.replay:
         code, replayed = exit_on_user_error(lambda: run_replay(args.replay, args.storage, args.name))
         return code or replayed
-    code, configured = exit_on_user_error(lambda: _configure(args))
+    code, prepared = exit_on_user_error(lambda: _prepare_run(args))
     if code:
         return code
-    cfg, data, name, storage_path, resumed, baseline = configured
-    run = experiment.RunLayout(experiment.join(storage_path, name))
-    weights = "".join(f", {key} {value:g}" for key, value in cfg.identifying_weights().items())
-    weights += "".join(f", {key} {value}" for key, value in cfg.identifying_options().items())
-    print(
-        f"{'resuming' if resumed else 'starting'} run {name!r}: {cfg.model}{weights}, {cfg.num_workers} "
-        f"worker(s), {len(data.train_slices)} train / {len(data.val_slices)} val slices from {data.root}, "
-        f"results in {run.path}\nzero-filled baseline: "
-        + ", ".join(f"{key.upper()} {format(baseline[key], m.fmt)}" for key, m in metric_table().items()),
-        flush=True,
-    )
+    cfg, name = prepared.cfg, prepared.name
+    print(_start_line(prepared), flush=True)
     try:
-        result = build_trainer(cfg, data, name, storage_path, baseline=baseline).fit()
+        trainer = build_trainer(cfg, prepared.data, name, prepared.storage_path, baseline=prepared.baseline)
+        result = trainer.fit()
     except ray.train.TrainingFailedError as err:
         print(f"run {name!r} failed: {err}", flush=True)
         return 1
@@ -124,16 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         return 1
-    experiment.write_text(run.metrics_csv, pd.DataFrame(history).to_csv(index=False))
-    final = history[-1]
-    print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in final.items() if not math.isnan(v)))
-    print(f"per-epoch metrics written to {run.metrics_csv}")
-    item = pending(cfg, run, data)
-    if item is not None:
-        evaluate_runs([item], data, resolve_use_gpu(cfg))
-    evaluation = experiment.read_json(run.test_evaluation_file)
-    if evaluation:
-        print(format_evaluation(evaluation) + f"\nwritten to {run.test_evaluation_file}")
+    _finish(prepared, history)
     return 0
 
 

@@ -17,10 +17,11 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from mri_models import experiment
+from mri_models import experiment, storage
+from mri_models.metrics import primary_objective
 from ray_jobs.config import ConfigError, TrainConfig, make_train_config
 from ray_jobs.data import PreparedData
-from ray_jobs.worker import train_loop_per_worker
+from ray_jobs.worker import WorkerInputs, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
 
@@ -152,24 +153,23 @@ def build_trainer(
     """
     use_gpu = resolve_use_gpu(cfg)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    run_dir = storage.join(storage_path, name)
+    inputs = WorkerInputs(cfg, data, baseline, image_dir or experiment.RunLayout(run_dir).images_dir, run_dir)
+    objective = primary_objective()
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "train": cfg.model_dump(mode="json"),
-            "data": data,
-            "baseline": baseline,
-            "image_dir": image_dir or experiment.RunLayout(experiment.join(storage_path, name)).images_dir,
-            "run_dir": experiment.join(storage_path, name),
-        },
+        train_loop_config={"inputs": inputs},  # Ray Train hands the worker function a dict
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),
         run_config=ray.train.RunConfig(
             name=name,
             storage_path=storage_path,
-            # The best (by SSIM) and, always, the latest checkpoint, which resuming needs.
+            # The best (by the primary metric) and, always, the latest checkpoint, which resuming needs.
             checkpoint_config=ray.train.CheckpointConfig(
-                num_to_keep=2, checkpoint_score_attribute="ssim", checkpoint_score_order="max"
+                num_to_keep=2,
+                checkpoint_score_attribute=objective.metric,
+                checkpoint_score_order=objective.mode,
             ),
             failure_config=ray.train.FailureConfig(max_failures=cfg.max_failures),
             callbacks=callbacks or [],
@@ -189,9 +189,9 @@ def claim_run_name(cfg: TrainConfig, storage_path: str, name: str) -> bool:
     Raises:
         ConfigError: the name belongs to a run with a different configuration.
     """
-    run = experiment.RunLayout(experiment.join(storage_path, name))
+    run = experiment.RunLayout(storage.join(storage_path, name))
     current = cfg.model_dump(mode="json")
-    previous = experiment.read_json(run.config_file)
+    previous = storage.read_json(run.config_file)
     if previous is not None:
         # Through TrainConfig, so keys registered since (a new penalty weight) take their defaults.
         previous = make_train_config(previous).model_dump(mode="json")
@@ -202,5 +202,5 @@ def claim_run_name(cfg: TrainConfig, storage_path: str, name: str) -> bool:
                 f"run {name!r} under {storage_path} was started with a different configuration ({details}); "
                 "choose another --name"
             )
-    experiment.write_text(run.config_file, json.dumps(current, indent=2))
+    storage.write_text(run.config_file, json.dumps(current, indent=2))
     return previous is not None

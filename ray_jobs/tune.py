@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import ray
@@ -21,15 +22,15 @@ from ray.tune.logger import TBXLoggerCallback
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 
-from mri_models import experiment
+from mri_models import experiment, storage
 from mri_models.experiment import ExperimentLayout
-from mri_models.metrics import PRIMARY_METRIC, metric_table
+from mri_models.metrics import primary_objective
 from ray_jobs.asha import PersistentASHAScheduler
 from ray_jobs.baseline import baselines_for, mask_settings, record_baselines
-from ray_jobs.config import ConfigError, make_train_config
+from ray_jobs.config import ConfigError, TrainConfig, make_train_config
 from ray_jobs.data import PreparedData, ensure_synthetic_data, prepare_data
 from ray_jobs.final_evaluation import evaluate_runs, pending
-from ray_jobs.sweep_config import SweepSpec
+from ray_jobs.sweep_config import SweepSpec, ValidatedSweep
 from ray_jobs.trainer import build_trainer, check_cluster_fits, claim_run_name, connect, resolve_use_gpu
 
 logger = logging.getLogger(__name__)
@@ -49,11 +50,6 @@ def trial_resources() -> dict[str, float]:
     if ray.cluster_resources().get(TRIAL_DRIVER_RESOURCE, 0) > 0:
         return {"cpu": 0.0, TRIAL_DRIVER_RESOURCE: TRIAL_DRIVER_SHARE}
     return {"cpu": TRIAL_CPUS}
-
-
-def _objective() -> tuple[str, str]:
-    """Tune's metric and mode: the study's primary metric, in its direction."""
-    return PRIMARY_METRIC, "max" if metric_table()[PRIMARY_METRIC].higher_is_better else "min"
 
 
 def trial_dirname(trial) -> str:
@@ -105,6 +101,8 @@ def run_trial(
     The run lives under ``train_runs/<trial id>``; its validation images go to the Tune trial directory's
     ``images`` (TensorBoard shows them as ``<trial>/images`` beside the trial's scalars).
     """
+    # The driver validated every trial already; this one is built again in the trial's own process, which
+    # loads its plugins here.
     cfg = make_train_config(spec.trial_values(config))
     context = tune.get_context()
     name = context.get_trial_id()
@@ -125,9 +123,9 @@ def run_trial(
     trainer.fit()
 
 
-def concurrency(spec: SweepSpec, num_trials: int) -> int:
+def concurrency(sweep: ValidatedSweep) -> int:
     """Trials that fit at once: CPUs (and GPUs) over what one trial holds, leaving CPU for Ray Data."""
-    cfg = spec.trial_configs()[0]
+    cfg, num_trials = sweep.trials[0], len(sweep.trials)
     trial_cpus = trial_resources()["cpu"]
     per_trial = trial_cpus + cfg.num_workers * cfg.cpus_per_worker
     resources = ray.cluster_resources()
@@ -136,19 +134,21 @@ def concurrency(spec: SweepSpec, num_trials: int) -> int:
         gpu_fit = int(resources.get("GPU", 0) // cfg.num_workers)
         # No GPU yet with GPUs requested: an autoscaling cluster; let Tune queue trials as nodes arrive.
         fit = min(fit, gpu_fit) if gpu_fit else num_trials
-    chosen = spec.max_concurrent_trials or max(1, min(fit, num_trials))
+    chosen = sweep.spec.max_concurrent_trials or max(1, min(fit, num_trials))
     # Raises with the arithmetic when even one trial (or the requested number) does not fit.
     check_cluster_fits(cfg, concurrent_runs=chosen, extra_cpus=round(trial_cpus * chosen, 6))
     return chosen
 
 
-def _spec_to_run(layout: ExperimentLayout, spec: SweepSpec, resume: bool) -> tuple[SweepSpec, dict | None]:
-    """The spec a (resumed) sweep runs with, and the saved record when resuming.
+def _sweep_to_run(
+    layout: ExperimentLayout, sweep: ValidatedSweep, resume: bool
+) -> tuple[ValidatedSweep, dict | None]:
+    """The sweep a (resumed) sweep runs, and the saved record when resuming.
 
     Raises:
         ConfigError: an existing experiment without ``resume``, or nothing to resume.
     """
-    saved = experiment.read_json(layout.sweep_file)
+    saved = storage.read_json(layout.sweep_file)
     if saved is not None and not resume:
         raise ConfigError(
             f"experiment {layout.name!r} already exists at {layout.path}; pass --resume to continue it or "
@@ -157,31 +157,32 @@ def _spec_to_run(layout: ExperimentLayout, spec: SweepSpec, resume: bool) -> tup
     if resume and saved is None:
         raise ConfigError(f"nothing to resume: no experiment at {layout.path}")
     # A resumed sweep continues with the configuration it started with.
-    return (SweepSpec(**saved["spec"]), saved) if saved else (spec, None)
+    return (ValidatedSweep.of(SweepSpec(**saved["spec"])), saved) if saved else (sweep, None)
 
 
-def prepare_sweep_data(spec: SweepSpec, root: str) -> PreparedData:
+def prepare_sweep_data(configs: Sequence[TrainConfig], root: str) -> PreparedData:
     """Validate the data for every trial (the pooling depth may vary over the grid) and index it."""
-    configs = spec.trial_configs()
     data = prepare_data(configs[0], root)
     for depth in sorted({cfg.num_pool_layers for cfg in configs} - {configs[0].num_pool_layers}):
         prepare_data(next(cfg for cfg in configs if cfg.num_pool_layers == depth), root)
     return data
 
 
-def _make_tuner(spec: SweepSpec, storage_path: str, name: str, trainable, max_concurrent: int, resume: bool):
-    layout = ExperimentLayout.under(storage_path, name)
+def _make_tuner(
+    sweep: ValidatedSweep, storage_path: str, name: str, trainable, max_concurrent: int, resume: bool
+) -> tune.Tuner:
+    spec, layout = sweep.spec, ExperimentLayout.under(storage_path, name)
     if resume:
         return tune.Tuner.restore(layout.path, trainable, resume_unfinished=True, resume_errored=True)
     param_space = {key: tune.grid_search(values) for key, values in spec.search.items()}
     param_space["seed"] = tune.grid_search(spec.seeds)
-    metric, mode = _objective()
+    objective = primary_objective()
     return tune.Tuner(
         trainable,
         param_space=param_space,
         tune_config=tune.TuneConfig(
-            metric=metric,
-            mode=mode,
+            metric=objective.metric,
+            mode=objective.mode,
             scheduler=make_scheduler(spec, layout),
             max_concurrent_trials=max_concurrent,
             reuse_actors=False,
@@ -193,28 +194,37 @@ def _make_tuner(spec: SweepSpec, storage_path: str, name: str, trainable, max_co
             verbose=1,
             # A trial whose driver died with its node is restarted; its Train run resumes from the trial's
             # own checkpoints (Train's FailureConfig covers the workers, this one the trial function).
-            failure_config=tune.FailureConfig(max_failures=spec.trial_configs()[0].max_failures),
+            failure_config=tune.FailureConfig(max_failures=sweep.trials[0].max_failures),
             callbacks=[EpochStepTensorBoard()],
         ),
     )
 
 
-def run_sweep(spec: SweepSpec, name: str, storage_path: str, data_root: str | None, resume: bool) -> str:
+def run_sweep(
+    sweep: ValidatedSweep, name: str, storage_path: str, data_root: str | None, resume: bool
+) -> str:
     """Run (or resume) a sweep; returns the experiment directory (local path or URI).
+
+    Args:
+        sweep: the sweep, every trial validated (a resumed experiment continues with its own spec).
+        name: the experiment's name under ``storage_path``.
+        storage_path: local path, NFS or s3:// URI shared by all nodes.
+        data_root: the data (default: the saved experiment's, else the profile's synthetic data).
+        resume: continue the experiment of that name.
 
     Raises:
         ConfigError: bad configuration, data, cluster size, or an existing experiment without ``resume``.
     """
     layout = ExperimentLayout.under(storage_path, name)
-    spec, saved = _spec_to_run(layout, spec, resume)
+    sweep, saved = _sweep_to_run(layout, sweep, resume)
+    spec = sweep.spec
     root = str(data_root or (saved["data_root"] if saved else ensure_synthetic_data(spec.profile)))
-    data = prepare_sweep_data(spec, root)
+    data = prepare_sweep_data(sweep.trials, root)
     connect()
-    num_trials = len(spec.grid_points())
-    max_concurrent = concurrency(spec, num_trials)
-    baselines = baselines_for(data, spec.trial_configs())
+    max_concurrent = concurrency(sweep)
+    baselines = baselines_for(data, sweep.trials)
     record_baselines(layout.baseline_file, baselines)
-    experiment.write_json(layout.data_roles_file, data.roles())
+    storage.write_json(layout.data_roles_file, data.roles())
     if not resume:
         record = {
             "spec": spec.model_dump(mode="json"),
@@ -222,7 +232,7 @@ def run_sweep(spec: SweepSpec, name: str, storage_path: str, data_root: str | No
             "max_epochs": spec.max_epochs,
             "data_root": str(root),
         }
-        experiment.write_json(layout.sweep_file, record)
+        storage.write_json(layout.sweep_file, record)
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial, spec=spec, data=data, experiment_path=layout.path, baselines=baselines
@@ -231,17 +241,11 @@ def run_sweep(spec: SweepSpec, name: str, storage_path: str, data_root: str | No
     )
     logger.info(
         "%s sweep %r: %d trials (%s, seeds: %d), %s scheduler, up to %d at once, data %s, results in %s",
-        "resuming" if resume else "starting",
-        name,
-        num_trials,
-        ", ".join(f"{k}: {len(v)}" for k, v in spec.search.items()),
-        len(spec.seeds),
-        spec.scheduler.type,
-        max_concurrent,
-        data.root,
-        layout.path,
-    )
-    results = _make_tuner(spec, storage_path, name, trainable, max_concurrent, resume).fit()
+        "resuming" if resume else "starting", name, len(sweep.trials),
+        ", ".join(f"{k}: {len(v)}" for k, v in spec.search.items()), len(spec.seeds), spec.scheduler.type,
+        max_concurrent, data.root, layout.path,
+    )  # fmt: skip
+    results = _make_tuner(sweep, storage_path, name, trainable, max_concurrent, resume).fit()
     evaluate_finished_trials(layout, results, data)
     return layout.path
 
@@ -255,7 +259,7 @@ def evaluate_finished_trials(layout: ExperimentLayout, results, data: PreparedDa
         if result.error is not None or not trial_id or (result.metrics or {}).get("diverged"):
             continue
         run = layout.train_run(trial_id)
-        cfg = make_train_config(experiment.read_json(run.config_file))
+        cfg = make_train_config(storage.read_json(run.config_file))
         item = pending(cfg, run, data, last_epoch=int(result.metrics.get("epoch", cfg.epochs)))
         if item is not None:
             runs.append(item)
@@ -282,7 +286,7 @@ def result_checkpoint(metrics: dict[str, Any] | None, experiment_path: str) -> r
     path, trial_id = (metrics or {}).get(CHECKPOINT_PATH_KEY), (metrics or {}).get("trial_id")
     if not path or not trial_id:
         return None
-    uri = experiment.join(ExperimentLayout(experiment_path).train_run(trial_id).path, os.path.basename(path))
-    if not experiment.exists(experiment.join(uri, experiment.CHECKPOINT_FILE)):
+    uri = storage.join(ExperimentLayout(experiment_path).train_run(trial_id).path, os.path.basename(path))
+    if not storage.exists(storage.join(uri, experiment.CHECKPOINT_FILE)):
         return None
     return ray.train.Checkpoint(uri)

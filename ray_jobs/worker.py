@@ -13,6 +13,7 @@ import math
 import tempfile
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,11 +23,12 @@ import torch
 import torch.distributed as dist
 
 from mri_models.attention_metrics import AttentionStatsAccumulator, MpandAccumulator, report_keys
-from mri_models.experiment import RunLayout, read_json, write_json
+from mri_models.experiment import RunLayout
 from mri_models.losses import penalty_terms, training_loss
 from mri_models.metrics import PRIMARY_METRIC, VolumeMetricAccumulator, metric_table
 from mri_models.model_cost import synchronised_clock
 from mri_models.models import build_model, get_architecture
+from mri_models.plugins import load_plugins
 from mri_models.step_options import (
     autocast,
     check_precision_supported,
@@ -38,12 +40,14 @@ from mri_models.step_options import (
     to_network_input,
     unwrap,
 )
+from mri_models.storage import read_json, write_json
 from ray_jobs import log_to_stdout
 from ray_jobs.checkpoints import load_checkpoint, save_checkpoint
 from ray_jobs.config import TrainConfig
 from ray_jobs.data import (
     PreparedData,
     ValidationBatches,
+    configure_data_context,
     network_rows_on_device,
     slice_dataset,
     train_read_tasks,
@@ -324,26 +328,58 @@ def use_deterministic_algorithms() -> None:
     torch.backends.cudnn.benchmark = False
 
 
+@dataclass(frozen=True)
+class WorkerInputs:
+    """What every worker of a run is given, made by :func:`ray_jobs.trainer.build_trainer` (Ray pickles it
+    to the workers inside ``train_loop_config``).
+
+    Attributes:
+        cfg: the validated run configuration.
+        data: the prepared (validated, indexed) data.
+        baseline: the zero-filled input's validation metrics, for the progress line (None: not shown).
+        image_dir: where rank 0 writes the TensorBoard images (:mod:`ray_jobs.images`); None: nowhere.
+        run_dir: the run's directory, where rank 0 writes each epoch's per-volume rows and the epoch-0
+            report; None: neither.
+    """
+
+    cfg: TrainConfig
+    data: PreparedData
+    baseline: dict[str, float] | None = None
+    image_dir: str | None = None
+    run_dir: str | None = None
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The Ray Train worker function.
+    """The Ray Train worker function: the untrained network's report, then one report per epoch.
 
     Args:
-        config: ``{"train": TrainConfig as a dict, "data": PreparedData, "baseline": the zero-filled
-            input's validation metrics (for the progress line) or None, "image_dir": where rank 0 writes
-            TensorBoard images (:mod:`ray_jobs.images`) or None, "run_dir": the run's directory, where
-            rank 0 writes each epoch's per-volume rows, or None}``.
+        config: ``{"inputs": WorkerInputs}``, the trainer's ``train_loop_config``.
     """
+    inputs: WorkerInputs = config["inputs"]
+    _prepare_process(inputs.cfg)
+    run = _WorkerRun.start(inputs)
+    run.report_epoch_zero()
+    for epoch in range(run.start_epoch, inputs.cfg.epochs):
+        if not run.train_and_report(epoch):
+            return  # diverged: the run ends for good
+
+
+def _prepare_process(cfg: TrainConfig) -> None:
+    """This worker process's logging, plugins, threads, kernels and seed, and its Ray Data settings."""
     log_to_stdout()
-    cfg = TrainConfig(**config["train"])  # also loads the configuration's plugins in this process
-    data: PreparedData = config["data"]
-    rank, _ = _world()
+    # Unpickling the configuration validates nothing, so nothing has loaded its plugins (architectures,
+    # penalties, metrics) in this process yet.
+    load_plugins(cfg.plugins)
     # Ray sets OMP_NUM_THREADS to the reserved CPUs; match torch's pool to it deliberately.
     torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
     if cfg.deterministic:
         use_deterministic_algorithms()
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (DDP also broadcasts them)
-    device = ray.train.torch.get_device()
-    check_precision_supported(cfg.precision, device)  # before any step: one line naming the device
+    configure_data_context()  # this process builds every epoch's datasets
+
+
+def _distributed_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    """The configuration's network, wrapped for DDP by Ray Train."""
     # The memory format before DDP (it must see the final parameter layout), compilation around DDP.
     network = prepare_network(
         build_model(cfg.model, **cfg.model_hparams()), channels_last=cfg.channels_last, compile=False,
@@ -352,86 +388,130 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = ray.train.torch.prepare_model(network)
     if cfg.compile:
         model = compile_network(model, device=device)  # eager with one warning where it cannot work
-    optimizer, scheduler = _make_optimizer(model, cfg)
-    scaler = make_grad_scaler(cfg.precision, device)
+    return model
 
-    validation_batches = ValidationBatches(data, cfg, rank, _world()[1])
-    images = ValidationImages(
-        config.get("image_dir") if rank == 0 else None, cfg.image_every_epochs, cfg.epochs
-    )
-    keys = metric_keys(cfg.num_pool_layers)
-    start_epoch, history = 0, []
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        start_epoch, history = load_checkpoint(checkpoint, model, optimizer, scheduler, scaler)
 
-    def record(metrics: dict[str, float], per_volume, histograms) -> dict[str, float]:
-        """The report of one validated epoch (0: the untrained network); rank 0 writes its files."""
-        metrics = {key: metrics.get(key, math.nan) for key in keys}
-        history.append(with_initial_ratios(metrics, history))
-        if rank == 0:
-            if config.get("run_dir"):  # every volume's metrics, for breakdowns and bootstraps
-                rows = validation_rows(per_volume, cfg)
-                epoch = int(metrics["epoch"])
-                write_volume_rows(
-                    RunLayout(config["run_dir"]).val_volumes_file(epoch), rows, data, "val", epoch
-                )
-            logger.info(format_progress(metrics, cfg.epochs, config.get("baseline")))
-            images.write(unwrap(model), validation_batches, int(metrics["epoch"]), device, histograms)
+@dataclass
+class _WorkerRun:
+    """One worker's side of a run: the network and its optimiser, the validation rows, the reports so far."""
+
+    inputs: WorkerInputs
+    rank: int
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    validation_batches: ValidationBatches
+    images: ValidationImages
+    keys: list[str]  # every report's keys (metric_keys)
+    start_epoch: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, inputs: WorkerInputs) -> _WorkerRun:
+        """The network, resumed from the run's last checkpoint if there is one, and what its epochs use."""
+        cfg = inputs.cfg
+        rank, world_size = _world()
+        device = ray.train.torch.get_device()
+        check_precision_supported(cfg.precision, device)  # before any step: one line naming the device
+        model = _distributed_model(cfg, device)
+        optimizer, scheduler = _make_optimizer(model, cfg)
+        run = cls(
+            inputs, rank, device, model, optimizer, scheduler, make_grad_scaler(cfg.precision, device),
+            ValidationBatches(inputs.data, cfg, rank, world_size),
+            ValidationImages(inputs.image_dir if rank == 0 else None, cfg.image_every_epochs, cfg.epochs),
+            metric_keys(cfg.num_pool_layers),
+        )  # fmt: skip
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            run.start_epoch, run.history = load_checkpoint(
+                checkpoint, model, optimizer, scheduler, run.scaler
+            )
+        return run
+
+    def record(self, metrics: dict[str, float], per_volume, histograms) -> dict[str, float]:
+        """The report of one validated epoch (0: the untrained network), added to the history; rank 0
+        writes the epoch's per-volume rows, its progress line and its images."""
+        cfg, run_dir = self.inputs.cfg, self.inputs.run_dir
+        metrics = {key: metrics.get(key, math.nan) for key in self.keys}
+        self.history.append(with_initial_ratios(metrics, self.history))
+        if self.rank == 0:
+            epoch = int(metrics["epoch"])
+            if run_dir:  # every volume's metrics, for breakdowns and bootstraps
+                rows, file = validation_rows(per_volume, cfg), RunLayout(run_dir).val_volumes_file(epoch)
+                write_volume_rows(file, rows, self.inputs.data, "val", epoch)
+            logger.info(format_progress(metrics, cfg.epochs, self.inputs.baseline))
+            self.images.write(unwrap(self.model), self.validation_batches, epoch, self.device, histograms)
         return metrics
 
-    # A resumed run has its epoch 0 in the checkpoint's history; one restarted before its first checkpoint
-    # (a lost node) reported it already and reads it back; a fresh run validates the untrained network.
-    earlier = None if history else _reported_epoch_zero(config.get("run_dir"), rank)
-    if earlier is not None:
-        history.append(earlier)
-    elif not history:
-        started = synchronised_clock(device)
-        val_metrics, per_volume, histograms = validation_pass(model, cfg, validation_batches, device)
-        seconds = synchronised_clock(device) - started
-        initial = {**val_metrics, "epoch": 0, "lr": optimizer.param_groups[0]["lr"], "epoch_seconds": seconds,
-                   "train_slices": 0, "diverged": 0.0}  # fmt: skip
-        ray.train.report(record(initial, per_volume, histograms))  # no checkpoint: nothing was trained
-        if rank == 0 and config.get("run_dir"):  # after the report: a restart never reports it twice
-            write_json(RunLayout(config["run_dir"]).initial_report_file, history[0])
+    def report_epoch_zero(self) -> None:
+        """Report the untrained network's validation (epoch 0), unless the run has done so already.
 
-    for epoch in range(start_epoch, cfg.epochs):
+        A resumed run has its epoch 0 in the checkpoint's history; one restarted before its first checkpoint
+        (a lost node) reported it already and reads it back; a fresh run validates the untrained network.
+        """
+        if self.history:
+            return
+        earlier = _reported_epoch_zero(self.inputs.run_dir, self.rank)
+        if earlier is not None:
+            self.history.append(earlier)
+            return
+        started = synchronised_clock(self.device)
+        val_metrics, per_volume, histograms = validation_pass(
+            self.model, self.inputs.cfg, self.validation_batches, self.device
+        )
+        seconds = synchronised_clock(self.device) - started
+        initial = {
+            **val_metrics, "epoch": 0, "lr": self.optimizer.param_groups[0]["lr"], "epoch_seconds": seconds,
+            "train_slices": 0, "diverged": 0.0,
+        }  # fmt: skip
+        ray.train.report(self.record(initial, per_volume, histograms))  # no checkpoint: nothing was trained
+        if self.rank == 0 and self.inputs.run_dir:  # after the report: a restart never reports it twice
+            write_json(RunLayout(self.inputs.run_dir).initial_report_file, self.history[0])
+
+    def train_and_report(self, epoch: int) -> bool:
+        """Train one epoch (``epoch`` counts those done), validate, report; False when the loss diverged."""
+        cfg, device, model = self.inputs.cfg, self.device, self.model
         started = synchronised_clock(device)
-        lr = optimizer.param_groups[0]["lr"]
+        lr = self.optimizer.param_groups[0]["lr"]
         try:
-            train_metrics = train_epoch(model, optimizer, scaler, cfg, data, epoch, device)
+            train_metrics = train_epoch(
+                model, self.optimizer, self.scaler, cfg, self.inputs.data, epoch, device
+            )
         except TrainingDivergedError as err:
             # Ends the run for good: an error would make Ray Train retry max_failures times, and every
             # retry would diverge again. The last report says so (the analysis lists the run as diverged).
-            if rank == 0:
+            if self.rank == 0:
                 logger.error("%s", err)
-            ray.train.report({**dict.fromkeys(keys, math.nan), "epoch": epoch + 1, "diverged": 1.0})
-            return
+            ray.train.report({**dict.fromkeys(self.keys, math.nan), "epoch": epoch + 1, "diverged": 1.0})
+            return False
         train_seconds = synchronised_clock(device) - started
-        scheduler.step()
-        val_metrics, per_volume, histograms = validation_pass(model, cfg, validation_batches, device)
+        self.scheduler.step()
+        val_metrics, per_volume, histograms = validation_pass(model, cfg, self.validation_batches, device)
         epoch_seconds = synchronised_clock(device) - started
-        metrics = record(
-            {
-                "epoch": epoch + 1,  # epochs completed; ASHA's time attribute
-                "lr": lr,
-                "epoch_seconds": epoch_seconds,
-                # Forward, backward and optimiser steps over the epoch's wall time (pipeline and validation
-                # are the rest): how much of the reserved CPUs or GPUs go to training.
-                "compute_fraction": train_metrics.pop("compute_seconds") / epoch_seconds,
-                "diverged": 0.0,
-                "train_slices_per_second": train_metrics["train_slices"] / train_seconds,
-                **train_metrics,
-                **val_metrics,
-            },
-            per_volume,
-            histograms,
-        )
+        report = {
+            "epoch": epoch + 1,  # epochs completed; ASHA's time attribute
+            "lr": lr,
+            "epoch_seconds": epoch_seconds,
+            # Forward, backward and optimiser steps over the epoch's wall time (pipeline and validation are
+            # the rest): how much of the reserved CPUs or GPUs go to training.
+            "compute_fraction": train_metrics.pop("compute_seconds") / epoch_seconds,
+            "diverged": 0.0,
+            "train_slices_per_second": train_metrics["train_slices"] / train_seconds,
+            **train_metrics,
+            **val_metrics,
+        }
+        self._report_with_checkpoint(self.record(report, per_volume, histograms), epoch)
+        return True
+
+    def _report_with_checkpoint(self, metrics: dict[str, float], epoch: int) -> None:
+        """One epoch's report, with rank 0's checkpoint of the epoch (the other ranks' reports carry none)."""
         with tempfile.TemporaryDirectory() as directory:
-            if rank == 0:
+            if self.rank == 0:
                 save_checkpoint(
-                    directory, model, optimizer, scheduler, epoch, history, scaler, cfg.model_spec()
-                )
-            ray.train.report(
-                metrics, checkpoint=ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
-            )
+                    directory, self.model, self.optimizer, self.scheduler, epoch, self.history, self.scaler,
+                    self.inputs.cfg.model_spec(),
+                )  # fmt: skip
+            checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
+            ray.train.report(metrics, checkpoint=checkpoint)

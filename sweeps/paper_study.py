@@ -28,14 +28,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis.collect import write_tables
 from analysis.findings import EQUIVALENCE_MARGIN
 from analysis.study_report import write_report
-from mri_models import experiment
+from mri_models import experiment, storage
 from mri_models.experiment import GAMMA_SWEEP, MODEL_COMPARISON, StudyLayout
 from ray_jobs import log_to_stdout
 from ray_jobs.cli import add_common_arguments, exit_on_user_error, parse_overrides
 from ray_jobs.config import ConfigError, load_yaml
 from ray_jobs.cost_task import measure_on_cluster
 from ray_jobs.data import ensure_synthetic_data
-from ray_jobs.sweep_config import SweepSpec, load_sweep_spec
+from ray_jobs.sweep_config import ValidatedSweep, load_sweep
 from ray_jobs.trainer import connect, default_storage
 from ray_jobs.tune import prepare_sweep_data, run_sweep
 from sweeps.sweep_command import CONFIG_DIR
@@ -70,11 +70,11 @@ def study_margin() -> float:
     return float(value)
 
 
-def _plan(args: argparse.Namespace) -> tuple[StudyLayout, dict, dict[str, SweepSpec], tuple[int, int]]:
-    """The study's record, both validated sweep specs and the image size; raises the user errors of
+def _plan(args: argparse.Namespace) -> tuple[StudyLayout, dict, dict[str, ValidatedSweep], tuple[int, int]]:
+    """The study's record, both validated sweeps and the image size; raises the user errors of
     :mod:`ray_jobs.cli`."""
     study = StudyLayout.under(args.storage or default_storage(), args.name or f"paper_study-{args.profile}")
-    saved = experiment.read_json(study.study_file)
+    saved = storage.read_json(study.study_file)
     if saved is not None and not args.resume:
         raise ConfigError(
             f"study {study.name!r} already exists at {study.path}; pass --resume to continue it or choose "
@@ -89,8 +89,8 @@ def _plan(args: argparse.Namespace) -> tuple[StudyLayout, dict, dict[str, SweepS
         "equivalence_margin": study_margin(),
         "finished": [],
     }
-    specs = {
-        name: load_sweep_spec(
+    sweeps = {
+        name: load_sweep(
             CONFIG_DIR / f"{name}.yaml",
             record["profile"],
             {**study_overrides(name, record["profile"]), **record["overrides"]},
@@ -98,18 +98,20 @@ def _plan(args: argparse.Namespace) -> tuple[StudyLayout, dict, dict[str, SweepS
         for name in SWEEPS
     }
     # The data of every trial of both sweeps, before anything trains.
-    prepared = {name: prepare_sweep_data(spec, record["data_root"]) for name, spec in specs.items()}
-    return study, record, specs, prepared[MODEL_COMPARISON].image_size
+    prepared = {name: prepare_sweep_data(sweep.trials, record["data_root"]) for name, sweep in sweeps.items()}
+    return study, record, sweeps, prepared[MODEL_COMPARISON].image_size
 
 
-def _measure_costs(study: StudyLayout, specs: dict[str, SweepSpec], image_size: tuple[int, int]) -> None:
+def _measure_costs(
+    study: StudyLayout, sweeps: dict[str, ValidatedSweep], image_size: tuple[int, int]
+) -> None:
     """The costs of the model comparison's arms and of the Sparse Attention U-Net (the paper's gate at the
     gamma sweep's largest gamma: the penalty's cost does not depend on its weight)."""
-    comparison, sweep = specs[MODEL_COMPARISON], specs[GAMMA_SWEEP]
-    seed0 = [cfg for cfg in comparison.trial_configs() if cfg.seed == comparison.seeds[0]]
-    sparse = [cfg for cfg in sweep.trial_configs() if cfg.gamma > 0 and not cfg.identifying_options()]
+    comparison, sweep = sweeps[MODEL_COMPARISON], sweeps[GAMMA_SWEEP]
+    seed0 = [cfg for cfg in comparison.trials if cfg.seed == comparison.spec.seeds[0]]
+    sparse = [cfg for cfg in sweep.trials if cfg.gamma > 0 and not cfg.identifying_options()]
     costs = measure_on_cluster(seed0 + sorted(sparse, key=lambda cfg: cfg.gamma)[-1:], image_size)
-    experiment.write_json(study.model_costs_file, {"image_size": list(image_size), "models": costs})
+    storage.write_json(study.model_costs_file, {"image_size": list(image_size), "models": costs})
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,30 +121,30 @@ def main(argv: list[str] | None = None) -> int:
     code, planned = exit_on_user_error(lambda: _plan(args))
     if code:
         return code
-    study, record, specs, image_size = planned
+    study, record, sweeps, image_size = planned
     print(
         f"{'resuming' if args.resume else 'starting'} paper study {study.name!r} (profile {record['profile']}"
         f"{', overrides ' + str(record['overrides']) if record['overrides'] else ''}) in {study.path}",
         flush=True,
     )
-    experiment.write_json(study.study_file, record)
+    storage.write_json(study.study_file, record)
     data_root = record["data_root"]
     for name in SWEEPS:
         if name in record["finished"]:
             print(f"{name}: finished earlier", flush=True)
             continue
-        resume = experiment.exists(experiment.ExperimentLayout.under(study.path, name).sweep_file)
+        resume = storage.exists(experiment.ExperimentLayout.under(study.path, name).sweep_file)
         code, path = exit_on_user_error(
-            lambda n=name, r=resume: run_sweep(specs[n], n, study.path, data_root, r)
+            lambda n=name, r=resume: run_sweep(sweeps[n], n, study.path, data_root, r)
         )
         if code:
             return code
         write_tables(path)
         record["finished"].append(name)
-        experiment.write_json(study.study_file, record)
-    if not experiment.exists(study.model_costs_file):
+        storage.write_json(study.study_file, record)
+    if not storage.exists(study.model_costs_file):
         connect()
-        _measure_costs(study, specs, image_size)
+        _measure_costs(study, sweeps, image_size)
     report, findings = write_report(study.path)
     print("\n".join(["findings:", *(f"  {line}" for line in findings), f"report: {report}"]), flush=True)
     return 0

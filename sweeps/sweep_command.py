@@ -14,7 +14,7 @@ from pathlib import Path
 from analysis.collect import summary, write_tables
 from ray_jobs import log_to_stdout
 from ray_jobs.cli import add_common_arguments, exit_on_user_error, parse_overrides
-from ray_jobs.sweep_config import load_sweep_spec
+from ray_jobs.sweep_config import load_sweep
 from ray_jobs.trainer import default_storage
 from ray_jobs.tune import run_sweep
 
@@ -42,9 +42,11 @@ def sweep_main(config: Path, argv: list[str] | None = None) -> int:
         overrides = parse_overrides(args.overrides)
         if args.workers_per_trial is not None:
             overrides["workers_per_trial"] = args.workers_per_trial
-        spec = load_sweep_spec(args.config, args.profile, overrides)
+        validated = load_sweep(args.config, args.profile, overrides)  # every trial, once
+        spec = validated.spec
         name = args.name or f"{spec.experiment}-{spec.profile}"
-        return spec, run_sweep(spec, name, args.storage or default_storage(), args.data_root, args.resume)
+        storage = args.storage or default_storage()
+        return spec, run_sweep(validated, name, storage, args.data_root, args.resume)
 
     code, result = exit_on_user_error(sweep)
     if code:

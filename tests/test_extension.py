@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from analysis import compare_models
 from analysis.collect import write_tables
-from analysis.common import OutDir, load_study
+from analysis.output import OutDir
+from analysis.study import load_study
 from mri_models.arms import arm_of
 from mri_models.losses import PenaltyTerm, register_penalty, unregister_penalty
 from mri_models.metrics import (
@@ -35,7 +36,7 @@ from mri_models.metrics import (
 from mri_models.models import AttentionOutput, build_model, model_names, register_model, unregister
 from ray_jobs.cli import parse_overrides
 from ray_jobs.config import ConfigError, make_train_config
-from ray_jobs.sweep_config import SweepSpec
+from ray_jobs.sweep_config import SweepSpec, ValidatedSweep
 from ray_jobs.worker import metric_keys
 
 PLUGIN = "tests.test_extension:register_toys"
@@ -203,8 +204,8 @@ def test_a_sweep_trains_and_tabulates_the_new_entries(toys, ray_local, tiny_root
         seeds=[0],
         scheduler={"type": "fifo"},
     )
-    spec.trial_configs()  # validated as the sweep command line validates
-    path = run_sweep(spec, "extension", str(tmp_path), Path(tiny_root), resume=False)
+    sweep = ValidatedSweep.of(spec)  # validated as the sweep command line validates
+    path = run_sweep(sweep, "extension", str(tmp_path), Path(tiny_root), resume=False)
 
     experiment = write_tables(path)
     trials = experiment.trials

@@ -28,7 +28,7 @@ from mri_models.data.hybrid_transforms import (
     readout_ifft,
     unet_sample_fast,
 )
-from mri_models.data.transforms import volume_mask_seed
+from mri_models.data.transforms import SliceInputs, volume_mask_seed
 from tests.conftest import centre_crop, centred_ifft2
 
 MASK_PAIRS = {
@@ -92,7 +92,7 @@ def test_fast_sample_matches_fastmri(rows, cols, mask_type, use_seed):
             attrs = {"max": float(target.max()), "recon_size": (*RECON, 1)}
             theirs = ref_t(kspace, None, target, attrs, fname, slice_num)
             seed = volume_mask_seed(fname) if use_seed else None
-            ours = unet_sample_fast(kspace, target, attrs, fname, slice_num, ours_mask, seed)
+            ours = unet_sample_fast(SliceInputs(kspace, target, attrs, fname, slice_num, ours_mask, seed))
             _assert_samples_close(ours, theirs)
 
 
@@ -103,7 +103,7 @@ def test_fast_sample_without_mask_or_target(rows, cols):
     ref_t = ref_transforms.UnetDataTransform("singlecoil")
     for tgt in (target, None):
         theirs = ref_t(kspace, None, tgt, attrs, "f.h5", 4)
-        ours = unet_sample_fast(kspace, tgt, attrs, "f.h5", 4)
+        ours = unet_sample_fast(SliceInputs(kspace, tgt, attrs, "f.h5", 4))
         _assert_samples_close(ours, theirs)
     assert ours.image.shape == (min(cols, RECON[0]), min(cols, RECON[1]))
     assert torch.equal(ours.target, torch.Tensor([0]))
@@ -116,7 +116,7 @@ def test_fast_sample_leaves_the_mask_stream_as_unet_sample_does():
     )
     kspace, target = _slice(64, 40, seed=0)
     for seed in (None, (1, 2, 3), None, 17, None):
-        unet_sample_fast(kspace, target, {}, "f.h5", 0, ours, seed)
+        unet_sample_fast(SliceInputs(kspace, target, {}, "f.h5", 0, ours, seed))
         ref((1, 64, 40, 2), seed=seed)
     assert torch.equal(ours((1, 64, 40, 2))[0], ref((1, 64, 40, 2))[0])
 
@@ -126,11 +126,10 @@ def test_writing_into_given_arrays_gives_the_same_sample():
     # must be the allocating call's exactly, in the given memory.
     kspace, target = _slice(640, 368, seed=7)
     mask_func = subsample.RandomMaskFunc([0.08], [4])
-    plain = unet_sample_fast(kspace, target, {"max": 1.0}, "f.h5", 3, mask_func, (1, 2))
+    inputs = SliceInputs(kspace, target, {"max": 1.0}, "f.h5", 3, mask_func, (1, 2))
+    plain = unet_sample_fast(inputs)
     image_out, target_out = np.full((2, *RECON), np.nan, np.float32)
-    written = unet_sample_fast(
-        kspace, target, {"max": 1.0}, "f.h5", 3, mask_func, (1, 2), out=(image_out, target_out)
-    )
+    written = unet_sample_fast(inputs, out=(image_out, target_out))
     assert np.shares_memory(written.image.numpy(), image_out)
     assert np.shares_memory(written.target.numpy(), target_out)
     for name in ("image", "target", "mean", "std"):
@@ -198,19 +197,9 @@ def _hybrid_batch(
         target = target if with_target else None
         attrs = {"max": 1.5, "recon_size": (*RECON, 1)}
         mask_func, seed = mask_funcs[i % len(mask_funcs)], (7, i)
-        shipped.append(
-            hybrid_sample(
-                kspace,
-                target,
-                attrs,
-                "f.h5",
-                i,
-                mask_func,
-                seed,
-                columns=columns,
-            )
-        )
-        expected.append(unet_sample_fast(kspace, target, attrs, "f.h5", i, mask_func, seed))
+        inputs = SliceInputs(kspace, target, attrs, "f.h5", i, mask_func, seed)
+        shipped.append(hybrid_sample(inputs, columns=columns))
+        expected.append(unet_sample_fast(inputs))
     return shipped, expected
 
 
@@ -316,4 +305,4 @@ def test_batched_rejects_mismatched_shapes():
 def test_hybrid_sample_rejects_an_unknown_column_layout():
     kspace, target = _slice(640, 368, seed=0)
     with pytest.raises(ValueError, match="columns must be one of compact, sampled, all, got 'full'"):
-        hybrid_sample(kspace, target, {"max": 1.0}, "f.h5", 0, None, None, columns="full")
+        hybrid_sample(SliceInputs(kspace, target, {"max": 1.0}, "f.h5", 0, None, None), columns="full")

@@ -21,7 +21,7 @@ from fastmri.data import subsample as ref_subsample
 from fastmri.data import transforms as ref_transforms
 from fastmri.data.mri_data import SliceDataset as RefSliceDataset
 
-from mri_models import experiment
+from mri_models import experiment, storage
 from mri_models.data.slice_dataset import list_volumes
 from mri_models.models import build_model
 from ray_jobs.config import ConfigError, make_train_config
@@ -133,13 +133,13 @@ def test_final_evaluation_reads_the_test_split_only_afterwards_and_equals_fastmr
         path.write_bytes(content)
     run = experiment.RunLayout(str(tmp_path / "runs" / "run"))
     item = pending(cfg, run, data)
-    history = experiment.read_json(experiment.join(item.selected.path, experiment.HISTORY_FILE))
+    history = storage.read_json(storage.join(item.selected.path, experiment.HISTORY_FILE))
     trained = [h for h in history if h["epoch"] >= 1]  # epoch 0, the untrained network, is not a choice
     assert item.selected.epoch == max(trained, key=lambda h: h["ssim"])["epoch"]  # chosen on validation
     evaluate_runs([item], data, use_gpu=False)
     assert pending(cfg, run, data) is None  # evaluated once: a second pass has nothing to do
 
-    record = experiment.read_json(run.test_evaluation_file)
+    record = storage.read_json(run.test_evaluation_file)
     table = pd.read_parquet(run.test_volumes_file)
     assert record["selected_epoch"] == item.selected.epoch and set(table["epoch"]) == {item.selected.epoch}
     network = build_model(cfg.model, **cfg.model_hparams())

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from mri_models.data.validate import validate_file
 from ray_jobs.cli import parse_overrides
 from ray_jobs.config import ConfigError, TrainConfig, make_train_config
-from ray_jobs.sweep_config import load_sweep_spec
+from ray_jobs.sweep_config import load_sweep
 from tests.conftest import make_fastmri_volume
 
 FIELDS = [*sorted(TrainConfig.model_fields), "gamma"]
@@ -101,11 +101,11 @@ def test_any_sweep_yaml_is_accepted_or_named(tmp_path, document, profile):
     path = tmp_path / "sweep.yaml"
     path.write_text(yaml.safe_dump(document))
     try:
-        spec = load_sweep_spec(path, profile)
+        sweep = load_sweep(path, profile)
     except ConfigError as err:
         assert str(path) in str(err) or "trial" in str(err) or "profile" in str(err), str(err)
         return
-    assert spec.trial_configs()  # accepted means every trial validated
+    assert sweep.trials  # accepted means every trial validated
 
 
 # ----------------------------------------------------------------------------------------- damaged files

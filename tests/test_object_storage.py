@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mri_models import experiment as experiment_storage
+from mri_models import storage
 from mri_models.data import store
 from mri_models.data.cache import FileCache
 from mri_models.data.slice_dataset import list_volumes
@@ -133,7 +133,7 @@ def test_cached_rows_equal_streamed_rows_and_later_epochs_read_nothing_remote(s3
     data = prepare_data(streamed, s3_root)
     tasks = train_read_tasks(data.train_slices, 1, 0, 1, 0, streamed.slices_per_read)
     files = {task["path"] for task in tasks}
-    whole_files = sum(store.stat(uri).size for uri in files)
+    whole_files = sum(storage.stat(uri).size for uri in files)
 
     reference = list(iter_rows_locally(tasks, streamed, training=True, epoch=1))
     before = store.remote_bytes_read()
@@ -150,7 +150,7 @@ def test_cached_rows_equal_streamed_rows_and_later_epochs_read_nothing_remote(s3
 
 def test_cache_keeps_to_its_bound_evicting_the_least_recently_used(s3_server, tmp_path):
     uris = _big_volume_on_s3(s3_server, tmp_path, "cache-bound", ("a.h5", "b.h5", "c.h5"))
-    size = store.stat(uris[0]).size
+    size = storage.stat(uris[0]).size
     cache = FileCache(str(tmp_path / "cache"), max_bytes=int(2.5 * size))
     a, b = cache.local_copy(uris[0]), cache.local_copy(uris[1])
     assert cache.local_copy(uris[0]) == a  # a is now the most recently used
@@ -193,7 +193,7 @@ def test_concurrent_processes_download_a_file_once_and_share_it(s3_server, tmp_p
         barrier = manager.Barrier(4)
         results = pool.map(_copy_in_child, [(directory, uri, barrier)] * 4)
     (path,) = {path for path, _ in results}
-    assert sum(read for _, read in results) == store.stat(uri).size  # one download among the four
+    assert sum(read for _, read in results) == storage.stat(uri).size  # one download among the four
     with h5py.File(path) as local, store.open_hdf5(uri) as remote:
         np.testing.assert_array_equal(local["kspace"][()], remote["kspace"][()])
     name = os.path.basename(path)
@@ -255,7 +255,7 @@ def test_denied_access_fails_before_training_naming_the_uri(locked_bucket, crede
         prepare_data(_cfg(), root)
     assert f"{root}: access denied" in str(raised.value) and "AWS_ACCESS_KEY_ID" in str(raised.value)
     volume = f"{root}/singlecoil_train/v.h5"
-    with pytest.raises(store.DataStoreError, match=rf"^{re.escape(volume)}: access denied"):
+    with pytest.raises(storage.StorageError, match=rf"^{re.escape(volume)}: access denied"):
         with store.open_hdf5(volume):
             pass
     command = [sys.executable, "-m", "ray_jobs.train", "--profile", "smoke", "--data-root", root]
@@ -279,24 +279,24 @@ def test_sweep_with_data_and_experiment_on_s3_resumes_and_analyses(ray_head, s3_
     local = tmp_path / "data"
     generate_dataset(local, seed=0, **{**SYNTHETIC_DATA["smoke"], "num_train": 2, "num_val": 1})
     data = s3_server.upload(local, "s3://sweep-data/knee")
-    storage = "s3://sweep-results/experiments"
+    results = "s3://sweep-results/experiments"
     s3_server.create_bucket("sweep-results")
     runtime_env = json.dumps({"env_vars": s3_server.env})
     command = [
         str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head.dashboard_url,
         "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--",
-        "python", "sweeps/gamma_sweep.py", "--profile", "smoke", "--data-root", data, "--storage", storage,
+        "python", "sweeps/gamma_sweep.py", "--profile", "smoke", "--data-root", data, "--storage", results,
         "--name", "on_s3", "--set", "seeds=[0]", "--set", "search.gamma=[0,1e-4]",
         "--set", "search.psi_norm=[instance]",
         "--set", "data_cache_gb=0.5", "--set", f"data_cache_dir={tmp_path / 'node_cache'}",
     ]  # fmt: skip
     done = subprocess.run(command, env=ray_head.env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    experiment = f"{storage}/on_s3"
+    experiment = f"{results}/on_s3"
     trials = store_csv(f"{experiment}/results/trials.csv")
     assert len(trials) == 2 and set(trials["status"]) <= {"completed", "stopped"}
     cached = sorted(p.stat().st_size for p in (tmp_path / "node_cache").glob("*.h5"))
-    assert cached == sorted(store.stat(f"{data}/{p.relative_to(local)}").size for p in local.rglob("*.h5"))
+    assert cached == sorted(storage.stat(f"{data}/{p.relative_to(local)}").size for p in local.rglob("*.h5"))
 
     # --resume of the finished experiment on S3 reruns nothing and still succeeds.
     resumed = subprocess.run(
@@ -322,6 +322,6 @@ def test_sweep_with_data_and_experiment_on_s3_resumes_and_analyses(ray_head, s3_
 
 def store_csv(uri: str) -> pd.DataFrame:
     """A CSV from object storage as a DataFrame."""
-    data = experiment_storage.read_bytes(uri)
+    data = storage.read_bytes(uri)
     assert data is not None, f"{uri} was not written"
     return pd.read_csv(io.BytesIO(data))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,6 @@ from scipy import stats
 from statsmodels.stats.multitest import multipletests
 
 from analysis import compare_models
-from analysis.common import load_study, reported_point
 from analysis.findings import (
     EQUIVALENCE_MARGIN,
     INCONCLUSIVE,
@@ -27,7 +27,9 @@ from analysis.findings import (
     SPARSIFIES,
     findings,
 )
-from analysis.study_report import PAPER_TABLE_1, cost_table, table_one, write_report
+from analysis.study import load_study, reported_point
+from analysis.study_report import PAPER_TABLE_1, README_BEGIN, README_END, cost_table, table_one, write_report
+from analysis.study_report import main as study_report_main
 from mri_models.experiment import StudyLayout
 from mri_models.model_cost import count_parameters, measure_costs
 from mri_models.models import build_model
@@ -372,6 +374,34 @@ def test_table_one_takes_the_sparse_arm_from_the_gamma_sweep(tmp_path):
     report = Path(report_path).read_text()
     assert "γ=0.001, the gamma sweep's best γ > 0 with the paper's gate" in report
     assert "](attention_curves.png)" in report and "](attention_gamma.png)" in report
+
+
+def test_readme_block_is_rewritten_from_the_study(tmp_path, capsys):
+    layout = write_gate_sweep(tmp_path, GATE_ALPHA, GATE_SSIM)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# Title\n\n{README_BEGIN}\nrun `make study` first\n{README_END}\n\n## Layout\n")
+    argv = ["--study", layout.path, "--readme", str(readme)]
+    assert study_report_main(argv) == 0
+    text = readme.read_text()
+    assert text.startswith(f"# Title\n\n{README_BEGIN}\n") and text.endswith(f"{README_END}\n\n## Layout\n")
+    assert "run `make study` first" not in text and text.count(README_BEGIN) == text.count(README_END) == 1
+    block = text[text.index(README_BEGIN) : text.index(README_END)]
+    assert "profile `smoke`" in block and "model comparison seeds 0, 1; gamma sweep seeds 0, 1, 2, 3" in block
+    assert re.search(r"`study.json` of \d{4}-\d{2}-\d{2}\.", block)
+    assert f"`python -m analysis.study_report --study {layout.path} --readme {readme}`" in block
+    assert "| (a) Attention U-Net" in block and "| Verdict" in block  # the findings table
+    # This canned study has no test evaluation: Table 1 says it reports validation.
+    assert "Table 1, validation at the epoch of best validation SSIM" in block
+    assert "| Sparse Attention U-Net (γ=0.001) |" in block and "| 0.73 " in block  # the paper's beside ours
+    assert not list(tmp_path.glob(".readme-*")), "the atomic write leaves no temporary file"
+    # Run again on its own output: the same block, not a second one.
+    assert study_report_main(argv) == 0 and readme.read_text() == text
+    capsys.readouterr()
+    readme.write_text("# no markers\n")
+    assert study_report_main(argv) == 2
+    error = capsys.readouterr().out.strip()
+    assert error.startswith("error:") and README_BEGIN in error and "\n" not in error
+    assert readme.read_text() == "# no markers\n"
 
 
 def test_cost_table_counts_the_models_parameters():

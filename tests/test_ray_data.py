@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from mri_models.data import RandomMaskFunc, SliceDataset, UnetDataTransform, unet_sample
+from mri_models.data import RandomMaskFunc, SliceDataset, SliceInputs, UnetDataTransform, unet_sample
 from ray_jobs.config import make_train_config
 from ray_jobs.data import (
     TRAIN_SPLIT,
     VAL_SPLIT,
     ValidationBatches,
+    configure_data_context,
     iter_rows_locally,
     network_rows_on_device,
     prepare_data,
@@ -22,6 +23,12 @@ from ray_jobs.data import (
     train_read_tasks,
     val_read_tasks,
 )
+
+
+@pytest.fixture(autouse=True)
+def _data_context():
+    """This process's Ray Data settings, as the training worker sets them before building its datasets."""
+    configure_data_context()
 
 
 def _slices(tasks):
@@ -138,13 +145,15 @@ def test_training_masks_change_every_epoch_and_are_reproducible(ray_local, tiny_
     raw = SliceDataset(tiny_root / TRAIN_SPLIT, cache_dir="")
     for kspace, _, target, attrs, fname, slice_num in (raw[0], raw[5]):
         expected = unet_sample(
-            kspace,
-            target,
-            attrs,
-            fname,
-            slice_num,
-            RandomMaskFunc([0.08], [4]),
-            (0, 1, zlib.crc32(fname.encode()), slice_num),
+            SliceInputs(
+                kspace,
+                target,
+                attrs,
+                fname,
+                slice_num,
+                RandomMaskFunc([0.08], [4]),
+                (0, 1, zlib.crc32(fname.encode()), slice_num),
+            )
         )
         assert np.array_equal(second[(fname, slice_num)]["image"], expected.image.numpy())
 

@@ -247,13 +247,13 @@ def test_exponent_numbers_without_a_dot_are_numbers(tmp_path):
     # PyYAML (YAML 1.1) reads 1e-4 as the string "1e-4"; a grid of [0, "1e-4"] then reached Tune and the
     # result tables (a column of mixed types that Parquet refuses). Both --set and sweep files use YAML 1.2.
     from ray_jobs.cli import parse_overrides
-    from ray_jobs.sweep_config import load_sweep_spec
+    from ray_jobs.sweep_config import load_sweep
 
     overrides = parse_overrides(["search.gamma=[0,1e-4]", "lr=3e-3"])
     assert overrides == {"search.gamma": [0, 1e-4], "lr": 3e-3}
-    spec = load_sweep_spec(GAMMA_CONFIG, "smoke", overrides)
+    spec = load_sweep(GAMMA_CONFIG, "smoke", overrides).spec
     assert spec.search["gamma"] == [0, 1e-4]
     assert all(isinstance(g, (int, float)) for g in spec.search["gamma"])
     config = tmp_path / "sweep.yaml"
     config.write_text("experiment: e\ntrain: {model: sparse_attention_unet}\nsearch: {gamma: [0, 2e-6]}\n")
-    assert load_sweep_spec(config, "smoke").search["gamma"] == [0, 2e-6]
+    assert load_sweep(config, "smoke").spec.search["gamma"] == [0, 2e-6]

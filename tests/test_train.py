@@ -87,9 +87,10 @@ def _validate_fixed_weights(config):
     import ray.train.torch
 
     from ray_jobs.config import TrainConfig
-    from ray_jobs.data import ValidationBatches
+    from ray_jobs.data import ValidationBatches, configure_data_context
     from ray_jobs.worker import validate
 
+    configure_data_context()  # as the training worker does
     cfg = TrainConfig(**config["train"])
     torch.manual_seed(123)
     model = ray.train.torch.prepare_model(build_model(cfg.model, **cfg.model_hparams()))

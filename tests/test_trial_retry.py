@@ -97,7 +97,7 @@ def test_a_retried_trial_counts_and_one_whose_last_attempt_failed_does_not(ray_l
     recovered_epochs = epochs.loc[epochs["trial_id"] == recovered, "epoch"].tolist()
     assert recovered_epochs == sorted(set(recovered_epochs)) and recovered_epochs[-1] == EPOCHS
 
-    from analysis.common import load_study
+    from analysis.study import load_study
 
     study = load_study([str(experiment)]).trials.set_index("trial_id")
     assert study.loc[recovered, "included"] and not study.loc[failed, "included"]

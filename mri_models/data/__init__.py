@@ -8,7 +8,7 @@ from mri_models.data.subsample import (
     RandomMaskFunc,
     create_mask_func,
 )
-from mri_models.data.transforms import UnetDataTransform, UnetSample, unet_sample
+from mri_models.data.transforms import SliceInputs, UnetDataTransform, UnetSample, unet_sample
 from mri_models.data.volume import VolumeMetadata, parse_ismrmrd_header
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "RandomMaskFunc",
     "RawSample",
     "SliceDataset",
+    "SliceInputs",
     "UnetDataTransform",
     "UnetSample",
     "VolumeMetadata",

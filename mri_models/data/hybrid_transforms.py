@@ -1,20 +1,20 @@
 """k-space to network input up to float32 rounding, faster than fastMRI's operation-for-operation path.
 
 ``unet_sample_fast`` and the "hybrid" functions compute the example of
-:func:`mri_models.data.transforms.unet_sample` within 1e-5 of the largest value (not bit for bit) at about
-a third of its CPU time. The centred orthonormal 2-D inverse FFT factorises into 1-D inverse FFTs along the
-readout axis (rows) and the phase-encoding axis (cols). The column mask scales whole columns and the centre
-crop drops whole rows, so both commute with the readout IFFT: it is done on the rows the crop keeps only
-("hybrid" k-space, (crop_rows, cols) complex), and only for the sampled columns when the mask is known.
-What remains per example (mask, a 1-D IFFT along the columns, column crop, magnitude, normalisation) is also
-available batched in torch on any device (``masked_hybrid_to_images``), for a design that ships hybrid
-k-space and masks to the trainer.
+:func:`mri_models.data.transforms.unet_sample` within 1e-5 of the largest value (not bit for bit) for a
+fraction of its CPU time (``benchmarks/README.md``, Data pipeline). The centred orthonormal 2-D inverse
+FFT factorises into 1-D inverse FFTs along the readout axis (rows) and the phase-encoding axis (cols). The
+column mask scales whole columns and the centre crop drops whole rows, so both commute with the readout
+IFFT: it is done on the rows the crop keeps only ("hybrid" k-space, (crop_rows, cols) complex), and only
+for the sampled columns when the mask is known. What remains per example (mask, a 1-D IFFT along the
+columns, column crop, magnitude, normalisation) is also available batched in torch on any device
+(``masked_hybrid_to_images``), for a design that ships hybrid k-space and masks to the trainer.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -25,6 +25,7 @@ from mri_models.data.subsample import MaskFunc, Seed
 from mri_models.data.transforms import (
     CLAMP,
     NORMALISATION_EPS,
+    SliceInputs,
     UnetSample,
     center_crop,
     crop_bounds,
@@ -112,23 +113,20 @@ def readout_ifft(kspace: np.ndarray, crop_rows: int, columns: np.ndarray | None 
     return hybrid
 
 
-def draw_column_mask(
-    mask_func: MaskFunc | None, num_cols: int, seed: Seed = None, offset: int | None = None
-) -> np.ndarray:
+def draw_column_mask(mask_func: MaskFunc | None, num_cols: int, seed: Seed = None) -> np.ndarray:
     """The (num_cols,) float32 column mask ``apply_mask`` would draw (all ones without a mask function).
 
     Args:
         mask_func: under-sampling mask function, or None for fully sampled k-space.
         num_cols: number of k-space columns.
-        seed: per-call seed, as given to ``apply_mask``.
-        offset: first column of equispaced patterns (random when None).
+        seed: per-call seed, as given to ``apply_mask`` (equispaced patterns draw their offset, as there).
     """
     if mask_func is None:
         return np.ones(num_cols, dtype=np.float32)
     if isinstance(mask_func, MaskFunc):
-        return mask_func.column_mask(num_cols, offset, seed)[0]
+        return mask_func.column_mask(num_cols, None, seed)[0]
     # Any other callable with fastMRI's convention (fastMRI's own mask functions, for instance).
-    mask, _ = mask_func((1, num_cols, 2), offset, seed)
+    mask, _ = mask_func((1, num_cols, 2), None, seed)
     return np.asarray(mask, dtype=np.float32).reshape(num_cols)
 
 
@@ -146,18 +144,8 @@ def _masked_hybrid(kspace: np.ndarray, mask: np.ndarray, crop_rows: int) -> tupl
     return rows_part, columns
 
 
-def unet_sample_fast(
-    kspace: np.ndarray,
-    target: np.ndarray | None,
-    attrs: Mapping[str, Any],
-    fname: str,
-    slice_num: int,
-    mask_func: MaskFunc | None = None,
-    mask_seed: Seed = None,
-    *,
-    out: tuple[np.ndarray, np.ndarray] | None = None,
-) -> UnetSample:
-    """``unet_sample`` through hybrid k-space: the same example within float32 rounding, about 4x faster.
+def unet_sample_fast(inputs: SliceInputs, *, out: tuple[np.ndarray, np.ndarray] | None = None) -> UnetSample:
+    """``unet_sample`` through hybrid k-space: the same example within float32 rounding, for less CPU.
 
     The mask is exactly ``unet_sample``'s (same mask function call and seed, so the same draws and the same
     stream afterwards). Only the sampled columns go through the readout IFFT, on the cropped rows only; the
@@ -166,54 +154,71 @@ def unet_sample_fast(
     (``tests/test_fast_transform.py``); k-space is computed in complex64 and outputs are float32.
 
     Args:
-        kspace: (rows, cols) complex k-space of one slice.
-        target: (h, w) target of the slice, or None (test data).
-        attrs: file attributes merged with header metadata (``max``; ``recon_size`` when no target).
-        fname: file name (no directory).
-        slice_num: slice index.
-        mask_func: under-sampling mask function; None keeps the k-space fully sampled.
-        mask_seed: seed of this slice's mask (None draws from the mask function's own stream).
+        inputs: the slice, its file's attributes and its mask (none: the k-space as it is).
         out: float32 arrays of the crop size that the image and target are written into (rows of a read
             task's batch, so nothing is stacked afterwards); the sample's tensors then share their memory.
             None allocates new ones.
     """
+    kspace = inputs.kspace
     if kspace.ndim != 2:
         raise ValueError(f"expected one (rows, cols) k-space slice, got shape {kspace.shape}")
+    crop_size = unet_crop_size(kspace.shape[-1], inputs.target, inputs.attrs)
+    mask = draw_column_mask(inputs.mask_func, kspace.shape[-1], inputs.mask_seed)
+    image, target_out = (np.empty(crop_size, dtype=np.float32), None) if out is None else out
+    _zero_filled_magnitude(kspace, mask, crop_size, out=image)
+    mean, std = _normalise_in_place(image)
+    return UnetSample(
+        torch.from_numpy(image),
+        _normalised_target(inputs.target, crop_size, mean, std, out=target_out),
+        torch.from_numpy(np.asarray(mean)),
+        torch.from_numpy(np.asarray(std)),
+        inputs.fname,
+        inputs.slice_num,
+        inputs.max_value,
+    )
+
+
+def _zero_filled_magnitude(
+    kspace: np.ndarray, mask: np.ndarray, crop_size: tuple[int, int], *, out: np.ndarray
+) -> None:
+    """The magnitude of the masked slice's centred 2-D inverse FFT, centre-cropped, written into ``out``."""
     rows, cols = kspace.shape
-    max_value = attrs.get("max", 0.0)
-    crop_size = unet_crop_size(cols, target, attrs)
     col_crop = crop_bounds((rows, cols), crop_size)[1]
-    mask = draw_column_mask(mask_func, cols, mask_seed)
     rows_part, columns = _masked_hybrid(kspace, mask, crop_size[0])
     # Scatter the sampled columns straight to their ifftshift positions (column m goes to (m - cols // 2)
     # mod cols), so the column IFFT needs no shift copy; the fftshift + crop after it is two slices.
     shifted = np.zeros((crop_size[0], cols), dtype=np.complex64)
     shifted[:, (columns - cols // 2) % cols] = rows_part
     spectrum = scipy.fft.ifft(shifted, axis=-1, norm="ortho", workers=1, overwrite_x=True)
-    image, target_out = (np.empty(crop_size, dtype=np.float32), None) if out is None else out
     for source, dest in _shifted_runs(cols, col_crop.start, crop_size[1]):
-        np.abs(spectrum[:, source], out=image[:, dest])
+        np.abs(spectrum[:, source], out=out[:, dest])
+
+
+def _normalise_in_place(image: np.ndarray) -> tuple[np.float32, np.float32]:
+    """Instance normalisation of a float32 image in place, clamped; returns its mean and unbiased std."""
     mean = image.mean(dtype=np.float32)
     std = image.std(ddof=1, dtype=np.float32)  # unbiased, as torch.std
-    denominator = std + np.float32(NORMALISATION_EPS)
     np.subtract(image, mean, out=image)
-    np.divide(image, denominator, out=image)
+    np.divide(image, std + np.float32(NORMALISATION_EPS), out=image)
     np.clip(image, -CLAMP, CLAMP, out=image)
-    if target is not None:
-        target_np = np.asarray(target)[crop_bounds(target.shape[-2:], crop_size)]
-        normalised = np.divide(target_np - mean, denominator, out=target_out)
-        target_torch = torch.from_numpy(np.clip(normalised, -CLAMP, CLAMP, out=normalised))
-    else:
-        target_torch = torch.Tensor([0])
-    return UnetSample(
-        torch.from_numpy(image),
-        target_torch,
-        torch.from_numpy(np.asarray(mean)),
-        torch.from_numpy(np.asarray(std)),
-        fname,
-        slice_num,
-        max_value,
-    )
+    return mean, std
+
+
+def _normalised_target(
+    target: np.ndarray | None,
+    crop_size: tuple[int, int],
+    mean: np.float32,
+    std: np.float32,
+    *,
+    out: np.ndarray | None,
+) -> torch.Tensor:
+    """The target centre-cropped and normalised with its image's mean and std (into ``out`` when given),
+    clamped; ``tensor([0])`` without a target, as fastMRI."""
+    if target is None:
+        return torch.Tensor([0])
+    cropped = np.asarray(target)[crop_bounds(target.shape[-2:], crop_size)]
+    normalised = np.divide(cropped - mean, std + np.float32(NORMALISATION_EPS), out=out)
+    return torch.from_numpy(np.clip(normalised, -CLAMP, CLAMP, out=normalised))
 
 
 class HybridSample(NamedTuple):
@@ -244,29 +249,13 @@ class HybridSample(NamedTuple):
 HYBRID_COLUMNS = ("compact", "sampled", "all")
 
 
-def hybrid_sample(
-    kspace: np.ndarray,
-    target: np.ndarray | None,
-    attrs: Mapping[str, Any],
-    fname: str,
-    slice_num: int,
-    mask_func: MaskFunc | None = None,
-    mask_seed: Seed = None,
-    *,
-    columns: str = "compact",
-) -> HybridSample:
-    """The read-task half of the hybrid design: mask draw and readout IFFT (``unet_sample``'s arguments).
+def hybrid_sample(inputs: SliceInputs, *, columns: str = "compact") -> HybridSample:
+    """The read-task half of the hybrid design: mask draw and readout IFFT (``unet_sample``'s inputs).
 
     ``masked_hybrid_to_images`` on the trainer turns a batch of these into ``unet_sample_fast``'s examples.
 
     Args:
-        kspace: (rows, cols) complex k-space of one slice.
-        target: (h, w) target of the slice, or None.
-        attrs: file attributes merged with header metadata (``max``; ``recon_size`` when no target).
-        fname: file name (no directory).
-        slice_num: slice index.
-        mask_func: under-sampling mask function; None keeps the k-space fully sampled (an all-ones mask).
-        mask_seed: seed of this slice's mask (None draws from the mask function's own stream).
+        inputs: the slice, its file's attributes and its mask (none: fully sampled, an all-ones mask).
         columns: which columns the hybrid holds (``HYBRID_COLUMNS``). ``compact`` (what read tasks ship):
             only the mask's K non-zero columns in order, ``(crop_rows, K, 2)``, a third of the full width's
             bytes at 4x acceleration; ``hybrid_batch_to_images`` scatters them back on the trainer's device.
@@ -279,17 +268,19 @@ def hybrid_sample(
     """
     if columns not in HYBRID_COLUMNS:
         raise ValueError(f"columns must be one of {', '.join(HYBRID_COLUMNS)}, got {columns!r}")
+    kspace = inputs.kspace
     if kspace.ndim != 2:
         raise ValueError(f"expected one (rows, cols) k-space slice, got shape {kspace.shape}")
     cols = kspace.shape[-1]
-    crop_size = unet_crop_size(cols, target, attrs)
-    mask = draw_column_mask(mask_func, cols, mask_seed)
+    crop_size = unet_crop_size(cols, inputs.target, inputs.attrs)
+    mask = draw_column_mask(inputs.mask_func, cols, inputs.mask_seed)
     if columns == "compact":
         hybrid = _readout_rows(kspace, crop_size[0], np.flatnonzero(mask))
     else:
         hybrid = readout_ifft(kspace, crop_size[0], np.flatnonzero(mask) if columns == "sampled" else None)
     parts = hybrid.view(np.float32).reshape(*hybrid.shape, 2)  # (re, im) interleaved: no copy
-    return HybridSample(parts, mask, target, crop_size, attrs.get("max", 0.0), fname, slice_num)
+    target, fname, slice_num = inputs.target, inputs.fname, inputs.slice_num
+    return HybridSample(parts, mask, target, crop_size, inputs.max_value, fname, slice_num)
 
 
 class HybridImages(NamedTuple):
@@ -351,12 +342,13 @@ def masked_hybrid_to_images(
     weights = masks.to(device=hybrid.device, dtype=torch.float32) * phase
     spectrum = torch.fft.ifft(hybrid * weights[:, None, :], dim=-1, norm="ortho")[..., col_crop]
     real, imag = spectrum.real, spectrum.imag
-    # fastMRI's magnitude formula (torch.abs of complex is 1.7x slower on CPU).
+    # fastMRI's magnitude formula: torch.abs of complex is slower on CPU (benchmarks/README.md, Measured
+    # without a script).
     image = torch.addcmul(real * real, imag, imag).sqrt_()
     mean = image.mean(dim=(-2, -1), keepdim=True)
     centred = image - mean
-    # The unbiased std in two passes: torch.std's one-pass kernel is 5x slower on CPU (0.5 ms per 320 x 320
-    # image), for the same value within float32 rounding.
+    # The unbiased std in two passes: torch.std's one-pass kernel is slower on CPU (benchmarks/README.md,
+    # Measured without a script), for the same value within float32 rounding.
     std = ((centred * centred).sum(dim=(-2, -1), keepdim=True) / (image[0].numel() - 1)).sqrt_()
     denominator = std + NORMALISATION_EPS
     image = (centred / denominator).clamp_(-CLAMP, CLAMP)
@@ -377,7 +369,7 @@ def hybrid_batch_to_images(
     """``masked_hybrid_to_images`` over a batch of ``HybridSample`` columns whose widths may differ.
 
     fastMRI knee volumes differ in k-space width (368, 372, ...), so a batch of hybrids can be ragged (Ray
-    Data then hands an object array of per-row arrays). Rows are grouped by (cols, crop size), each group
+    Data then hands an object array of per-row arrays). Rows are grouped by k-space width, each group
     is transformed in one batched call, and the results are put back in the batch's order. Compact rows
     (only the mask's sampled columns) are scattered back to their columns on ``device`` first.
 
@@ -396,6 +388,24 @@ def hybrid_batch_to_images(
         ValueError: the crop sizes differ within the batch, the lengths do not match, or a hybrid is
             neither full width nor its mask's sampled columns.
     """
+    crop_size = _batch_crop_size(hybrids, masks, crop_sizes, targets)
+    device = torch.device(device or "cpu")
+    parts = []
+    for where in _rows_by_width(masks):
+        out = masked_hybrid_to_images(
+            _full_width(hybrids, masks, where, device),
+            _stacked(masks, where, device),
+            crop_size,
+            None if targets is None else _stacked(targets, where, device),
+        )
+        parts.append((where, out))
+    return parts[0][1] if len(parts) == 1 else _in_batch_order(parts, device)
+
+
+def _batch_crop_size(
+    hybrids: Sequence[Any], masks: Sequence[Any], crop_sizes: Sequence[Any], targets: Sequence[Any] | None
+) -> tuple[int, ...]:
+    """The batch's one crop size, once every column is checked to have one entry per slice."""
     count = len(hybrids)
     if not (len(masks) == len(crop_sizes) == count and (targets is None or len(targets) == count)):
         raise ValueError("hybrids, masks, crop_sizes and targets must have one entry per slice")
@@ -403,45 +413,49 @@ def hybrid_batch_to_images(
     if len(sizes) != 1:
         raise ValueError(f"the slices of a batch must share one crop size, got {sorted(sizes)}")
     (crop_size,) = sizes
-    device = torch.device(device or "cpu")
+    return crop_size
 
-    def stack(items: Sequence[Any], where: list[int]) -> torch.Tensor:
-        if all(isinstance(items[i], torch.Tensor) for i in where):
-            return torch.stack([items[i] for i in where]).to(device)
-        # np.stack copies into one new, writable array (Ray hands out read-only ones), which torch shares.
-        return torch.from_numpy(np.stack([np.asarray(items[i]) for i in where])).to(device)
 
-    def full_width(where: list[int]) -> torch.Tensor:
-        cols = int(np.shape(masks[where[0]])[-1])
-        widths = [np.shape(hybrids[i])[-2] if np.ndim(hybrids[i]) == 3 else cols for i in where]
-        if all(width == cols for width in widths):
-            return stack(hybrids, where)
-        sampled = np.stack([np.asarray(masks[i]) != 0 for i in where])  # (n, cols)
-        if widths != sampled.sum(axis=1).tolist():
-            raise ValueError(
-                f"hybrid widths {widths} are neither the k-space's {cols} columns nor the masks' sampled ones"
-            )
-        # Every row's sampled columns as (K, crop_rows, 2), concatenated in row order: the order in which a
-        # boolean index over (n, cols) visits them. One copy, which Ray's read-only arrays need anyway.
-        values = np.concatenate([np.asarray(hybrids[i]).transpose(1, 0, 2) for i in where])
-        full = torch.zeros((len(where), values.shape[1], cols, 2), dtype=torch.float32, device=device)
-        full.permute(0, 2, 1, 3)[torch.from_numpy(sampled).to(device)] = torch.from_numpy(values).to(device)
-        return full
-
+def _rows_by_width(masks: Sequence[Any]) -> list[list[int]]:
+    """The batch's row indices grouped by k-space width (their mask's length), in order of first rows."""
     groups: dict[int, list[int]] = {}
-    for i in range(count):
+    for i in range(len(masks)):
         groups.setdefault(int(np.shape(masks[i])[-1]), []).append(i)
-    parts = []
-    for where in groups.values():
-        out = masked_hybrid_to_images(
-            full_width(where),
-            stack(masks, where),
-            crop_size,
-            None if targets is None else stack(targets, where),
+    return list(groups.values())
+
+
+def _stacked(items: Sequence[Any], where: list[int], device: torch.device) -> torch.Tensor:
+    """Rows ``where`` of one batch column as one tensor on ``device``."""
+    if all(isinstance(items[i], torch.Tensor) for i in where):
+        return torch.stack([items[i] for i in where]).to(device)
+    # np.stack copies into one new, writable array (Ray hands out read-only ones), which torch shares.
+    return torch.from_numpy(np.stack([np.asarray(items[i]) for i in where])).to(device)
+
+
+def _full_width(
+    hybrids: Sequence[Any], masks: Sequence[Any], where: list[int], device: torch.device
+) -> torch.Tensor:
+    """Rows ``where`` (of one k-space width) as full-width hybrids: compact rows, only their mask's sampled
+    columns, are scattered back to those columns (zeros elsewhere) on ``device``."""
+    cols = int(np.shape(masks[where[0]])[-1])
+    widths = [np.shape(hybrids[i])[-2] if np.ndim(hybrids[i]) == 3 else cols for i in where]
+    if all(width == cols for width in widths):
+        return _stacked(hybrids, where, device)
+    sampled = np.stack([np.asarray(masks[i]) != 0 for i in where])  # (n, cols)
+    if widths != sampled.sum(axis=1).tolist():
+        raise ValueError(
+            f"hybrid widths {widths} are neither the k-space's {cols} columns nor the masks' sampled ones"
         )
-        parts.append((where, out))
-    if len(parts) == 1:
-        return parts[0][1]
+    # Every row's sampled columns as (K, crop_rows, 2), concatenated in row order: the order in which a
+    # boolean index over (n, cols) visits them. One copy, which Ray's read-only arrays need anyway.
+    values = np.concatenate([np.asarray(hybrids[i]).transpose(1, 0, 2) for i in where])
+    full = torch.zeros((len(where), values.shape[1], cols, 2), dtype=torch.float32, device=device)
+    full.permute(0, 2, 1, 3)[torch.from_numpy(sampled).to(device)] = torch.from_numpy(values).to(device)
+    return full
+
+
+def _in_batch_order(parts: list[tuple[list[int], HybridImages]], device: torch.device) -> HybridImages:
+    """The images of every width group, put back in the batch's row order."""
     order = torch.as_tensor(np.argsort(np.concatenate([where for where, _ in parts])), device=device)
     return HybridImages(
         *(

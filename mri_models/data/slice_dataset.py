@@ -3,7 +3,7 @@
 Listing a real split means opening ~1,000 HDF5 files to read their headers. The listing is cached per root
 as JSON and revalidated with one ``stat`` per file (size and modification time), so a rerun reopens only
 files that are new or changed, and a stale cache can never describe a file that has since been replaced.
-A root may be a local path or a URI in object storage (:mod:`mri_models.data.store`): listing then reads
+A root may be a local path or a URI in object storage (:mod:`mri_models.storage`): listing then reads
 only each file's header and attributes, with ranged reads.
 """
 
@@ -21,6 +21,7 @@ import h5py
 import numpy as np
 import torch
 
+from mri_models import storage
 from mri_models.data import store
 from mri_models.data.volume import KSPACE_KEY, TARGET_KEY, read_volume_info
 
@@ -77,8 +78,8 @@ def list_volumes(root: str | os.PathLike, cache_dir: str | os.PathLike | None = 
     Raises:
         FileNotFoundError: the directory does not exist or cannot be listed (naming it).
     """
-    root = store.normalise(root)
-    files = store.list_files(root)
+    root = storage.normalise(root)
+    files = store.volume_files(root)
     cache_file = None
     cached: dict[str, Any] = {}
     if cache_dir != "":
@@ -102,13 +103,11 @@ def list_volumes(root: str | os.PathLike, cache_dir: str | os.PathLike | None = 
         metadata = dict(entry["metadata"])
         for key in ("encoding_size", "recon_size"):
             metadata[key] = tuple(metadata[key])
-        fname = file.uri if store.is_remote(root) else Path(file.uri)
+        fname = file.uri if storage.is_remote(root) else Path(file.uri)
         volumes.append(VolumeInfo(fname, entry["num_slices"], metadata))
     if cache_file is not None and entries != cached:
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_name(f"{cache_file.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": _CACHE_VERSION, "root": str(root), "files": entries}))
-        os.replace(tmp, cache_file)
+        listing = {"version": _CACHE_VERSION, "root": str(root), "files": entries}
+        storage.write_text(str(cache_file), json.dumps(listing))
     return volumes
 
 

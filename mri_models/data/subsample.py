@@ -55,7 +55,7 @@ class MaskFunc:
         A scratch RandomState stands in for ``self.rng`` during the call: ``RandomState.seed`` resets the
         whole state, so its draws equal those of re-seeding ``self.rng`` (fastMRI's ``temp_seed``), and the
         function's own stream is never touched, which saves the ``get_state``/``set_state`` copies of the
-        624-word state (0.09 -> 0.02 ms per seeded mask).
+        624-word state, most of a seeded mask's cost (``benchmarks/README.md``, Measured without a script).
         """
         if seed is None:
             yield

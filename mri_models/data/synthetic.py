@@ -489,6 +489,137 @@ def _paint(image: np.ndarray, weight: np.ndarray, value: np.ndarray | float) -> 
     image += weight * (value - image)
 
 
+@dataclass
+class _Canvas:
+    """The (slices, H, W) image being painted and what every tissue is drawn with.
+
+    Attributes:
+        image: the magnitude so far, painted in place.
+        u, v, z: anatomy coordinates of the recon grid (see :func:`_coordinates`).
+        pixel: the pixel size in anatomy units.
+        tex: the shared noise textures (:func:`_textures`).
+        level: each tissue's signal in this volume (its contrast's value, jittered).
+    """
+
+    image: np.ndarray
+    u: np.ndarray
+    v: np.ndarray
+    z: np.ndarray
+    pixel: float
+    tex: dict[str, np.ndarray]
+    level: dict[str, np.float32]
+
+    def inside(self, sdf: np.ndarray) -> np.ndarray:
+        return _inside(sdf, self.pixel)
+
+    def paint(self, weight: np.ndarray, value: np.ndarray | float) -> None:
+        _paint(self.image, weight, value)
+
+    def textured(self, name: str, coarse: float, fine: float) -> np.ndarray:
+        return self.level[name] * (1.0 + coarse * self.tex["coarse"] + fine * self.tex["fine"])
+
+
+@dataclass(frozen=True)
+class _Bones:
+    """Signed distances of the bones, their outlines wobbled."""
+
+    femur: np.ndarray
+    tibia: np.ndarray
+    fibula: np.ndarray
+    patella: np.ndarray
+    between: np.ndarray  # femur + tibia: small only in the joint space between the two bones
+
+
+def _bones(c: _Canvas, g: KneeGeometry, wobble: np.ndarray) -> _Bones:
+    femur = _femur_sdf(g, c.u, c.v, c.z) + wobble
+    tibia = _tibia_sdf(g, c.u, c.v, c.z) + wobble
+    fibula = _fibula_sdf(g, c.u, c.v, c.z) + 0.5 * wobble
+    patella = _patella_sdf(g, c.u, c.v, c.z) + 0.5 * wobble
+    return _Bones(femur, tibia, fibula, patella, femur + tibia)
+
+
+def _paint_leg(c: _Canvas, g: KneeGeometry) -> np.ndarray:
+    """Fat filling the leg, then muscle with fatty septa; returns the leg's signed distance."""
+    u, v, z, tex = c.u, c.v, c.z, c.tex
+    # Leg outline: an axial cross-section like a rounded rectangle, so it narrows only near the slab ends.
+    depth_scale = (1.0 - np.clip(np.abs(z) / 1.05, 0.0, 1.0) ** 4) ** 0.25
+    # The thigh bulges medially above the knee (vastus medialis); the calf narrows slowly below it.
+    bulge = 0.06 * np.exp(-(((v + 0.55) / 0.3) ** 2)) * (u < 0)
+    leg_half = g.leg_width * depth_scale * (1.0 - 0.06 * v**2) + bulge + 0.02 * tex["wobble"]
+    leg = np.abs(u + 0.02) - leg_half
+    c.paint(c.inside(leg), c.textured("fat", 0.05, 0.04))
+
+    # Muscle inside the subcutaneous fat, away from the joint line (fat pads and ligaments there), and all
+    # the way down in posterior slices (gastrocnemius heads).
+    deep = leg + g.fat_thickness * (1.0 + 0.4 * tex["coarse"])
+    zone = 0.16 - 0.3 / (1.0 + np.exp(-(z - 0.4) / 0.1)) + 0.08 * np.abs(u)
+    muscle = c.inside(np.maximum(deep, zone - np.abs(v) + 0.05 * tex["coarse"]))
+    c.paint(muscle, c.level["muscle"] * (1.0 + 0.06 * tex["medium"] + 0.05 * tex["fine"]))
+    septa = np.exp(-((tex["fibres"] / 0.07) ** 2)) * muscle
+    c.paint(0.9 * septa, c.level["fat"] * 0.95)
+    return leg
+
+
+def _paint_fluid(c: _Canvas, g: KneeGeometry, bones: _Bones, in_leg: np.ndarray, wobble: np.ndarray) -> None:
+    """Joint fluid: a thin layer in the joint space and a few recesses, more with effusion."""
+    joint_space = bones.between - (2 * g.cartilage + 0.02 + 0.02 * g.fluid)
+    fluid = c.inside(joint_space) * c.inside(np.abs(c.u) - 0.62)
+    for pu, pv, pz, ru, rv, rz in g.pockets:
+        pocket = _ellipsoid(c.u, c.v, c.z, (pu, pv, pz), (ru * (0.5 + g.fluid), rv * (0.5 + g.fluid), rz))
+        fluid = np.maximum(fluid, c.inside(pocket + 0.5 * wobble))
+    c.paint(fluid * in_leg, c.textured("fluid", 0.04, 0.02))
+
+
+def _paint_fibrous(c: _Canvas, g: KneeGeometry, bones: _Bones, in_leg: np.ndarray) -> None:
+    """Menisci and ligaments, dark fibrous tissue."""
+    u, v, z = c.u, c.v, c.z
+    # Menisci: dark wedges filling the widening gap at the periphery of each compartment.
+    # Each is a triangle (apex inwards, base at the capsule) clipped by the bones: cartilage, painted later,
+    # covers its upper and lower faces.
+    apex = 0.5 * sum(g.condyle_offset) + 0.08 * g.size
+    rim = g.tibia[0] + 0.035
+    slope = 0.1 / (rim - apex)
+    wedge = (np.abs(v) - slope * (np.abs(u) - apex)) / math.sqrt(1.0 + slope**2)
+    meniscus = _intersect(wedge, np.abs(u) - rim, -bones.femur, -bones.tibia, bones.between - 0.22)
+    fibrous = c.inside(meniscus)
+    # Collateral ligaments hug the bones at the sides of the joint; cruciates cross the notch.
+    bone = np.minimum(bones.femur, bones.tibia)
+    collateral = _intersect(np.abs(bone - 0.028) - 0.01, 0.42 - np.abs(u), np.abs(v) - 0.3)
+    fibrous = np.maximum(fibrous, c.inside(collateral) * _window(z, -0.35, 0.45))
+    acl = _capsule(u, v, (0.07, -0.22), (-0.02, 0.06), 0.022)
+    pcl = _capsule(u, v, (-0.06, -0.2), (0.0, 0.1), 0.026)
+    fibrous = np.maximum(fibrous, c.inside(acl) * _window(z, -0.25, 0.3))
+    fibrous = np.maximum(fibrous, c.inside(pcl) * _window(z, 0.25, 0.65))
+    c.paint(fibrous * in_leg, c.level["fibrous"] * (1.0 + 0.3 * c.tex["medium"]))
+
+
+def _paint_cartilage(c: _Canvas, g: KneeGeometry, bones: _Bones) -> None:
+    """Articular cartilage on the weight-bearing surfaces, slightly varying in thickness."""
+    thickness = g.cartilage * (1.0 + 0.2 * c.tex["coarse"])
+    femoral = c.inside(bones.femur - thickness) * c.inside(-0.22 - c.v)
+    tibial = c.inside(bones.tibia - thickness) * c.inside(c.v - g.gap - 0.08)
+    tibial = tibial * c.inside(np.abs(c.u) - g.tibia[0] + 0.02)
+    c.paint(np.maximum(femoral, tibial), c.textured("cartilage", 0.04, 0.05))
+
+
+def _paint_bones(c: _Canvas, g: KneeGeometry, bones: _Bones) -> None:
+    """A dark cortical shell (thicker along the shafts) around textured marrow, with the faint dark line of
+    the closed growth plate."""
+    u, v, tex = c.u, c.v, c.tex
+    cortex = 0.012 + 0.03 * _smoothstep((np.abs(v) - 0.35) / 0.5)
+    trabecular = 1.0 + 0.06 * tex["coarse"] + 0.07 * tex["fine"] - 0.08 * np.abs(tex["medium"])
+    marrow_value = c.level["marrow"] * trabecular
+    shells = ((bones.femur, -0.36 * g.size), (bones.tibia, 0.28 * g.size), (bones.patella, None),
+              (bones.fibula, None))  # fmt: skip
+    for sdf, physis in shells:
+        c.paint(c.inside(sdf), c.level["cortex"])
+        value = marrow_value
+        if physis is not None:
+            line = np.exp(-(((v - physis - 0.02 * np.sin(9.0 * u)) / 0.008) ** 2))
+            value = marrow_value * (1.0 - 0.45 * line)
+        c.paint(c.inside(sdf + cortex), value)
+
+
 def knee_magnitude(
     rng: np.random.Generator,
     geometry: KneeGeometry,
@@ -501,89 +632,22 @@ def knee_magnitude(
     Tissues are painted back to front: fat fills the leg, then muscle with fatty septa, joint fluid,
     fibrous structures (menisci, ligaments), cartilage and finally the bones (dark cortex around marrow).
     """
-    g = geometry
-    u, v, z, _, pixel = _coordinates(g, num_slices, recon_size)
+    u, v, z, _, pixel = _coordinates(geometry, num_slices, recon_size)
     shape = (num_slices, *recon_size)
     tex = _textures(rng, shape, pixel)
     jitter = {name: rng.uniform(0.93, 1.07) for name in TISSUE_SIGNAL[acquisition]}
     level = {name: np.float32(value * jitter[name]) for name, value in TISSUE_SIGNAL[acquisition].items()}
+    canvas = _Canvas(np.zeros(shape, np.float32), u, v, z, pixel, tex, level)
     wobble = 0.012 * tex["wobble"]  # keeps outlines organic rather than geometric
 
-    def textured(name: str, coarse: float, fine: float) -> np.ndarray:
-        return level[name] * (1.0 + coarse * tex["coarse"] + fine * tex["fine"])
-
-    image = np.zeros(shape, np.float32)
-    # Leg outline: an axial cross-section like a rounded rectangle, so it narrows only near the slab ends.
-    depth_scale = (1.0 - np.clip(np.abs(z) / 1.05, 0.0, 1.0) ** 4) ** 0.25
-    # The thigh bulges medially above the knee (vastus medialis); the calf narrows slowly below it.
-    bulge = 0.06 * np.exp(-(((v + 0.55) / 0.3) ** 2)) * (u < 0)
-    leg_half = g.leg_width * depth_scale * (1.0 - 0.06 * v**2) + bulge + 0.02 * tex["wobble"]
-    leg = np.abs(u + 0.02) - leg_half
-    _paint(image, _inside(leg, pixel), textured("fat", 0.05, 0.04))
-
-    # Muscle inside the subcutaneous fat, away from the joint line (fat pads and ligaments there), and all
-    # the way down in posterior slices (gastrocnemius heads).
-    deep = leg + g.fat_thickness * (1.0 + 0.4 * tex["coarse"])
-    zone = 0.16 - 0.3 / (1.0 + np.exp(-(z - 0.4) / 0.1)) + 0.08 * np.abs(u)
-    muscle = _inside(np.maximum(deep, zone - np.abs(v) + 0.05 * tex["coarse"]), pixel)
-    _paint(image, muscle, level["muscle"] * (1.0 + 0.06 * tex["medium"] + 0.05 * tex["fine"]))
-    septa = np.exp(-((tex["fibres"] / 0.07) ** 2)) * muscle
-    _paint(image, 0.9 * septa, level["fat"] * 0.95)
-
-    femur = _femur_sdf(g, u, v, z) + wobble
-    tibia = _tibia_sdf(g, u, v, z) + wobble
-    fibula = _fibula_sdf(g, u, v, z) + 0.5 * wobble
-    patella = _patella_sdf(g, u, v, z) + 0.5 * wobble
-    between = femur + tibia  # small only in the joint space between the two bones
-    in_leg = _inside(leg + 0.03, pixel)
-
-    # Joint fluid: a thin layer in the joint space and a few recesses, more with effusion.
-    joint_space = between - (2 * g.cartilage + 0.02 + 0.02 * g.fluid)
-    fluid = _inside(joint_space, pixel) * _inside(np.abs(u) - 0.62, pixel)
-    for pu, pv, pz, ru, rv, rz in g.pockets:
-        pocket = _ellipsoid(u, v, z, (pu, pv, pz), (ru * (0.5 + g.fluid), rv * (0.5 + g.fluid), rz))
-        fluid = np.maximum(fluid, _inside(pocket + 0.5 * wobble, pixel))
-    _paint(image, fluid * in_leg, textured("fluid", 0.04, 0.02))
-
-    # Menisci: dark wedges filling the widening gap at the periphery of each compartment.
-    # Each is a triangle (apex inwards, base at the capsule) clipped by the bones: cartilage, painted later,
-    # covers its upper and lower faces.
-    apex = 0.5 * sum(g.condyle_offset) + 0.08 * g.size
-    rim = g.tibia[0] + 0.035
-    slope = 0.1 / (rim - apex)
-    wedge = (np.abs(v) - slope * (np.abs(u) - apex)) / math.sqrt(1.0 + slope**2)
-    meniscus = _intersect(wedge, np.abs(u) - rim, -femur, -tibia, between - 0.22)
-    fibrous = _inside(meniscus, pixel)
-    # Collateral ligaments hug the bones at the sides of the joint; cruciates cross the notch.
-    bone = np.minimum(femur, tibia)
-    collateral = _intersect(np.abs(bone - 0.028) - 0.01, 0.42 - np.abs(u), np.abs(v) - 0.3)
-    fibrous = np.maximum(fibrous, _inside(collateral, pixel) * _window(z, -0.35, 0.45))
-    acl = _capsule(u, v, (0.07, -0.22), (-0.02, 0.06), 0.022)
-    pcl = _capsule(u, v, (-0.06, -0.2), (0.0, 0.1), 0.026)
-    fibrous = np.maximum(fibrous, _inside(acl, pixel) * _window(z, -0.25, 0.3))
-    fibrous = np.maximum(fibrous, _inside(pcl, pixel) * _window(z, 0.25, 0.65))
-    _paint(image, fibrous * in_leg, level["fibrous"] * (1.0 + 0.3 * tex["medium"]))
-
-    # Articular cartilage on the weight-bearing surfaces, slightly varying in thickness.
-    thickness = g.cartilage * (1.0 + 0.2 * tex["coarse"])
-    femoral = _inside(femur - thickness, pixel) * _inside(-0.22 - v, pixel)
-    tibial = _inside(tibia - thickness, pixel) * _inside(v - g.gap - 0.08, pixel)
-    tibial = tibial * _inside(np.abs(u) - g.tibia[0] + 0.02, pixel)
-    _paint(image, np.maximum(femoral, tibial), textured("cartilage", 0.04, 0.05))
-
-    # Bones: a dark cortical shell (thicker along the shafts) around textured marrow, with the faint dark
-    # line of the closed growth plate.
-    cortex = 0.012 + 0.03 * _smoothstep((np.abs(v) - 0.35) / 0.5)
-    trabecular = 1.0 + 0.06 * tex["coarse"] + 0.07 * tex["fine"] - 0.08 * np.abs(tex["medium"])
-    marrow_value = level["marrow"] * trabecular
-    for sdf, physis in ((femur, -0.36 * g.size), (tibia, 0.28 * g.size), (patella, None), (fibula, None)):
-        _paint(image, _inside(sdf, pixel), level["cortex"])
-        value = marrow_value
-        if physis is not None:
-            line = np.exp(-(((v - physis - 0.02 * np.sin(9.0 * u)) / 0.008) ** 2))
-            value = marrow_value * (1.0 - 0.45 * line)
-        _paint(image, _inside(sdf + cortex, pixel), value)
-    return np.clip(image, 0.0, None)
+    leg = _paint_leg(canvas, geometry)
+    bones = _bones(canvas, geometry, wobble)
+    in_leg = canvas.inside(leg + 0.03)
+    _paint_fluid(canvas, geometry, bones, in_leg, wobble)
+    _paint_fibrous(canvas, geometry, bones, in_leg)
+    _paint_cartilage(canvas, geometry, bones)
+    _paint_bones(canvas, geometry, bones)
+    return np.clip(canvas.image, 0.0, None)
 
 
 def _coil_and_phase(
@@ -715,11 +779,11 @@ def generate_dataset(
     """Write a synthetic fastMRI single-coil knee dataset under ``root``.
 
     Files are ``root/singlecoil_{train,val,test}/synthetic_{split}_{index:04d}.h5``; the test split has
-    targets like the others (a held-out split for the final evaluation, not fastMRI's target-less one). Each volume's content
-    depends only on (seed, split, index) and the sizes. The call is idempotent: a complete file already
-    written for the same parameters is left untouched, anything else under that name (partial, stale,
-    other parameters) is rewritten atomically. Files of other names (e.g. from a larger earlier run) are
-    not removed.
+    targets like the others (a held-out split for the final evaluation, not fastMRI's target-less one).
+    Each volume's content depends only on (seed, split, index) and the sizes. The call is idempotent: a
+    complete file already written for the same parameters is left untouched, anything else under that name
+    (partial, stale, other parameters) is rewritten atomically. Files of other names (e.g. from a larger
+    earlier run) are not removed.
 
     Args:
         root: data root (created if needed).
@@ -839,7 +903,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--root", type=Path, required=True, help="data root to write the splits under")
     parser.add_argument("--train", type=int, default=DEFAULT_NUM_TRAIN, help="training volumes")
     parser.add_argument("--val", type=int, default=DEFAULT_NUM_VAL, help="validation volumes")
-    parser.add_argument("--test", type=int, default=DEFAULT_NUM_TEST, help="held-out test volumes (with targets)")
+    parser.add_argument(
+        "--test", type=int, default=DEFAULT_NUM_TEST, help="held-out test volumes (with targets)"
+    )
     parser.add_argument("--slices", type=int, default=DEFAULT_NUM_SLICES, help="slices per volume")
     parser.add_argument("--recon", type=int, nargs=2, metavar=("H", "W"), default=DEFAULT_RECON_SIZE)
     parser.add_argument("--kspace", type=int, nargs=2, metavar=("KH", "KW"), default=DEFAULT_KSPACE_SIZE)

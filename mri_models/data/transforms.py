@@ -12,6 +12,7 @@ The same example up to float32 rounding, several times faster: :mod:`mri_models.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -21,6 +22,68 @@ from mri_models.data.subsample import MaskFunc, Seed
 
 NORMALISATION_EPS = 1e-11
 CLAMP = 6.0
+
+
+@dataclass(frozen=True, eq=False)
+class SliceInputs:
+    """What the transforms of one slice take: its k-space and target, its file's attributes, its mask.
+
+    Attributes:
+        kspace: (rows, cols) complex k-space of one slice.
+        target: (h, w) target of the slice, or None (test data).
+        attrs: file attributes merged with header metadata (``max``; ``recon_size`` when no target).
+        fname: file name (no directory).
+        slice_num: slice index.
+        mask_func: under-sampling mask function; None keeps the k-space as it is (fully sampled, or
+            under-sampled as acquired).
+        mask_seed: seed of this slice's mask (None draws from the mask function's own stream).
+    """
+
+    kspace: np.ndarray
+    target: np.ndarray | None
+    attrs: Mapping[str, Any]
+    fname: str
+    slice_num: int
+    mask_func: MaskFunc | None = None
+    mask_seed: Seed = None
+
+    @property
+    def max_value(self) -> float:
+        """The volume's ``max`` attribute (0.0 when absent), the data range of the metrics."""
+        return self.attrs.get("max", 0.0)
+
+
+@dataclass(frozen=True, eq=False)
+class SliceChunk:
+    """Some slices of one file read together, each with its mask seed: what a read task, or the
+    reconstruction of a volume, turns into network rows.
+
+    Attributes:
+        kspace: (n, rows, cols) complex k-space of the slices.
+        target: (n, h, w) targets of the slices, or None (test data).
+        attrs: file attributes merged with header metadata.
+        fname: file name (no directory).
+        slice_nums: the n slice indices in the volume.
+        mask_func: under-sampling mask function; None keeps the k-space as it is.
+        mask_seeds: the n slices' mask seeds.
+    """
+
+    kspace: np.ndarray
+    target: np.ndarray | None
+    attrs: Mapping[str, Any]
+    fname: str
+    slice_nums: Sequence[int]
+    mask_func: MaskFunc | None
+    mask_seeds: Sequence[Seed]
+
+    def __len__(self) -> int:
+        return len(self.slice_nums)
+
+    def slice_inputs(self, k: int) -> SliceInputs:
+        """The chunk's k-th slice (slice number ``slice_nums[k]`` of the volume)."""
+        target = None if self.target is None else self.target[k]
+        slice_num, seed = self.slice_nums[k], self.mask_seeds[k]
+        return SliceInputs(self.kspace[k], target, self.attrs, self.fname, slice_num, self.mask_func, seed)
 
 
 class UnetSample(NamedTuple):
@@ -136,41 +199,26 @@ def unet_crop_size(num_cols: int, target: np.ndarray | None, attrs: Mapping[str,
     return crop_size
 
 
-def unet_sample(
-    kspace: np.ndarray,
-    target: np.ndarray | None,
-    attrs: Mapping[str, Any],
-    fname: str,
-    slice_num: int,
-    mask_func: MaskFunc | None = None,
-    mask_seed: Seed = None,
-) -> UnetSample:
-    """Turn one single-coil k-space slice into a network example.
+def unet_sample(inputs: SliceInputs) -> UnetSample:
+    """Turn one single-coil k-space slice into a network example with fastMRI's own operations.
 
     Args:
-        kspace: (rows, cols) complex k-space of one slice.
-        target: (h, w) target of the slice, or None (test data).
-        attrs: file attributes merged with header metadata (``max``; ``recon_size`` when no target).
-        fname: file name (no directory).
-        slice_num: slice index.
-        mask_func: under-sampling mask function; None keeps the k-space fully sampled.
-        mask_seed: seed of this slice's mask (None draws from the mask function's own stream).
+        inputs: the slice, its file's attributes and its mask (none: the k-space as it is).
     """
-    kspace_torch = to_tensor(kspace)
-    max_value = attrs.get("max", 0.0)
-    if mask_func is not None:
-        kspace_torch = apply_mask(kspace_torch, mask_func, seed=mask_seed)[0]
+    kspace_torch = to_tensor(inputs.kspace)
+    if inputs.mask_func is not None:
+        kspace_torch = apply_mask(kspace_torch, inputs.mask_func, seed=inputs.mask_seed)[0]
     image = ifft2c(kspace_torch)
-    crop_size = unet_crop_size(image.shape[-2], target, attrs)
+    crop_size = unet_crop_size(image.shape[-2], inputs.target, inputs.attrs)
     image = complex_abs(complex_center_crop(image, crop_size))
     image, mean, std = normalize_instance(image, eps=NORMALISATION_EPS)
     image = image.clamp(-CLAMP, CLAMP)
-    if target is not None:
-        target_torch = center_crop(to_tensor(target), crop_size)
+    if inputs.target is not None:
+        target_torch = center_crop(to_tensor(inputs.target), crop_size)
         target_torch = normalize(target_torch, mean, std, eps=NORMALISATION_EPS).clamp(-CLAMP, CLAMP)
     else:
         target_torch = torch.Tensor([0])
-    return UnetSample(image, target_torch, mean, std, fname, slice_num, max_value)
+    return UnetSample(image, target_torch, mean, std, inputs.fname, inputs.slice_num, inputs.max_value)
 
 
 class UnetDataTransform:
@@ -202,4 +250,4 @@ class UnetDataTransform:
         slice_num: int,
     ) -> UnetSample:
         seed = volume_mask_seed(fname) if self.use_seed else None
-        return unet_sample(kspace, target, attrs, fname, slice_num, self.mask_func, seed)
+        return unet_sample(SliceInputs(kspace, target, attrs, fname, slice_num, self.mask_func, seed))

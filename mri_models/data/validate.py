@@ -41,6 +41,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from mri_models import storage
 from mri_models.data import store
 from mri_models.data import volume as volume_module
 from mri_models.data.slice_dataset import default_cache_dir
@@ -96,7 +97,7 @@ class ValidationReport:
         files_checked: number of ``.h5`` files checked.
     """
 
-    root: str  # a local path or a URI (mri_models.data.store)
+    root: str  # a local path or a URI (mri_models.storage)
     splits: tuple[str, ...]
     root_problems: list[str] = field(default_factory=list)
     file_problems: dict[str, list[str]] = field(default_factory=dict)
@@ -164,7 +165,7 @@ def validate_file(path: str | os.PathLike, split: str, check_values: bool = True
     Returns:
         The problems found, each naming the key or value at fault and what was expected; empty if valid.
     """
-    return _check_file(store.normalise(path), split, check_values)[0]
+    return _check_file(storage.normalise(path), split, check_values)[0]
 
 
 def validate_root(
@@ -185,10 +186,10 @@ def validate_root(
     Returns:
         The report; ``report.ok`` says whether training may use the root.
     """
-    report = ValidationReport(root=store.normalise(root), splits=tuple(splits))
+    report = ValidationReport(root=storage.normalise(root), splits=tuple(splits))
     try:
         root_problem = _root_problem(report.root)
-    except store.DataStoreError as err:  # a bad URI, a missing bucket, denied access
+    except storage.StorageError as err:  # a bad URI, a missing bucket, denied access
         root_problem = str(err)
     if root_problem:
         report.root_problems.append(root_problem)
@@ -247,27 +248,27 @@ def check_root(
 
 
 def _root_problem(root: str) -> str | None:
-    if not store.exists(root):
-        bucket = store.bucket(root)
-        if bucket and not store.exists(bucket):
+    if not storage.exists(root):
+        bucket = storage.bucket(root)
+        if bucket and not storage.exists(bucket):
             return f"{root}: bucket {bucket} does not exist (or these credentials cannot see it)"
         return f"{root}: data root does not exist"
-    if not store.is_dir(root):
+    if not storage.is_dir(root):
         return f"{root}: data root is not a directory"
-    if not store.list_files(root, suffix="") and not store.subdirectories(root):
+    if not storage.list_files(root) and not storage.subdirectories(root):
         return f"{root}: data root is empty"
     return None
 
 
-def _split_files(root: str, split: str) -> tuple[list[store.FileEntry], str | None]:
+def _split_files(root: str, split: str) -> tuple[list[storage.FileEntry], str | None]:
     """The split's ``.h5`` files (sorted, so reports are stable) and a problem if there are none."""
-    split_dir = store.join(root, split)
+    split_dir = storage.join(root, split)
     try:
-        if not store.is_dir(split_dir):
+        if not storage.is_dir(split_dir):
             return [], f"{split}: split directory missing (expected {split_dir})"
         # The same selection as slice_dataset.list_volumes: exactly the files training will read are checked.
-        files = store.list_files(split_dir)
-    except store.DataStoreError as err:
+        files = store.volume_files(split_dir)
+    except storage.StorageError as err:
         return [], f"{split}: {err}"
     if not files:
         return [], f"{split}: split directory holds no .h5 files"
@@ -284,13 +285,13 @@ def _checks_version() -> str:
     return hashlib.sha1(b"".join(sources)).hexdigest()[:16]
 
 
-def _cache_file(cache_dir: Path, entry: store.FileEntry, split: str, check_values: bool) -> Path:
+def _cache_file(cache_dir: Path, entry: storage.FileEntry, split: str, check_values: bool) -> Path:
     identity = [entry.uri, entry.size, entry.mtime_ns, is_test_split(split), check_values, _checks_version()]
     return cache_dir / f"{hashlib.sha1(json.dumps(identity).encode()).hexdigest()}.json"
 
 
 def _check_file_once(
-    entry: store.FileEntry, split: str, check_values: bool, cache_dir: Path | None
+    entry: storage.FileEntry, split: str, check_values: bool, cache_dir: Path | None
 ) -> tuple[list[str], list[str]]:
     """``_check_file``, skipped for a file this cache found valid (a value scan also answers for none)."""
     if cache_dir is not None:
@@ -300,10 +301,8 @@ def _check_file_once(
     problems, warnings = _check_file(entry.uri, split, check_values)
     if cache_dir is not None and not problems:
         path = _cache_file(cache_dir, entry, split, check_values)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"uri": entry.uri, "warnings": warnings}))
-        tmp.replace(path)  # atomic: a reader sees a whole record or none
+        # Atomic: a reader sees a whole record or none.
+        storage.write_text(str(path), json.dumps({"uri": entry.uri, "warnings": warnings}))
     return problems, warnings
 
 
@@ -312,12 +311,12 @@ def _check_file(uri: str, split: str, check_values: bool) -> tuple[list[str], li
     problems: list[str] = []
     warnings: list[str] = []
     try:
-        if not store.is_file(uri):
+        if not storage.is_file(uri):
             return ["is not a regular file"], warnings
         # is_hdf5 only looks for the signature, so garbage and empty files get a clear message of their own
         # (local files; a remote one that is no HDF5 fails to open below, with the same kind of message).
-        if not store.is_remote(uri) and not h5py.is_hdf5(uri):
-            return [f"is not an HDF5 file (no HDF5 signature in its {store.stat(uri).size} bytes)"], warnings
+        if not storage.is_remote(uri) and not h5py.is_hdf5(uri):
+            return [f"is not an HDF5 file (no HDF5 signature in its {storage.stat(uri).size} bytes)"], warnings
         with contextlib.ExitStack() as stack:
             try:
                 hf = stack.enter_context(store.open_hdf5(uri))

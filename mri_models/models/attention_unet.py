@@ -22,8 +22,8 @@ What follows ``psi`` is the architecture's hyper-parameter ``psi_norm`` (:data:`
 The gate keeps the layers as modules (``w_g``, ``w_x``, ``psi``: a bias-free 1x1 convolution and an
 InstanceNorm2d each, so printing the model shows Figure 11 and checkpoints keep their keys) but its
 forward evaluates them functionally: the 1x1 convolutions as matrix products and the instance norms as
-one batch-norm kernel call each. The mathematics is unchanged; on CPU this roughly halves the gate's
-time (see ``benchmarks/README.md``).
+one batch-norm kernel call each. The mathematics is unchanged and the gate is cheaper on CPU, where
+per-call set-up dominates these thin shapes (``benchmarks/README.md``, Measured without a script).
 """
 
 from __future__ import annotations
@@ -42,10 +42,10 @@ def _conv1x1(weight: Tensor, features: Tensor) -> Tensor:
     """A bias-free 1x1 convolution as a matrix product over the flattened pixels.
 
     A 1x1 convolution is ``weight (O, C) @ features (C, H*W)`` per example. The gates' convolutions are
-    thin (C/2 or one output channel) and cost ~2% of the network's FLOPs, and for such shapes oneDNN's
-    convolution, and above all its backward, spends far more time on set-up and layout than on arithmetic
-    (measured ~0.2 ms forward and ~0.6 ms backward per 1x1 convolution at 8 channels x 128 x 128 on 2
-    cores); a BLAS ``mm`` does the same work several times faster.
+    thin (C/2 or one output channel) and a small share of the network's FLOPs, and for such shapes
+    oneDNN's convolution, and above all its backward, spends far more time on set-up and layout than on
+    arithmetic; a BLAS ``mm`` does the same work without that set-up (``benchmarks/README.md``, Measured
+    without a script).
 
     Args:
         weight: Convolution weight of shape ``(O, C, 1, 1)``.
@@ -59,7 +59,8 @@ def _conv1x1(weight: Tensor, features: Tensor) -> Tensor:
         # fastMRI trains with batch size 1: a plain 2-D mm, no broadcast weight or batched matmul (whose
         # backward would expand the weight and copy). A view, not ``features[0]``: the backward of a
         # ``select`` materialises a zero-filled (1, C, P) tensor and copies the gradient into it, two
-        # passes over the plane per product that cost ~12% of the gate (6 fills + 6 copies per level).
+        # extra passes over the plane per product, 6 fills + 6 copies per level (their cost:
+        # benchmarks/README.md, Measured without a script).
         return torch.mm(matrix, features.view(features.shape[1], -1)).unsqueeze(0)
     return torch.matmul(matrix, features)
 
