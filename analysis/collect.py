@@ -172,10 +172,11 @@ def _collect_trial(
     config = storage.read_json(trial_dir.params_file) or {}
     reports = _read_reports(trial_dir.name, storage.read_text(trial_dir.result_file) or "", problems)
     trial_id = (reports[0].get("trial_id") if reports else None) or trial_dir.trial_id_from_name()
-    reports = _with_checkpointed_epochs(reports, layout, trial_id, problems)
+    stopped = trial_id in records.stopped
+    reports = _with_checkpointed_epochs(reports, layout, trial_id, stopped, problems)
     failures = parse_failures(storage.read_text(trial_dir.error_file))
     state = records.tune_states.get(trial_id)
-    outcome = trial_outcome(reports, failures, state, records.max_epochs, trial_id in records.stopped)
+    outcome = trial_outcome(reports, failures, state, records.max_epochs, stopped)
     reports = _last_report_per_epoch(reports)
     keys = records.search_keys or sorted(config)
     config_columns = {key: config.get(key) for key in keys}
@@ -233,7 +234,7 @@ def _read_reports(trial_name: str, text: str, problems: list[str]) -> list[dict]
 
 
 def _with_checkpointed_epochs(
-    reports: list[dict], layout: ExperimentLayout, trial_id: str, problems: list[str]
+    reports: list[dict], layout: ExperimentLayout, trial_id: str, stopped: bool, problems: list[str]
 ) -> list[dict]:
     """The reports, with the epochs that only the trial's newest checkpoint recorded, in epoch order.
 
@@ -241,11 +242,16 @@ def _with_checkpointed_epochs(
     minutes, while the workers write their checkpoints (with every epoch's metrics so far) to the
     experiment themselves. A driver killed in between leaves the last reports only in the checkpoint; a
     resumed trial continues after the checkpoint and never reports those epochs again.
+
+    A trial the scheduler stopped gains no epoch after its last report: its worker may have trained and
+    checkpointed one more epoch before the stop reached it, which Tune never received and which is not
+    part of the trial.
     """
     checkpoints = sorted(layout.train_run(trial_id).checkpoints())
     history = storage.read_json(storage.join(checkpoints[-1], HISTORY_FILE)) if checkpoints else None
     reported = {report.get("epoch") for report in reports}
-    missing = [entry for entry in history or [] if entry.get("epoch") not in reported]
+    last = max((report.get("epoch", 0) for report in reports), default=0) if stopped else math.inf
+    missing = [e for e in history or [] if e.get("epoch") not in reported and e.get("epoch", 0) < last]
     if not missing:
         return reports
     epochs = ", ".join(str(entry.get("epoch")) for entry in missing)

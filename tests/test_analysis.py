@@ -421,6 +421,16 @@ def test_epochs_only_the_checkpoint_recorded_count(retried):
     assert f"trial {trial_id}: epoch(s) {lines[-1]['epoch']} taken from its checkpoint" in "".join(
         collected.problems
     )
+    # A trial the scheduler stopped: its worker checkpointed one more epoch than Tune received, which is
+    # not part of the trial.
+    asha_file = experiment / ASHA_STATE_FILE
+    asha = json.loads(asha_file.read_text())
+    asha_file.write_text(json.dumps({**asha, "stopped_trials": [*asha["stopped_trials"], trial_id]}))
+    stopped = collect(str(experiment))
+    trial = stopped.trials.set_index("trial_id").loc[trial_id]
+    assert (trial["status"], trial["epochs_run"]) == ("stopped", lines[-2]["epoch"])
+    assert not any("taken from its checkpoint" in problem for problem in stopped.problems)
+    asha_file.write_text(json.dumps(asha))
     # Without the checkpoint the trial did not reach its last epoch.
     for checkpoint in (experiment / "train_runs" / trial_id).glob("checkpoint_*"):
         shutil.rmtree(checkpoint)
