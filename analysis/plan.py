@@ -58,6 +58,18 @@ def plan_table(items: Sequence[Finding]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+# Beyond this many seeds a table cell shortens the option (plan.csv and `python -m analysis.plan`: whole).
+_SEEDS_SHOWN = 10
+
+
+def _run_cell(row: pd.Series) -> str:
+    if not row["run"]:
+        return "–"
+    needed = int(row["seeds_needed_observed"])
+    run = row["run"] if needed <= _SEEDS_SHOWN else f"--set seeds=[0,1,…,{needed - 1}]"
+    return f"`{run}` ({row['sweep']})"
+
+
 def _count(n) -> str:
     return f"> {MAX_SEEDS}" if n is None or pd.isna(n) else str(int(n))
 
@@ -84,15 +96,16 @@ def plan_markdown(table: pd.DataFrame) -> str:
                 else f"{row['detectable_80pct']:.4g}",
                 "Seeds needed (observed)": _count(row["seeds_needed_observed"]),
                 "Seeds needed (stated)": stated,
-                "Run": f"`{row['run']}` ({row['sweep']})" if row["run"] else "–",
+                "Run": _run_cell(row),
             }
         )
     note = (
         f"\nPower {POWER:.0%} at the strictest level Holm's adjustment can ask of one hypothesis of the "
         "family; the trend findings (Page's test) are planned by simulating the test under the study's own "
         "level means and within-seed noise; the t-based ones from the noncentral t (statsmodels). "
-        "`--set seeds=[...]` "
-        "applies to both sweeps of `sweeps/paper_study.py`; a new `--name` keeps the old study.\n"
+        "`--set seeds=[...]` applies to both sweeps of `sweeps/paper_study.py`; a new `--name` keeps the old "
+        f"study. Options of more than {_SEEDS_SHOWN} seeds are shortened here; `plan.csv` and "
+        "`python -m analysis.plan` give them whole.\n"
     )
     return markdown_table(pd.DataFrame(rows)) + note
 
@@ -144,6 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     table = plan_table(findings(mc, gamma, args.margin or margin))
     print(plan_markdown(table))
+    for _, row in table[table["run"] != ""].iterrows():
+        print(f"({row['finding']}) {row['sweep']}: {row['run']}")
     return 0
 
 

@@ -432,17 +432,34 @@ def test_peak_step_memory_grows_with_the_image():
     assert 3.0 < large.peak_step_mb / small.peak_step_mb < 5.0
 
 
+def _study_process(ray_head, storage: Path, log: str, *extra: str) -> DriverProcess:
+    command = [sys.executable, str(REPO / "sweeps" / "paper_study.py"), "--profile", "smoke", "--storage",
+               str(storage), "--name", "study", *extra]  # fmt: skip
+    return DriverProcess(command, ray_head.env, storage / f"{log}.log")
+
+
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # the job's own limit below: two sweeps, the costs and the report
-def test_smoke_study_submitted_as_a_job(ray_head, tmp_path):
+@pytest.mark.timeout(1200)  # the first driver's run until a trial finished, then the job's own 900 s
+def test_smoke_study_interrupted_then_resumed_as_a_job(ray_head, tmp_path):
+    # One study serves both: its driver is killed once a trial has finished, then it is resumed as a Ray
+    # job, the way `make study STUDY_ARGS=--resume` does, and must end as an uninterrupted study would.
+    layout = StudyLayout(str(tmp_path / "study"))
+    comparison = Path(layout.model_comparison.path)
+    finished_before = kill_once_a_trial_finished(_study_process(ray_head, tmp_path, "first"), comparison)
+
+    refused = _study_process(ray_head, tmp_path, "refused")
+    out = refused.output(timeout=60)
+    assert refused.returncode == 2 and "pass --resume" in out and out.count("\n") <= 3, out
+
     command = [
         str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head.dashboard_url,
         "--working-dir", str(REPO), "--", "python", "sweeps/paper_study.py", "--profile", "smoke",
-        "--storage", str(tmp_path), "--name", "study",
+        "--storage", str(tmp_path), "--name", "study", "--resume",
     ]  # fmt: skip
     done = subprocess.run(command, env=ray_head.env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    layout = StudyLayout(str(tmp_path / "study"))
+    for name, text in finished_before.items():
+        assert (comparison / name / "result.json").read_text() == text, f"{name} was run again"
     report = Path(layout.report_dir, "report.md").read_text()
     found = pd.read_csv(Path(layout.report_dir, "findings.csv"))
     assert found["key"].tolist() == ["a", "b", "c", "d", "d"]  # (d) for each gate of the gamma sweep
@@ -452,6 +469,7 @@ def test_smoke_study_submitted_as_a_job(ray_head, tmp_path):
     assert costs["image_size"] == [64, 64]
     trials = pd.read_csv(Path(layout.model_comparison.results_dir, "trials.csv"))
     assert len(trials) == 2 and set(trials["status"]) == {"completed"}  # the sparse arm: the gamma sweep's
+    assert Path(layout.gamma_sweep.results_dir, "trials.csv").is_file()
     assert "## Findings" in report and "(paper)" in report
     assert "Sparse Attention U-Net (γ=0.01)" in report  # Table 1's sparse arm, from the gamma sweep
     assert "](attention_curves.png)" in report and "cannot become sparse" in report
@@ -468,34 +486,6 @@ def test_smoke_study_submitted_as_a_job(ray_head, tmp_path):
     assert "CORPD_FBK" in report and "CORPDFS_FBK" in report
     for experiment_layout in (layout.model_comparison, layout.gamma_sweep):
         assert Path(experiment_layout.results_dir, "volumes.parquet").is_file()
-
-
-def _study_process(ray_head, storage: Path, log: str, *extra: str) -> DriverProcess:
-    command = [sys.executable, str(REPO / "sweeps" / "paper_study.py"), "--profile", "smoke", "--storage",
-               str(storage), "--name", "killed", "--set", "seeds=[0]", *extra]  # fmt: skip
-    return DriverProcess(command, ray_head.env, storage / f"{log}.log")
-
-
-@pytest.mark.slow
-def test_interrupted_study_resumes_where_it_stopped(ray_head, tmp_path):
-    layout = StudyLayout(str(tmp_path / "killed"))
-    comparison = Path(layout.model_comparison.path)
-    driver = _study_process(ray_head, tmp_path, "first")
-    finished_before = kill_once_a_trial_finished(driver, comparison)
-
-    refused = _study_process(ray_head, tmp_path, "refused")
-    out = refused.output(timeout=60)
-    assert refused.returncode == 2 and "pass --resume" in out and out.count("\n") <= 3, out
-
-    resumed = _study_process(ray_head, tmp_path, "resumed", "--resume")
-    out = resumed.output(timeout=900)
-    assert resumed.returncode == 0, out[-4000:]
-    for name, text in finished_before.items():
-        assert (comparison / name / "result.json").read_text() == text, f"{name} was run again"
-    trials = pd.read_csv(comparison / "results" / "trials.csv")
-    assert len(trials) == 2 and set(trials["status"]) == {"completed"}
-    assert Path(layout.gamma_sweep.results_dir, "trials.csv").is_file()
-    assert Path(layout.report_dir, "report.md").is_file()
 
     # Resuming a finished study trains nothing again: both sweeps are recorded as finished.
     again = _study_process(ray_head, tmp_path, "again", "--resume")
