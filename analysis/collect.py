@@ -145,7 +145,7 @@ def collect(path: str) -> Experiment:
     records = _SweepRecords(
         search_keys=sweep.get("search_keys"),
         max_epochs=sweep.get("max_epochs"),
-        stopped=set((storage.read_json(layout.asha_state_file) or {}).get("stopped_trials", [])),
+        stopped=layout.stopped_trials(),
         tune_states=tune_trial_states(layout),
     )
     problems: list[str] = []
@@ -243,9 +243,8 @@ def _with_checkpointed_epochs(
     experiment themselves. A driver killed in between leaves the last reports only in the checkpoint; a
     resumed trial continues after the checkpoint and never reports those epochs again.
 
-    A trial the scheduler stopped gains no epoch after its last report: its worker may have trained and
-    checkpointed one more epoch before the stop reached it, which Tune never received and which is not
-    part of the trial.
+    A trial the scheduler stopped gains no epoch after its last report
+    (:meth:`~mri_models.experiment.ExperimentLayout.stopped_trials`).
     """
     checkpoints = sorted(layout.train_run(trial_id).checkpoints())
     history = storage.read_json(storage.join(checkpoints[-1], HISTORY_FILE)) if checkpoints else None

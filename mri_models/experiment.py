@@ -33,7 +33,7 @@ import posixpath
 import re
 from dataclasses import dataclass
 
-from mri_models.storage import exists, join, list_files, subdirectories
+from mri_models.storage import exists, join, list_files, read_json, subdirectories
 
 SWEEP_FILE = "sweep.json"
 # Not ".json": Tune copies every *.json/*.pkl of the experiment root into its driver staging directory on
@@ -212,6 +212,14 @@ class ExperimentLayout:
         """Tune's newest experiment state file (its names sort by the driver's start date), if any."""
         states = [entry.uri for entry in list_files(self.path) if entry.name.startswith(TUNE_STATE_PREFIX)]
         return states[-1] if states else None
+
+    def stopped_trials(self) -> set[str]:
+        """The trials the scheduler stopped early (:mod:`ray_jobs.asha` records them), by trial id.
+
+        Their epochs end at their last report: the worker may train and checkpoint one more epoch before
+        the stop reaches it, which Tune never receives and which is not the trial's to choose from.
+        """
+        return set((read_json(self.asha_state_file) or {}).get("stopped_trials", []))
 
     def trial_dirs(self) -> list[TrialDir]:
         """Tune's trial directories (those holding ``params.json``), sorted by name."""

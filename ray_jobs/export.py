@@ -64,10 +64,14 @@ def _basename(path: str) -> str:
 
 
 def _last_epochs(path: str) -> dict[str, int]:
-    """Trial id -> the last epoch Tune saw of it (a trial ASHA stopped may have trained a little beyond)."""
+    """Trial id -> the last epoch Tune saw, for the trials the scheduler stopped (the others own every
+    epoch they checkpointed: :meth:`~mri_models.experiment.ExperimentLayout.stopped_trials`)."""
     layout = ExperimentLayout(path)
+    stopped = layout.stopped_trials()
     out = {}
     for trial in layout.trial_dirs():
+        if trial.trial_id_from_name() not in stopped:
+            continue
         text = storage.read_text(trial.result_file) or ""
         epochs = [json.loads(line).get("epoch") for line in text.splitlines() if line.strip().startswith("{")]
         epochs = [int(e) for e in epochs if isinstance(e, (int, float))]

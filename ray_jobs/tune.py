@@ -253,14 +253,17 @@ def run_sweep(
 def evaluate_finished_trials(layout: ExperimentLayout, results, data: PreparedData) -> None:
     """The final evaluation of every trial that completed or was stopped by ASHA (not errored or
     diverged) and has none yet (:mod:`ray_jobs.final_evaluation`); a resumed sweep does only the rest."""
-    runs = []
+    runs, stopped = [], layout.stopped_trials()
     for result in results:
         trial_id = (result.metrics or {}).get("trial_id")
         if result.error is not None or not trial_id or (result.metrics or {}).get("diverged"):
             continue
         run = layout.train_run(trial_id)
         cfg = make_train_config(storage.read_json(run.config_file))
-        item = pending(cfg, run, data, last_epoch=int(result.metrics.get("epoch", cfg.epochs)))
+        # A trial that ran its course owns every epoch it checkpointed, also one whose last report a killed
+        # driver never copied to the experiment; a stopped one ends at the last report Tune received.
+        last_epoch = int(result.metrics.get("epoch", cfg.epochs)) if trial_id in stopped else None
+        item = pending(cfg, run, data, last_epoch=last_epoch)
         if item is not None:
             runs.append(item)
     if runs:

@@ -393,7 +393,7 @@ def test_readme_block_is_rewritten_from_the_study(tmp_path, capsys):
     # This canned study has no test evaluation: Table 1 says it reports validation.
     assert "Table 1, validation at the epoch of best validation SSIM" in block
     assert "| Sparse Attention U-Net (γ=0.001) |" in block and "| 0.73 " in block  # the paper's beside ours
-    assert not list(tmp_path.glob(".readme-*")), "the atomic write leaves no temporary file"
+    assert not list(tmp_path.glob("README.md.*")), "the atomic write leaves no temporary file"
     # Run again on its own output: the same block, not a second one.
     assert study_report_main(argv) == 0 and readme.read_text() == text
     capsys.readouterr()
