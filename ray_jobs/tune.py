@@ -31,6 +31,7 @@ from ray_jobs.config import ConfigError, TrainConfig, make_train_config
 from ray_jobs.data import PreparedData, ensure_synthetic_data, prepare_data
 from ray_jobs.final_evaluation import evaluate_runs, pending
 from ray_jobs.sweep_config import SweepSpec, ValidatedSweep
+from ray_jobs.tracking import tracking_callbacks
 from ray_jobs.trainer import build_trainer, check_cluster_fits, claim_run_name, connect, resolve_use_gpu
 
 logger = logging.getLogger(__name__)
@@ -169,7 +170,8 @@ def prepare_sweep_data(configs: Sequence[TrainConfig], root: str) -> PreparedDat
 
 
 def _make_tuner(
-    sweep: ValidatedSweep, storage_path: str, name: str, trainable, max_concurrent: int, resume: bool
+    sweep: ValidatedSweep, storage_path: str, name: str, trainable, max_concurrent: int, resume: bool,
+    tracking_uri: str | None = None,
 ) -> tune.Tuner:
     spec, layout = sweep.spec, ExperimentLayout.under(storage_path, name)
     if resume:
@@ -195,13 +197,14 @@ def _make_tuner(
             # A trial whose driver died with its node is restarted; its Train run resumes from the trial's
             # own checkpoints (Train's FailureConfig covers the workers, this one the trial function).
             failure_config=tune.FailureConfig(max_failures=sweep.trials[0].max_failures),
-            callbacks=[EpochStepTensorBoard()],
+            callbacks=[EpochStepTensorBoard(), *tracking_callbacks(tracking_uri, name, "search")],
         ),
     )
 
 
 def run_sweep(
-    sweep: ValidatedSweep, name: str, storage_path: str, data_root: str | None, resume: bool
+    sweep: ValidatedSweep, name: str, storage_path: str, data_root: str | None, resume: bool,
+    tracking_uri: str | None = None,
 ) -> str:
     """Run (or resume) a sweep; returns the experiment directory (local path or URI).
 
@@ -211,6 +214,7 @@ def run_sweep(
         storage_path: local path, NFS or s3:// URI shared by all nodes.
         data_root: the data (default: the saved experiment's, else the profile's synthetic data).
         resume: continue the experiment of that name.
+        tracking_uri: an MLflow tracking server (or store) every trial is logged to; None: none.
 
     Raises:
         ConfigError: bad configuration, data, cluster size, or an existing experiment without ``resume``.
@@ -245,7 +249,7 @@ def run_sweep(
         ", ".join(f"{k}: {len(v)}" for k, v in spec.search.items()), len(spec.seeds), spec.scheduler.type,
         max_concurrent, data.root, layout.path,
     )  # fmt: skip
-    results = _make_tuner(sweep, storage_path, name, trainable, max_concurrent, resume).fit()
+    results = _make_tuner(sweep, storage_path, name, trainable, max_concurrent, resume, tracking_uri).fit()
     evaluate_finished_trials(layout, results, data)
     return layout.path
 

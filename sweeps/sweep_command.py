@@ -9,6 +9,7 @@ experiment runs on the connected cluster (:mod:`ray_jobs.tune`); at the end ``re
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 from analysis.collect import summary, write_tables
@@ -27,6 +28,10 @@ def _parse_args(config: Path, argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--name", help="experiment name (default: from the config and profile)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted experiment")
     parser.add_argument("--workers-per-trial", type=int, help="Ray Train workers per trial")
+    parser.add_argument(
+        "--mlflow", metavar="URI", default=os.environ.get("MLFLOW_TRACKING_URI"),
+        help="log every trial to this MLflow tracking server (default: $MLFLOW_TRACKING_URI, else none)",
+    )  # fmt: skip
     add_common_arguments(
         parser, "a TrainConfig field (lr=3e-4) or a sweep field (seeds=[0], search.gamma=[0,1e-3])"
     )
@@ -46,7 +51,7 @@ def sweep_main(config: Path, argv: list[str] | None = None) -> int:
         spec = validated.spec
         name = args.name or f"{spec.experiment}-{spec.profile}"
         storage = args.storage or default_storage()
-        return spec, run_sweep(validated, name, storage, args.data_root, args.resume)
+        return spec, run_sweep(validated, name, storage, args.data_root, args.resume, args.mlflow)
 
     code, result = exit_on_user_error(sweep)
     if code:
