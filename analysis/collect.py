@@ -8,12 +8,15 @@ gone, on interrupted experiments, and on trials that errored or were stopped ear
 (the ones holding ``params.json``, see :mod:`mri_models.experiment`) it reads the searched parameters,
 ``result.json`` (one JSON object per reported epoch) and ``error.txt`` (every failed attempt); Tune's
 experiment state says how each trial ended, and the sweep's ASHA state (``asha_state.txt``) which trials the
-scheduler stopped early. The metric columns follow the metric table
-(:func:`mri_models.metrics.metric_table`); the best epoch is the best by its primary metric (SSIM).
+scheduler stopped early and every decision it made (``decisions.csv``: trial and its searched values, rung,
+the trial's value, the rung's cut-off, continue, stop or complete at the epoch budget). The metric columns
+follow the metric table (:func:`mri_models.metrics.metric_table`); the best epoch is the best by its
+primary metric (SSIM).
 
 Trial status, from the final attempt (:mod:`analysis.outcome`; a retried trial is judged by its retry):
 - ``completed``: reached the configured number of epochs;
-- ``stopped``: stopped early by ASHA;
+- ``stopped``: stopped early by ASHA (``epochs_after_stop``: epochs its checkpoints hold past the stop
+  decision, 0 since its workers wait for ASHA's decision at every rung);
 - ``diverged``: the loss became NaN/Inf (the trainer's last report has ``diverged`` set; older trials
   failed with the divergence in ``error.txt``);
 - ``errored``: the final attempt failed for any other reason;
@@ -21,8 +24,8 @@ Trial status, from the final attempt (:mod:`analysis.outcome`; a retried trial i
 ``attempts`` counts the failed attempts and the final one; ``earlier_error`` is the last error of an
 attempt that Tune retried, so a recovered trial shows as recovered.
 
-Run ``python -m analysis.collect --experiment PATH`` to (re)write ``PATH/results/trials.csv`` and
-``epochs.csv`` (and Parquet copies).
+Run ``python -m analysis.collect --experiment PATH`` to (re)write ``PATH/results/trials.csv``, ``epochs.csv``,
+``volumes.csv`` and ``decisions.csv`` (and Parquet copies).
 """
 
 from __future__ import annotations
@@ -38,7 +41,16 @@ import pandas as pd
 
 from analysis.outcome import TuneTrialState, parse_failures, trial_outcome, tune_trial_states
 from mri_models import storage
-from mri_models.experiment import HISTORY_FILE, ExperimentLayout, TrialDir
+from mri_models.experiment import (
+    ASHA_DECISIONS_KEY,
+    CANDIDATE_KEY,
+    DECISION_KEYS,
+    DECISION_STOP,
+    DECISIONS_TABLE,
+    HISTORY_FILE,
+    ExperimentLayout,
+    TrialDir,
+)
 from mri_models.losses import penalty_terms
 from mri_models.metrics import PRIMARY_METRIC, metric_table
 
@@ -65,6 +77,7 @@ class Experiment:
     epochs: pd.DataFrame
     problems: list[str]
     volumes: pd.DataFrame = field(default_factory=pd.DataFrame)
+    decisions: pd.DataFrame = field(default_factory=pd.DataFrame)  # decision_table
 
 
 def test_columns(record: dict | None) -> dict[str, float]:
@@ -118,6 +131,7 @@ class _SweepRecords:
     max_epochs: int | None
     stopped: set[str]  # the trials ASHA stopped early
     tune_states: dict[str, TuneTrialState]
+    stop_epochs: dict[str, float] = field(default_factory=dict)  # epoch of ASHA's stop decision per trial
 
 
 @dataclass
@@ -142,11 +156,16 @@ def collect(path: str) -> Experiment:
     if not storage.is_dir(path):
         raise FileNotFoundError(f"experiment directory {path} does not exist")
     sweep = storage.read_json(layout.sweep_file) or {}
+    stops: dict[str, float] = {}
+    for decision in layout.asha_decisions():  # the first: a trial rerun from its start can be stopped again
+        if decision["decision"] == DECISION_STOP:
+            stops.setdefault(decision["trial_id"], decision["epoch"])
     records = _SweepRecords(
         search_keys=sweep.get("search_keys"),
         max_epochs=sweep.get("max_epochs"),
         stopped=layout.stopped_trials(),
         tune_states=tune_trial_states(layout),
+        stop_epochs=stops,
     )
     problems: list[str] = []
     trial_rows, epoch_rows, volume_frames = [], [], _baseline_volumes(layout)
@@ -162,7 +181,36 @@ def collect(path: str) -> Experiment:
         problems.append(f"no trials found under {path}")
     elif not any(column.startswith("test_") for column in trials):
         problems.append(f"{layout.name}: no test evaluation (an experiment from before the held-out split)")
-    return Experiment(path, trials, epochs, problems, volumes)
+    keys = records.search_keys
+    if keys is None and not trials.empty:  # the trials' own columns, between trial_id and status
+        keys = list(trials.columns[1 : trials.columns.get_loc("status")])
+    return Experiment(path, trials, epochs, problems, volumes, decision_table(path, trials, keys or []))
+
+
+def decision_table(path: str, trials: pd.DataFrame | None = None, keys: Sequence[str] = ()) -> pd.DataFrame:
+    """Every decision ASHA made in an experiment, in order, with the trial's searched values beside it.
+
+    Columns: ``trial_id``, the ``keys`` (from ``trials``), ``rung`` (the milestone, epochs), ``epoch`` (of
+    the result decided on), ``metric`` and ``mode`` (what ASHA decides on), ``value`` (the trial's),
+    ``cutoff`` (the rung's cut-off for that decision: the percentile of the other trials' records; empty when
+    there were none) and ``decision``: ``continue``, ``stop`` (``value`` below the cut-off, above it for
+    ``min``) or ``complete`` (the epoch budget). Empty (with the columns) for FIFO and older sweeps.
+
+    Args:
+        path: the experiment directory.
+        trials: collect's trial table, for the searched values (None: without them).
+        keys: its columns to put beside each decision.
+    """
+    state = storage.read_json(ExperimentLayout(path).asha_state_file) or {}
+    frame = pd.DataFrame(state.get(ASHA_DECISIONS_KEY, []), columns=list(DECISION_KEYS))
+    frame.insert(frame.columns.get_loc("value"), "metric", state.get("metric"))
+    frame.insert(frame.columns.get_loc("value"), "mode", state.get("mode"))
+    keys = [key for key in keys if trials is not None and key in trials and key != "trial_id"]
+    if keys:
+        values = trials[["trial_id", *keys]].drop_duplicates("trial_id")
+        frame = frame.merge(values, on="trial_id", how="left")  # keeps the decisions' order
+        frame = frame[["trial_id", *keys, *(c for c in frame.columns if c not in ("trial_id", *keys))]]
+    return frame
 
 
 def _collect_trial(
@@ -170,10 +218,13 @@ def _collect_trial(
 ) -> _TrialRows:
     """A trial directory's rows; what is wrong with it is added to ``problems``."""
     config = storage.read_json(trial_dir.params_file) or {}
+    config = {**(config.pop(CANDIDATE_KEY, None) or {}), **config}  # a confirm stage's trial
     reports = _read_reports(trial_dir.name, storage.read_text(trial_dir.result_file) or "", problems)
     trial_id = (reports[0].get("trial_id") if reports else None) or trial_dir.trial_id_from_name()
     stopped = trial_id in records.stopped
-    reports = _with_checkpointed_epochs(reports, layout, trial_id, stopped, problems)
+    history = _checkpoint_history(layout, trial_id)
+    after_stop = _epochs_after_stop(trial_id, reports, history, records) if stopped else math.nan
+    reports = _with_checkpointed_epochs(reports, history, trial_id, stopped, problems)
     failures = parse_failures(storage.read_text(trial_dir.error_file))
     state = records.tune_states.get(trial_id)
     outcome = trial_outcome(reports, failures, state, records.max_epochs, stopped)
@@ -187,7 +238,7 @@ def _collect_trial(
         epochs.append(row)
     epochs_run = int(max((r.get("epoch", 0) for r in reports), default=0))
     row = {"trial_id": trial_id, **config_columns, "status": outcome.status, "epochs_run": epochs_run,
-           "attempts": outcome.attempts}  # fmt: skip
+           "epochs_after_stop": after_stop, "attempts": outcome.attempts}  # fmt: skip
     row.update(_metric_columns(trial_id, reports, problems))
     row.update(test_columns(storage.read_json(layout.train_run(trial_id).test_evaluation_file)))
     volumes = _trial_volumes(layout, trial_id, config_columns)
@@ -233,8 +284,27 @@ def _read_reports(trial_name: str, text: str, problems: list[str]) -> list[dict]
     return reports
 
 
+def _checkpoint_history(layout: ExperimentLayout, trial_id: str) -> list[dict]:
+    """Every epoch's report as the trial's newest checkpoint recorded it (none without a checkpoint)."""
+    checkpoints = sorted(layout.train_run(trial_id).checkpoints())
+    return (storage.read_json(storage.join(checkpoints[-1], HISTORY_FILE)) or []) if checkpoints else []
+
+
+def _epochs_after_stop(
+    trial_id: str, reports: list[dict], history: list[dict], records: _SweepRecords
+) -> float:
+    """Epochs a stopped trial's checkpoints hold past ASHA's stop decision (the epoch decided on; for sweeps
+    without decisions its last report); NaN without a checkpoint."""
+    if not history:
+        return math.nan
+    stop = records.stop_epochs.get(trial_id)
+    if stop is None:
+        stop = max((report.get("epoch", 0) for report in reports), default=0)
+    return float(max(0, max(entry.get("epoch", 0) for entry in history) - stop))
+
+
 def _with_checkpointed_epochs(
-    reports: list[dict], layout: ExperimentLayout, trial_id: str, stopped: bool, problems: list[str]
+    reports: list[dict], history: list[dict], trial_id: str, stopped: bool, problems: list[str]
 ) -> list[dict]:
     """The reports, with the epochs that only the trial's newest checkpoint recorded, in epoch order.
 
@@ -244,13 +314,13 @@ def _with_checkpointed_epochs(
     resumed trial continues after the checkpoint and never reports those epochs again.
 
     A trial the scheduler stopped gains no epoch after its last report
-    (:meth:`~mri_models.experiment.ExperimentLayout.stopped_trials`).
+    (:meth:`~mri_models.experiment.ExperimentLayout.stopped_trials`): its workers wait for ASHA's decision
+    at every rung, so there is normally none, but one whose wait timed out, or a trial of an older sweep,
+    may have checkpointed epochs Tune never received (``epochs_after_stop`` counts them).
     """
-    checkpoints = sorted(layout.train_run(trial_id).checkpoints())
-    history = storage.read_json(storage.join(checkpoints[-1], HISTORY_FILE)) if checkpoints else None
     reported = {report.get("epoch") for report in reports}
     last = max((report.get("epoch", 0) for report in reports), default=0) if stopped else math.inf
-    missing = [e for e in history or [] if e.get("epoch") not in reported and e.get("epoch", 0) < last]
+    missing = [e for e in history if e.get("epoch") not in reported and e.get("epoch", 0) < last]
     if not missing:
         return reports
     epochs = ", ".join(str(entry.get("epoch")) for entry in missing)
@@ -285,7 +355,12 @@ def write_tables(path: str, out_dir: str | None = None) -> Experiment:
     """
     experiment = collect(path)
     out_dir = out_dir or ExperimentLayout(path).results_dir
-    tables = (("trials", experiment.trials), ("epochs", experiment.epochs), ("volumes", experiment.volumes))
+    tables = (
+        ("trials", experiment.trials),
+        ("epochs", experiment.epochs),
+        ("volumes", experiment.volumes),
+        (DECISIONS_TABLE, experiment.decisions),
+    )
     for name, table in tables:
         storage.write_text(storage.join(out_dir, f"{name}.csv"), table.to_csv(index=False))
         if not table.empty:

@@ -28,6 +28,7 @@ from analysis.cli import add_common_arguments, default_out, print_result
 from analysis.collect import status_counts, write_tables
 from analysis.output import Artifact, OutDir, StepResult
 from analysis.study import Study, load_study
+from mri_models.experiment import DECISIONS_TABLE
 
 REPORT_FILE = "report.md"
 STEPS: list[Callable[[Study, OutDir], StepResult]] = [
@@ -67,7 +68,14 @@ def tables_step(study: Study, out: OutDir) -> StepResult:
                 "(network and zero-filled, per acceleration; patient and acquisition).",
             )
         )
-        for name in ("trials", "epochs", "volumes"):
+        result.artifacts.append(
+            Artifact(
+                posixpath.join(relative, f"{DECISIONS_TABLE}.csv"),
+                f"Every ASHA decision{label}: trial, its searched values, rung, value, the rung's cut-off, "
+                "continue, stop or complete (empty for FIFO sweeps).",
+            )
+        )
+        for name in ("trials", "epochs", "volumes", DECISIONS_TABLE):
             parquet = posixpath.join(relative, f"{name}.parquet")
             if out.exists(parquet):
                 result.artifacts.append(Artifact(parquet, f"The same {name} table as Parquet."))

@@ -4,7 +4,11 @@
   (each axis normalised to [0, 1]; axes with few values, and the model, are drawn as evenly spaced
   categories) ending at its best validation SSIM, coloured by that SSIM; failed trials are dashed.
 - ``learning_curves.png``: validation SSIM (and loss) against epoch of every trial, coloured by status
-  (completed, stopped by ASHA, unfinished, errored, diverged); a cross marks where a trial ended early.
+  (completed, stopped by ASHA, unfinished, errored, diverged); a cross marks where a trial ended early. On
+  the axis of ASHA's metric a dash marks the rung's cut-off at each of its decisions, and a dotted line
+  joins a stopped trial's value to the cut-off it fell below.
+- ``sweep_decisions.csv``: every ASHA decision (:func:`analysis.collect.decision_table`) with the trial's
+  hyper-parameters; the report lists the stops (trial, rung, value, cut-off) under the figures.
 
 Run ``python -m analysis.sweep_overview --experiment PATH [--out DIR]``.
 """
@@ -20,11 +24,14 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from analysis.cli import run_step
-from analysis.output import Artifact, OutDir, StepResult, draw_baselines
+from analysis.collect import decision_table
+from analysis.output import Artifact, OutDir, StepResult, draw_baselines, markdown_table
 from analysis.study import Study
+from mri_models.experiment import DECISION_STOP
 from mri_models.models import model_names
 
 MAX_CATEGORIES = 12  # axes with at most this many distinct values are drawn as evenly spaced categories
+MAX_STOPS_SHOWN = 20  # rows of the report's table of stops; sweep_decisions.csv has them all
 STATUS_COLOURS = {
     "completed": "tab:green",
     "stopped": "tab:orange",
@@ -130,15 +137,68 @@ def plot_parallel(study: Study) -> plt.Figure:
     return figure
 
 
-def plot_learning_curves(study: Study) -> plt.Figure:
-    """Validation SSIM and loss against epoch of every trial, coloured by status."""
+def study_decisions(study: Study) -> pd.DataFrame:
+    """Every ASHA decision of the study's experiments, each with ``experiment`` and the trial's
+    hyper-parameter values (:func:`hyperparameter_axes`); empty where no scheduler decided."""
+    frames = [decision_table(info.path).assign(experiment=info.name) for info in study.experiments]
+    frames = [frame for frame in frames if not frame.empty]
+    if not frames or study.trials.empty:
+        return pd.DataFrame()
+    decisions = pd.concat(frames, ignore_index=True)
+    keys = [key for key in hyperparameter_axes(study) if key != "experiment"]
+    values = study.trials[["experiment", "trial_id", *keys]].drop_duplicates(["experiment", "trial_id"])
+    decisions = decisions.merge(values, on=["experiment", "trial_id"], how="left")
+    first = ["experiment", "trial_id", *keys]
+    return decisions[[*first, *(c for c in decisions.columns if c not in first)]]
+
+
+def draw_decisions(ax: plt.Axes, decisions: pd.DataFrame) -> list[Line2D]:
+    """Each decision's cut-off at its epoch, and every stop's shortfall; the legend entries they need."""
+    cut = decisions[decisions["cutoff"].notna()]
+    ax.scatter(cut["epoch"], cut["cutoff"], marker="_", s=160, color="black", alpha=0.6, zorder=4)
+    stops, colour = cut[cut["decision"] == DECISION_STOP], STATUS_COLOURS["stopped"]
+    ax.vlines(stops["epoch"], stops["value"], stops["cutoff"], colors=colour, linestyles=":", lw=1.5)
+    handles = [Line2D([], [], color="black", marker="_", ms=12, ls="", label="ASHA's cut-off at a decision")]
+    if not stops.empty:
+        handles.append(Line2D([], [], color=colour, ls=":", label="stopped: its value below the cut-off"))
+    return handles
+
+
+def stops_markdown(study: Study, decisions: pd.DataFrame) -> str:
+    """The report's table of ASHA's stops: trial, hyper-parameters, rung, value, cut-off (the first
+    :data:`MAX_STOPS_SHOWN`), after a line counting the decisions."""
+    stops = decisions[decisions["decision"] == DECISION_STOP]
+    metric = decisions["metric"].dropna().iloc[0] if decisions["metric"].notna().any() else "value"
+    stopped = stops["trial_id"].nunique()
+    text = (
+        f"ASHA made {len(decisions)} decisions on validation {metric} and stopped {stopped} trial(s), each "
+        f"at the rung where its {metric} fell short of the rung's cut-off (every decision, with the trial's "
+        "hyper-parameters: `sweep_decisions.csv`).\n"
+    )
+    if stops.empty:
+        return text
+    columns = [c for c in stops.columns if c not in ("epoch", "metric", "mode", "decision")]
+    if len(study.experiments) < 2:
+        columns.remove("experiment")
+    table = stops[columns].rename(columns={"value": metric, "cutoff": "cut-off"}).head(MAX_STOPS_SHOWN)
+    more = len(stops) - len(table)
+    text += "\n" + markdown_table(table, {metric: ".4f", "cut-off": ".4f", "rung": "g"})
+    return text + (f"\n… and {more} more stops in `sweep_decisions.csv`.\n" if more > 0 else "")
+
+
+def plot_learning_curves(study: Study, decisions: pd.DataFrame | None = None) -> plt.Figure:
+    """Validation SSIM and loss against epoch of every trial, coloured by status; on the axis of ASHA's
+    metric, its ``decisions`` (:func:`study_decisions`) as cut-offs and stops."""
     epochs = study.epochs
     metrics = [m for m in ("ssim", "val_loss") if m in epochs]
     figure, axes = plt.subplots(
         1, max(1, len(metrics)), figsize=(6.0 * max(1, len(metrics)), 4.2), squeeze=False
     )
     counts = study.trials["status"].value_counts().to_dict()
+    decision_handles: list[Line2D] = []
     for ax, metric in zip(axes[0], metrics, strict=False):
+        if decisions is not None and not decisions.empty and set(decisions["metric"]) == {metric}:
+            decision_handles = draw_decisions(ax, decisions)
         for _, rows in epochs.sort_values("epoch").groupby(["experiment", "trial_id"], sort=False):
             status = rows["status"].iloc[0]
             colour = STATUS_COLOURS.get(status, "black")
@@ -160,6 +220,7 @@ def plot_learning_curves(study: Study) -> plt.Figure:
     ]
     handles.append(Line2D([], [], color="black", marker="x", linestyle="", label="ended before the budget"))
     handles += [line for line in axes[0, 0].get_lines() if line.get_gid() == "zero-filled"]
+    handles += decision_handles
     axes[0, 0].legend(handles=handles, fontsize=8)
     figure.suptitle("Learning curves of all trials, coloured by status")
     figure.tight_layout()
@@ -167,7 +228,8 @@ def plot_learning_curves(study: Study) -> plt.Figure:
 
 
 def run(study: Study, out: OutDir) -> StepResult:
-    """Write ``sweep_parallel.png`` and ``learning_curves.png``."""
+    """Write ``sweep_parallel.png``, ``learning_curves.png`` and, under ASHA, ``sweep_decisions.csv`` (its
+    stops shown in the report)."""
     result = StepResult("Sweep overview")
     if study.trials.empty:
         result.problems.append("sweep_overview: no trials to draw")
@@ -183,14 +245,27 @@ def run(study: Study, out: OutDir) -> StepResult:
     if study.epochs.empty or "epoch" not in study.epochs:
         result.problems.append("sweep_overview: no epoch was reported by any trial; no learning curves")
         return result
-    out.save_figure(plot_learning_curves(study), "learning_curves.png")
+    decisions = study_decisions(study)
+    out.save_figure(plot_learning_curves(study, decisions), "learning_curves.png")
     result.artifacts.append(
         Artifact(
             "learning_curves.png",
             "Validation SSIM and loss against epoch for every trial, coloured by status (completed, stopped "
-            "by ASHA, unfinished, errored, diverged); crosses mark trials that ended early.",
+            "by ASHA, unfinished, errored, diverged); crosses mark trials that ended early"
+            + ("; dashes ASHA's cut-off at each decision, dotted lines how far a stopped trial fell short."
+               if not decisions.empty else "."),
         )
-    )
+    )  # fmt: skip
+    if not decisions.empty:
+        out.write_csv("sweep_decisions.csv", decisions)
+        result.artifacts.append(
+            Artifact(
+                "sweep_decisions.csv",
+                "Every ASHA decision: trial, hyper-parameters, rung, the trial's value, the rung's cut-off, "
+                "continue, stop or complete (the epoch budget).",
+            )
+        )
+        result.markdown = stops_markdown(study, decisions)
     return result
 
 

@@ -17,13 +17,13 @@ A training run (``python -m ray_jobs.train --name NAME``, or one sweep trial) un
 A sweep (a Ray Tune experiment)::
 
     <experiment>/sweep.json                       the sweep spec, search keys, epoch budget, data root
-    <experiment>/asha_state.txt                   ASHA's rung records (ray_jobs.asha)
+    <experiment>/asha_state.txt                   ASHA's rung records, stops, decisions (ray_jobs.asha)
     <experiment>/baseline.json                    the zero-filled input's validation metrics
     <experiment>/data_roles.json                  which files were train, val and test
     <experiment>/experiment_state-<date>.json     Tune's trial states (status, failures), one per driver start
     <experiment>/<Tune trial dir>/                params.json, result.json, error.txt (Tune's own)
     <experiment>/train_runs/<trial id>/           the trial's training run, laid out as above
-    <experiment>/results/                         trials.csv, epochs.csv, volumes.csv (+ Parquet)
+    <experiment>/results/                         trials, epochs, volumes, decisions (CSV + Parquet)
     <experiment>/analysis/                        report.md, tables and figures
 """
 
@@ -36,9 +36,22 @@ from dataclasses import dataclass
 from mri_models.storage import exists, join, list_files, read_json, subdirectories
 
 SWEEP_FILE = "sweep.json"
+# A confirm stage's trials are a grid over configurations: each trial's Tune params hold its configuration
+# under this key (the analysis reads its values as the trial's own).
+CANDIDATE_KEY = "candidate"
 # Not ".json": Tune copies every *.json/*.pkl of the experiment root into its driver staging directory on
 # restore and syncs them back later, which would overwrite the records written since with the old copy.
 ASHA_STATE_FILE = "asha_state.txt"
+# Every decision ASHA made, in the state file under this key, in the order made: one object per trial and
+# rung its results reached, plus one where it reached the epoch budget, with DECISION_KEYS. ``rung`` is the
+# milestone (epochs), ``epoch`` that of the result decided on, ``value`` its metric (the state's ``metric``,
+# ``mode``), ``cutoff`` what ASHA compared it with (None: the rung had no record to cut by).
+ASHA_DECISIONS_KEY = "decisions"
+DECISION_KEYS = ("trial_id", "rung", "epoch", "value", "cutoff", "decision")
+DECISION_CONTINUE = "continue"
+DECISION_STOP = "stop"
+DECISION_COMPLETE = "complete"  # the epoch budget: Tune ends the trial, whatever the rungs
+DECISIONS_TABLE = "decisions"  # results/decisions.csv (analysis.collect)
 TRAIN_RUNS_DIR = "train_runs"
 RESULTS_DIR = "results"
 ANALYSIS_DIR = "analysis"
@@ -72,6 +85,11 @@ TRIAL_ERROR_FILE = "error.txt"  # appended to on every failed attempt, also when
 TUNE_STATE_PREFIX = "experiment_state-"
 
 _TRIAL_ID = re.compile(r"_([0-9a-f]{5}_\d{5})_")
+
+
+def read_asha_decisions(state_file: str) -> list[dict]:
+    """The decisions recorded in an ASHA state file (:data:`ASHA_DECISIONS_KEY`); none when it is missing."""
+    return list((read_json(state_file) or {}).get(ASHA_DECISIONS_KEY, []))
 
 
 @dataclass(frozen=True)
@@ -216,10 +234,16 @@ class ExperimentLayout:
     def stopped_trials(self) -> set[str]:
         """The trials the scheduler stopped early (:mod:`ray_jobs.asha` records them), by trial id.
 
-        Their epochs end at their last report: the worker may train and checkpoint one more epoch before
-        the stop reaches it, which Tune never receives and which is not the trial's to choose from.
+        Their epochs end at their last report. Their workers wait for ASHA's decision at every rung
+        (:class:`ray_jobs.worker.RungWait`), but one whose wait timed out, or a trial of a sweep from before
+        they waited, may have trained and checkpointed more epochs, which Tune never received and which are
+        not the trial's to choose from.
         """
         return set((read_json(self.asha_state_file) or {}).get("stopped_trials", []))
+
+    def asha_decisions(self) -> list[dict]:
+        """Every decision ASHA made (:data:`ASHA_DECISIONS_KEY`), in order; none for FIFO or older sweeps."""
+        return read_asha_decisions(self.asha_state_file)
 
     def trial_dirs(self) -> list[TrialDir]:
         """Tune's trial directories (those holding ``params.json``), sorted by name."""

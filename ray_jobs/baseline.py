@@ -88,3 +88,9 @@ def baselines_for(data: PreparedData, configs: Iterable[TrainConfig]) -> list[di
 def record_baselines(path: str, baselines: list[dict[str, Any]]) -> None:
     """Write the baselines to ``path``, a run's or experiment's ``baseline_file``."""
     storage.write_json(path, {"baselines": baselines})
+
+
+def baseline_metrics(baselines: list[dict[str, Any]], cfg: TrainConfig) -> dict[str, Any] | None:
+    """The metrics of the baseline among ``baselines`` (as :func:`baselines_for` made them, or an
+    experiment's ``baseline_file`` holds them) for the mask settings of ``cfg``; None if none matches."""
+    return next((b["metrics"] for b in baselines if b["mask"] == mask_settings(cfg)), None)

@@ -15,12 +15,14 @@ the whole validation pass (``alpha/level_k``, TensorBoard's Histograms tab).
 Each write is one complete TensorBoard event file, made in a local temporary directory and then copied to
 the run's ``images`` directory (a local path or any ``pyarrow.fs`` URI) beside the trial's Tune scalars.
 A separate directory, not Tune's own: TensorBoard polls only the newest event file of a directory, so a
-second file next to Tune's would freeze the live scalars.
+second file next to Tune's would freeze the live scalars. :func:`read_images` reads the images back as
+the PNGs they hold (a tracked sweep's MLflow artifacts, :mod:`ray_jobs.mlflow_trials`).
 """
 
 from __future__ import annotations
 
 import os
+import struct
 import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -205,3 +207,43 @@ class ValidationImages:
             "attention coefficients of up-sampling level k (1 = the finest), 0 black to 1 white."
         )
         write_event_file(self.directory, render(network, self.chosen, device), epoch, caption, tags)
+
+
+@dataclass(frozen=True)
+class EventImage:
+    """One image of an event file: its tag, its step (the epoch) and the PNG bytes TensorBoard shows."""
+
+    tag: str
+    step: int
+    png: bytes
+
+
+def event_images(data: bytes) -> list[EventImage]:
+    """The images in the bytes of one event file (tensorboardX stores them PNG-encoded), in file order.
+
+    An event file is a sequence of TFRecords: an 8-byte little-endian length, a 4-byte CRC of it, the
+    serialised ``Event`` and a 4-byte CRC of that. A record cut short ends the list.
+    """
+    from tensorboardX.proto.event_pb2 import Event
+
+    images, offset = [], 0
+    while offset + 12 <= len(data):
+        (length,) = struct.unpack_from("<Q", data, offset)
+        start, end = offset + 12, offset + 12 + length
+        if end + 4 > len(data):
+            break
+        event = Event.FromString(data[start:end])
+        for value in event.summary.value:
+            if value.HasField("image"):
+                images.append(EventImage(value.tag, int(event.step), value.image.encoded_image_string))
+        offset = end + 4
+    return images
+
+
+def read_images(directory: str) -> list[EventImage]:
+    """Every image of the event files in ``directory`` (a run's ``images``, local or a URI), by step."""
+    images = []
+    for entry in storage.list_files(directory):
+        if "tfevents" in entry.name:
+            images += event_images(storage.read_bytes(entry.uri) or b"")
+    return sorted(images, key=lambda image: (image.step, image.tag))

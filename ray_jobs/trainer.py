@@ -21,7 +21,7 @@ from mri_models import experiment, storage
 from mri_models.metrics import primary_objective
 from ray_jobs.config import ConfigError, TrainConfig, make_train_config
 from ray_jobs.data import PreparedData
-from ray_jobs.worker import WorkerInputs, train_loop_per_worker
+from ray_jobs.worker import RungWait, WorkerInputs, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ def build_trainer(
     callbacks: list | None = None,
     baseline: dict[str, float] | None = None,
     image_dir: str | None = None,
+    rung_wait: RungWait | None = None,
 ) -> TorchTrainer:
     """A TorchTrainer for one configuration; the same (storage_path, name) resumes that run.
 
@@ -150,11 +151,14 @@ def build_trainer(
         baseline: the zero-filled input's validation metrics, for the gain in the progress lines.
         image_dir: where the validation images for TensorBoard go (:mod:`ray_jobs.images`); default the
             run's own ``images`` directory.
+        rung_wait: where the workers of an ASHA trial wait for the scheduler's decision at each rung; None
+            (single runs, FIFO sweeps): they never wait.
     """
     use_gpu = resolve_use_gpu(cfg)
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     run_dir = storage.join(storage_path, name)
-    inputs = WorkerInputs(cfg, data, baseline, image_dir or experiment.RunLayout(run_dir).images_dir, run_dir)
+    images = image_dir or experiment.RunLayout(run_dir).images_dir
+    inputs = WorkerInputs(cfg, data, baseline, images, run_dir, rung_wait)
     objective = primary_objective()
     return TorchTrainer(
         train_loop_per_worker,

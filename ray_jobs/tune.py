@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import ray
@@ -21,18 +22,22 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallba
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.result import TRAINING_ITERATION
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
+from ray.tune.search import BasicVariantGenerator, Searcher
 
 from mri_models import experiment, storage
-from mri_models.experiment import ExperimentLayout
+from mri_models.experiment import CANDIDATE_KEY, ExperimentLayout
 from mri_models.metrics import primary_objective
-from ray_jobs.asha import PersistentASHAScheduler
+from ray_jobs.asha import PersistentASHAScheduler, asha_options, rung_epochs
 from ray_jobs.baseline import baselines_for, mask_settings, record_baselines
 from ray_jobs.config import ConfigError, TrainConfig, make_train_config
+from ray_jobs.confirm import CONFIRM_SUFFIX, confirm_sweep, rank_configurations
 from ray_jobs.data import PreparedData, ensure_synthetic_data, prepare_data
 from ray_jobs.final_evaluation import evaluate_runs, pending
+from ray_jobs.search_space import as_distribution, tune_space
 from ray_jobs.sweep_config import SweepSpec, ValidatedSweep
-from ray_jobs.tracking import tracking_callbacks
+from ray_jobs.tracking import check_tracking_uri, tracking_callbacks
 from ray_jobs.trainer import build_trainer, check_cluster_fits, claim_run_name, connect, resolve_use_gpu
+from ray_jobs.worker import RungWait
 
 logger = logging.getLogger(__name__)
 
@@ -53,11 +58,17 @@ def trial_resources() -> dict[str, float]:
     return {"cpu": TRIAL_CPUS}
 
 
+def trial_point(config: dict[str, Any]) -> dict[str, Any]:
+    """A trial's values from its Tune config: a confirm stage's candidate is one Tune value (a dict)."""
+    candidate = config.get(CANDIDATE_KEY) or {}
+    return {**candidate, **{key: value for key, value in config.items() if key != CANDIDATE_KEY}}
+
+
 def trial_dirname(trial) -> str:
     """``trial_<id>_gamma=1e-06,seed=0``: the grid values as given (Tune's default rounds to 4 decimals, so
     every small gamma became ``gamma=0.0000``). Also the run name TensorBoard shows."""
     values = []
-    for key, value in trial.evaluated_params.items():
+    for key, value in trial_point(trial.evaluated_params).items():
         text = format(value, "g") if isinstance(value, float) else str(value)
         values.append(f"{key}={text}".replace(os.sep, "_"))
     return f"trial_{trial.trial_id}_{','.join(values)}"[:200]
@@ -80,13 +91,37 @@ def make_scheduler(spec: SweepSpec, layout: ExperimentLayout) -> TrialScheduler:
     """ASHA on the primary metric with ``epoch`` as time attribute, or FIFO."""
     if spec.scheduler.type == "fifo":
         return FIFOScheduler()
-    return PersistentASHAScheduler(
-        state_path=layout.asha_state_file,
-        time_attr="epoch",
-        max_t=spec.max_epochs,
-        grace_period=min(spec.scheduler.grace_period, spec.max_epochs),
-        reduction_factor=spec.scheduler.reduction_factor,
-    )
+    options = asha_options(spec.max_epochs, spec.scheduler.grace_period, spec.scheduler.reduction_factor)
+    return PersistentASHAScheduler(state_path=layout.asha_state_file, **options)
+
+
+def param_space(spec: SweepSpec) -> dict[str, Any]:
+    """Tune's param space: grids (or a confirm stage's candidates) times seeds, or a search space whose
+    suggestions each run with the search's one seed."""
+    if not spec.is_grid:
+        return {**tune_space(spec.search), "seed": spec.seeds[0]}
+    if spec.candidates:
+        return {CANDIDATE_KEY: tune.grid_search(spec.candidates), "seed": tune.grid_search(spec.seeds)}
+    return {
+        **{key: tune.grid_search(values) for key, values in spec.search.items()},
+        "seed": tune.grid_search(spec.seeds),
+    }
+
+
+def make_searcher(spec: SweepSpec) -> Searcher | BasicVariantGenerator | None:
+    """Seeded suggestions: Tune's random sampling, or Optuna's TPE; None for a grid (Tune's default).
+
+    Tune saves the searcher with every experiment checkpoint and ``Tuner.restore`` reloads it, so a resumed
+    search keeps its history and its count of suggestions.
+    """
+    if spec.search_alg == "random":
+        return BasicVariantGenerator(random_state=spec.search_seed)
+    if spec.search_alg == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        return OptunaSearch(sampler=optuna.samplers.TPESampler(seed=spec.search_seed))
+    return None
 
 
 def run_trial(
@@ -97,14 +132,17 @@ def run_trial(
     experiment_path: str,
     baselines: list[dict[str, Any]],
 ) -> None:
-    """One Tune trial: the Ray Train run of one grid point, resumed from its own checkpoints if any.
+    """One Tune trial: the Ray Train run of one grid point, candidate or suggestion, resumed from its own
+    checkpoints if any.
 
     The run lives under ``train_runs/<trial id>``; its validation images go to the Tune trial directory's
-    ``images`` (TensorBoard shows them as ``<trial>/images`` beside the trial's scalars).
+    ``images`` (TensorBoard shows them as ``<trial>/images`` beside the trial's scalars). Under ASHA its
+    workers wait for the scheduler's decision at every rung (:class:`ray_jobs.worker.RungWait`), so a trial
+    ASHA stops trains no epoch after the decision.
     """
-    # The driver validated every trial already; this one is built again in the trial's own process, which
-    # loads its plugins here.
-    cfg = make_train_config(spec.trial_values(config))
+    # The driver validated every grid trial (of a search, its probe points); a searcher's suggestion is
+    # validated here, as it is made, in the trial's own process (which loads its plugins here).
+    cfg = spec.suggestion_config(trial_point(config))
     context = tune.get_context()
     name = context.get_trial_id()
     layout = ExperimentLayout(experiment_path)
@@ -112,6 +150,10 @@ def run_trial(
     baseline = next((b["metrics"] for b in baselines if b["mask"] == mask_settings(cfg)), None)
     trial_dir = layout.trial_dir(os.path.basename(context.get_trial_dir().rstrip("/")))
     callbacks = [TuneReportCallback()]
+    rung_wait = None
+    if spec.scheduler.type == "asha":  # the workers wait for ASHA's decision at every rung
+        options = asha_options(spec.max_epochs, spec.scheduler.grace_period, spec.scheduler.reduction_factor)
+        rung_wait = RungWait(layout.asha_state_file, name, tuple(rung_epochs(options).items()))
     trainer = build_trainer(
         cfg,
         data,
@@ -120,13 +162,14 @@ def run_trial(
         callbacks=callbacks,
         baseline=baseline,
         image_dir=trial_dir.images_dir,
+        rung_wait=rung_wait,
     )
     trainer.fit()
 
 
 def concurrency(sweep: ValidatedSweep) -> int:
     """Trials that fit at once: CPUs (and GPUs) over what one trial holds, leaving CPU for Ray Data."""
-    cfg, num_trials = sweep.trials[0], len(sweep.trials)
+    cfg, num_trials = sweep.trials[0], sweep.num_trials
     trial_cpus = trial_resources()["cpu"]
     per_trial = trial_cpus + cfg.num_workers * cfg.cpus_per_worker
     resources = ray.cluster_resources()
@@ -170,21 +213,27 @@ def prepare_sweep_data(configs: Sequence[TrainConfig], root: str) -> PreparedDat
 
 
 def _make_tuner(
-    sweep: ValidatedSweep, storage_path: str, name: str, trainable, max_concurrent: int, resume: bool,
+    sweep: ValidatedSweep,
+    storage_path: str,
+    name: str,
+    trainable,
+    max_concurrent: int,
+    resume: bool,
     tracking_uri: str | None = None,
+    stage: str = "search",
 ) -> tune.Tuner:
     spec, layout = sweep.spec, ExperimentLayout.under(storage_path, name)
     if resume:
         return tune.Tuner.restore(layout.path, trainable, resume_unfinished=True, resume_errored=True)
-    param_space = {key: tune.grid_search(values) for key, values in spec.search.items()}
-    param_space["seed"] = tune.grid_search(spec.seeds)
     objective = primary_objective()
     return tune.Tuner(
         trainable,
-        param_space=param_space,
+        param_space=param_space(spec),
         tune_config=tune.TuneConfig(
             metric=objective.metric,
             mode=objective.mode,
+            search_alg=make_searcher(spec),
+            num_samples=spec.num_samples or 1,
             scheduler=make_scheduler(spec, layout),
             max_concurrent_trials=max_concurrent,
             reuse_actors=False,
@@ -197,28 +246,79 @@ def _make_tuner(
             # A trial whose driver died with its node is restarted; its Train run resumes from the trial's
             # own checkpoints (Train's FailureConfig covers the workers, this one the trial function).
             failure_config=tune.FailureConfig(max_failures=sweep.trials[0].max_failures),
-            callbacks=[EpochStepTensorBoard(), *tracking_callbacks(tracking_uri, name, "search")],
+            callbacks=[EpochStepTensorBoard(), *tracking_callbacks(tracking_uri, layout.path, stage)],
         ),
     )
 
 
+@dataclass(frozen=True)
+class SweepResult:
+    """Where a sweep's experiments are.
+
+    Attributes:
+        search: the search's (or grid's) experiment directory (local path or URI).
+        confirm: the confirm stage's, when the sweep has one (its tables are the sweep's results).
+    """
+
+    search: str
+    confirm: str | None = None
+
+    @property
+    def final(self) -> str:
+        """The experiment whose tables and best configuration are the sweep's."""
+        return self.confirm or self.search
+
+
 def run_sweep(
-    sweep: ValidatedSweep, name: str, storage_path: str, data_root: str | None, resume: bool,
+    sweep: ValidatedSweep,
+    name: str,
+    storage_path: str,
+    data_root: str | None,
+    resume: bool,
     tracking_uri: str | None = None,
-) -> str:
-    """Run (or resume) a sweep; returns the experiment directory (local path or URI).
+) -> SweepResult:
+    """Run (or resume) a sweep, then its confirm stage if it has one.
 
     Args:
         sweep: the sweep, every trial validated (a resumed experiment continues with its own spec).
-        name: the experiment's name under ``storage_path``.
+        name: the experiment's name under ``storage_path`` (the confirm stage's: ``<name>-confirm``).
         storage_path: local path, NFS or s3:// URI shared by all nodes.
         data_root: the data (default: the saved experiment's, else the profile's synthetic data).
-        resume: continue the experiment of that name.
+        resume: continue the experiment of that name (and its confirm stage, when it had started).
         tracking_uri: an MLflow tracking server (or store) every trial is logged to; None: none.
 
     Raises:
         ConfigError: bad configuration, data, cluster size, or an existing experiment without ``resume``.
     """
+    check_tracking_uri(tracking_uri)  # a wrong address fails now, not once the data and cluster are ready
+    search, results = _run_stage(sweep, name, storage_path, data_root, resume, tracking_uri)
+    spec = search.sweep.spec
+    if spec.confirm is None:
+        return SweepResult(search.layout.path)
+    confirm_name = name + CONFIRM_SUFFIX
+    started = storage.exists(ExperimentLayout.under(storage_path, confirm_name).sweep_file)
+    # A confirm stage that had started continues with the candidates it recorded.
+    candidates = confirm_sweep(spec, rank_configurations(results, spec))
+    confirm, _ = _run_stage(candidates, confirm_name, storage_path, search.data_root, started, tracking_uri)
+    return SweepResult(search.layout.path, confirm.layout.path)
+
+
+@dataclass(frozen=True)
+class _Stage:
+    sweep: ValidatedSweep
+    layout: ExperimentLayout
+    data_root: str
+
+
+def _run_stage(
+    sweep: ValidatedSweep,
+    name: str,
+    storage_path: str,
+    data_root: str | None,
+    resume: bool,
+    tracking_uri: str | None,
+) -> tuple[_Stage, Any]:
+    """One Tune experiment of a sweep (its search or its confirm stage) and its final evaluation."""
     layout = ExperimentLayout.under(storage_path, name)
     sweep, saved = _sweep_to_run(layout, sweep, resume)
     spec = sweep.spec
@@ -229,12 +329,14 @@ def run_sweep(
     baselines = baselines_for(data, sweep.trials)
     record_baselines(layout.baseline_file, baselines)
     storage.write_json(layout.data_roles_file, data.roles())
+    stage = "confirm" if spec.candidates else "search"
     if not resume:
         record = {
             "spec": spec.model_dump(mode="json"),
-            "search_keys": [*spec.search, "seed"],
+            "search_keys": spec.point_keys,
             "max_epochs": spec.max_epochs,
             "data_root": str(root),
+            "stage": stage,
         }
         storage.write_json(layout.sweep_file, record)
     trainable = tune.with_resources(
@@ -244,14 +346,25 @@ def run_sweep(
         trial_resources(),
     )
     logger.info(
-        "%s sweep %r: %d trials (%s, seeds: %d), %s scheduler, up to %d at once, data %s, results in %s",
-        "resuming" if resume else "starting", name, len(sweep.trials),
-        ", ".join(f"{k}: {len(v)}" for k, v in spec.search.items()), len(spec.seeds), spec.scheduler.type,
-        max_concurrent, data.root, layout.path,
+        "%s %s %r: %d trials (%s; seeds: %d), %s scheduler, up to %d at once, data %s, results in %s",
+        "resuming" if resume else "starting", stage, name, sweep.num_trials, describe_space(spec),
+        len(spec.seeds), spec.scheduler.type, max_concurrent, data.root, layout.path,
     )  # fmt: skip
-    results = _make_tuner(sweep, storage_path, name, trainable, max_concurrent, resume, tracking_uri).fit()
+    tuner = _make_tuner(sweep, storage_path, name, trainable, max_concurrent, resume, tracking_uri, stage)
+    results = tuner.fit()
     evaluate_finished_trials(layout, results, data)
-    return layout.path
+    return _Stage(sweep, layout, root), results
+
+
+def describe_space(spec: SweepSpec) -> str:
+    """The searched space in a line: ``weight_decay: 2, model: 3`` (a grid), ``candidates: 3``, ``optuna over
+    weight_decay: loguniform``."""
+    if spec.candidates:
+        return f"candidates: {len(spec.candidates)}"
+    if spec.is_grid:
+        return ", ".join(f"{key}: {len(values)}" for key, values in spec.search.items())
+    kinds = {key: as_distribution(values).kind for key, values in spec.search.items()}
+    return f"{spec.search_alg} over " + ", ".join(f"{key}: {kind}" for key, kind in kinds.items())
 
 
 def evaluate_finished_trials(layout: ExperimentLayout, results, data: PreparedData) -> None:

@@ -3,7 +3,9 @@
 :func:`train_loop_per_worker` runs on every worker: the network from the registry wrapped for DDP, fastMRI's
 optimiser (RMSprop + StepLR) or Adam, the reconstruction loss plus the configuration's penalty terms, then
 validation with every metric of :func:`mri_models.metrics.metric_table` gathered across ranks, and one
-``ray.train.report`` per epoch with a checkpoint from rank 0.
+``ray.train.report`` per epoch with a checkpoint from rank 0. In an ASHA sweep the workers wait, after
+reporting a rung's epoch, for the scheduler's decision (:class:`RungWait`), and end there when it stops the
+trial.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import logging
 import math
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from mri_models.attention_metrics import AttentionStatsAccumulator, MpandAccumulator, report_keys
-from mri_models.experiment import RunLayout
+from mri_models.experiment import DECISION_STOP, RunLayout, read_asha_decisions
 from mri_models.losses import penalty_terms, training_loss
 from mri_models.metrics import PRIMARY_METRIC, VolumeMetricAccumulator, metric_table
 from mri_models.model_cost import synchronised_clock
@@ -40,7 +43,7 @@ from mri_models.step_options import (
     to_network_input,
     unwrap,
 )
-from mri_models.storage import read_json, write_json
+from mri_models.storage import StorageError, read_json, write_json
 from ray_jobs import log_to_stdout
 from ray_jobs.checkpoints import load_checkpoint, save_checkpoint
 from ray_jobs.config import TrainConfig
@@ -142,6 +145,15 @@ def _all_reduce_sum(values: list[float], device: torch.device, world_size: int) 
     if world_size > 1:
         dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def _from_rank_zero(value: Any) -> Any:
+    """Rank 0's ``value`` on every rank (each rank passes its own; only rank 0's is kept)."""
+    if dist.is_available() and dist.is_initialized():
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
 
 
 # ----------------------------------------------------------------------------------------- one epoch
@@ -296,11 +308,7 @@ def _mpand_report(accumulator: MpandAccumulator, num_levels: int) -> dict[str, f
 def _reported_epoch_zero(run_dir: str | None, rank: int) -> dict[str, float] | None:
     """The run's epoch-0 report if it was made already (rank 0 reads it; every rank gets its answer)."""
     found = read_json(RunLayout(run_dir).initial_report_file) if rank == 0 and run_dir else None
-    if dist.is_available() and dist.is_initialized():
-        box = [found]
-        dist.broadcast_object_list(box, src=0)
-        found = box[0]
-    return found
+    return _from_rank_zero(found)
 
 
 def with_initial_ratios(metrics: dict[str, float], history: list[dict[str, float]]) -> dict[str, float]:
@@ -316,6 +324,57 @@ def with_initial_ratios(metrics: dict[str, float], history: list[dict[str, float
         start = initial.get(name, math.nan)
         metrics[f"{name}_vs_init"] = metrics[name] / start if start and math.isfinite(start) else math.nan
     return metrics
+
+
+# ----------------------------------------------------------------------------------------- ASHA's rungs
+
+
+@dataclass(frozen=True)
+class RungWait:
+    """What the workers of an ASHA trial wait for after reporting the epoch of one of ASHA's rungs.
+
+    ``ray.train.report`` does not wait for Tune: without this, a trial that ASHA stops at a rung trains on
+    until Tune's stop reaches its workers, an epoch or more after the decision. The driver records every
+    decision (:mod:`ray_jobs.asha`); rank 0 polls the record and every rank follows its answer.
+
+    Attributes:
+        state_file: ASHA's state file, which holds the decisions (local path or URI).
+        trial_id: the Tune trial (the Train run's name).
+        rungs: ``(epoch, milestone)`` of every rung ASHA decides at (:func:`ray_jobs.asha.rung_epochs`).
+        timeout_s: how long to wait for a decision before training on with a warning (a driver that lost
+            the result must not hold the workers forever).
+        poll_s: how often rank 0 reads the record while waiting.
+    """
+
+    state_file: str
+    trial_id: str
+    rungs: tuple[tuple[int, float], ...]
+    timeout_s: float = 300.0
+    poll_s: float = 0.25
+
+    def milestone(self, epoch: int) -> float | None:
+        """The rung decided on the report of ``epoch``, if any."""
+        return next((milestone for at, milestone in self.rungs if at == epoch), None)
+
+    def recorded(self, milestone: float) -> str | None:
+        """The decision recorded for this trial at that rung (``continue``, ``stop``), or None yet."""
+        try:
+            decisions = read_asha_decisions(self.state_file)
+        except (StorageError, ValueError):  # unreachable storage for a moment: asked again at the next poll
+            return None
+        found = (
+            d["decision"]
+            for d in decisions
+            if d.get("trial_id") == self.trial_id and math.isclose(d.get("rung", math.nan), milestone)
+        )
+        return next(found, None)
+
+    def wait(self, milestone: float) -> str | None:
+        """:meth:`recorded`, polled until the decision is there or ``timeout_s`` passed (None)."""
+        deadline = time.monotonic() + self.timeout_s
+        while (decision := self.recorded(milestone)) is None and time.monotonic() < deadline:
+            time.sleep(self.poll_s)
+        return decision
 
 
 # ----------------------------------------------------------------------------------------- the loop
@@ -340,6 +399,7 @@ class WorkerInputs:
         image_dir: where rank 0 writes the TensorBoard images (:mod:`ray_jobs.images`); None: nowhere.
         run_dir: the run's directory, where rank 0 writes each epoch's per-volume rows and the epoch-0
             report; None: neither.
+        rung_wait: where an ASHA trial's workers wait for the decision at each rung; None: never wait.
     """
 
     cfg: TrainConfig
@@ -347,6 +407,7 @@ class WorkerInputs:
     baseline: dict[str, float] | None = None
     image_dir: str | None = None
     run_dir: str | None = None
+    rung_wait: RungWait | None = None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -359,9 +420,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _prepare_process(inputs.cfg)
     run = _WorkerRun.start(inputs)
     run.report_epoch_zero()
+    if run.start_epoch and not run.continues_after(run.start_epoch, resumed=True):
+        return  # resumed at the rung where ASHA stopped the trial
     for epoch in range(run.start_epoch, inputs.cfg.epochs):
         if not run.train_and_report(epoch):
             return  # diverged: the run ends for good
+        if not run.continues_after(epoch + 1):
+            return  # ASHA stopped the trial at this rung: no epoch after its decision
 
 
 def _prepare_process(cfg: TrainConfig) -> None:
@@ -504,6 +569,33 @@ class _WorkerRun:
         }
         self._report_with_checkpoint(self.record(report, per_volume, histograms), epoch)
         return True
+
+    def continues_after(self, epoch: int, resumed: bool = False) -> bool:
+        """Whether to train on after the report of ``epoch`` (epochs done): False when ASHA stopped the trial
+        at the rung decided on that report. Every rank follows rank 0's reading of the decision.
+
+        A run resumed at a rung's epoch (a restarted worker or driver) takes the decision made before; where
+        there is none, Tune never decided on that report (its driver died first), so it is reported again.
+        """
+        wait, cfg = self.inputs.rung_wait, self.inputs.cfg
+        milestone = wait.milestone(epoch) if wait is not None and epoch < cfg.epochs else None
+        if milestone is None:
+            return True
+        decision = _from_rank_zero(wait.recorded(milestone) if self.rank == 0 else None) if resumed else None
+        if resumed and decision is None:
+            ray.train.report(self.history[-1])
+        if decision is None:
+            decision = _from_rank_zero(wait.wait(milestone) if self.rank == 0 else None)
+        if self.rank == 0 and decision is None:
+            logger.warning(
+                "no ASHA decision for trial %s at its rung %g (epoch %d) after %g s: training on (the driver "
+                "may have lost the result; Tune still stops the trial if ASHA does)",
+                wait.trial_id, milestone, epoch, wait.timeout_s,
+            )  # fmt: skip
+        elif self.rank == 0 and decision == DECISION_STOP:
+            logger.info("ASHA stopped trial %s at epoch %d (rung %g): no further epoch", wait.trial_id, epoch,
+                        milestone)  # fmt: skip
+        return decision != DECISION_STOP
 
     def _report_with_checkpoint(self, metrics: dict[str, float], epoch: int) -> None:
         """One epoch's report, with rank 0's checkpoint of the epoch (the other ranks' reports carry none)."""

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         resume = storage.exists(experiment.ExperimentLayout.under(study.path, name).sweep_file)
         code, path = exit_on_user_error(
-            lambda n=name, r=resume: run_sweep(sweeps[n], n, study.path, data_root, r)
+            lambda n=name, r=resume: run_sweep(sweeps[n], n, study.path, data_root, r).final
         )
         if code:
             return code

@@ -2,8 +2,9 @@
 
 ``python sweeps/<sweep>.py [--profile smoke|cpu|paper] [--set key=value ...] [--resume]``: the sweep YAML
 (``sweeps/configs/``) for the profile, validated for every trial before the first one starts; the Tune
-experiment runs on the connected cluster (:mod:`ray_jobs.tune`); at the end ``results/trials.csv`` and
-``epochs.csv`` are written (:mod:`analysis.collect`) and the best configurations printed.
+experiment runs on the connected cluster (:mod:`ray_jobs.tune`), then its confirm stage if it has one; at
+the end each experiment's ``results/trials.csv`` and ``epochs.csv`` are written (:mod:`analysis.collect`)
+and the best configurations printed (the confirm stage's are the sweep's).
 """
 
 from __future__ import annotations
@@ -56,6 +57,12 @@ def sweep_main(config: Path, argv: list[str] | None = None) -> int:
     code, result = exit_on_user_error(sweep)
     if code:
         return code
-    spec, experiment_path = result
-    print(summary(write_tables(experiment_path), [*spec.search, "seed"]), flush=True)
+    spec, experiments = result
+    keys = [*spec.search, "seed"]
+    search = write_tables(experiments.search)
+    if experiments.confirm is None:
+        print(summary(search, keys), flush=True)
+        return 0
+    print(f"search ({experiments.search}):\n{summary(search, keys)}", flush=True)
+    print(f"confirm ({experiments.confirm}):\n{summary(write_tables(experiments.confirm), keys)}", flush=True)
     return 0

@@ -205,7 +205,7 @@ def test_a_sweep_trains_and_tabulates_the_new_entries(toys, ray_local, tiny_root
         scheduler={"type": "fifo"},
     )
     sweep = ValidatedSweep.of(spec)  # validated as the sweep command line validates
-    path = run_sweep(sweep, "extension", str(tmp_path), Path(tiny_root), resume=False)
+    path = run_sweep(sweep, "extension", str(tmp_path), Path(tiny_root), resume=False).search
 
     experiment = write_tables(path)
     trials = experiment.trials

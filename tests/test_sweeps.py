@@ -15,7 +15,8 @@ import pandas as pd
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from mri_models.experiment import ASHA_STATE_FILE
+from analysis.collect import write_tables
+from mri_models.experiment import ASHA_STATE_FILE, HISTORY_FILE, ExperimentLayout
 from mri_models.models import INSTANCE_NORM_FLOOR
 from ray_jobs.images import image_epochs
 from sweeps.sweep_command import sweep_main
@@ -28,6 +29,30 @@ GAMMA_CONFIG = REPO / "sweeps" / "configs" / "gamma_sweep.yaml"
 
 def _trials(experiment: Path) -> pd.DataFrame:
     return pd.read_csv(experiment / "results" / "trials.csv")
+
+
+def _check_decisions(experiment: Path, rungs: dict[int, float], max_t: int) -> pd.DataFrame:
+    """``results/decisions.csv`` against the trials: one decision per trial and rung it reached (``rungs``:
+    epoch -> milestone) and one at the budget for those that reached it; every stop at the trial's last
+    epoch, below the rung's cut-off; every continue at or above it."""
+    trials = _trials(experiment).set_index("trial_id")
+    decisions = pd.read_csv(experiment / "results" / "decisions.csv")
+    stopped = ExperimentLayout(str(experiment)).stopped_trials()
+    at_rungs = decisions[decisions["decision"] != "complete"]
+    assert not at_rungs.duplicated(["trial_id", "rung"]).any(), at_rungs
+    assert set(decisions["trial_id"]) == set(trials.index)
+    for trial_id, trial in trials.iterrows():
+        rows = at_rungs[at_rungs["trial_id"] == trial_id]
+        assert list(rows["rung"]) == [m for epoch, m in rungs.items() if epoch <= trial["epochs_run"]], rows
+        complete = decisions[(decisions["trial_id"] == trial_id) & (decisions["decision"] == "complete")]
+        assert len(complete) == int(trial["epochs_run"] == max_t)
+        stops = rows[rows["decision"] == "stop"]
+        assert (trial_id in stopped) == (not stops.empty)
+        assert stops.empty or stops["epoch"].max() == trial["epochs_run"]
+    stops, continues = (at_rungs[at_rungs["decision"] == d] for d in ("stop", "continue"))
+    assert (stops["value"] < stops["cutoff"]).all(), stops
+    assert (continues["cutoff"].isna() | (continues["value"] >= continues["cutoff"])).all(), continues
+    return decisions
 
 
 @pytest.mark.slow
@@ -68,6 +93,18 @@ def test_smoke_gamma_sweep_submitted_as_a_job(ray_head, tmp_path):
     assert (trials["status"] == "stopped").any(), "ASHA stopped no trial"
     assert set(trials.loc[trials["status"] == "completed", "epochs_run"]) == {2}
     assert set(trials.loc[trials["status"] == "stopped", "epochs_run"]) == {1}
+    # Every decision on record, with the trial's searched values; a stop ends the trial at its rung: its
+    # workers waited for the decision, so no checkpoint holds an epoch after it.
+    decisions = _check_decisions(tmp_path / "job", {1: 1.0}, max_t=2)
+    assert {"gamma", "psi_norm", "seed", "cutoff"} <= set(decisions.columns)
+    stopped = trials[trials["status"] == "stopped"]
+    assert (stopped["epochs_after_stop"] == 0).all()
+    assert trials.loc[trials["status"] == "completed", "epochs_after_stop"].isna().all()
+    for trial_id in stopped["trial_id"]:
+        run = ExperimentLayout(str(tmp_path / "job")).train_run(trial_id)
+        latest = sorted(run.checkpoints())[-1]
+        history = json.loads((Path(latest) / HISTORY_FILE).read_text())
+        assert [entry["epoch"] for entry in history] == [0, 1]
     epochs = pd.read_csv(tmp_path / "job" / "results" / "epochs.csv")
     assert len(epochs) == trials["epochs_run"].sum() + len(trials)  # and epoch 0, the untrained network
     # The penalty switches Oktay's gate off, far below what the paper's gate can reach at all; the paper's
@@ -97,9 +134,8 @@ def test_smoke_gamma_sweep_submitted_as_a_job(ray_head, tmp_path):
         histograms = EventAccumulator(str(trial_dir / "images"), size_guidance={"histograms": 0})
         histograms.Reload()
         steps = [event.step for event in histograms.Histograms("alpha/level_1")]
-        # Every reported epoch from 0. ASHA's stop reaches a worker asynchronously: a stopped trial's
-        # worker may validate (and write the histograms of) one more epoch that Tune never receives.
-        assert steps[: len(reported)] == reported and len(steps) <= len(reported) + 1
+        # Every reported epoch from 0, and no other: a stopped trial's workers end at the rung.
+        assert steps == reported
         # Tune's scalars step by epoch, from 0, in line with the images and histograms.
         scalars = EventAccumulator(str(trial_dir))
         scalars.Reload()
@@ -121,6 +157,10 @@ def test_smoke_gamma_sweep_submitted_as_a_job(ray_head, tmp_path):
     pngs = sorted(p.name for p in (tmp_path / "out").glob("*.png"))
     assert {"gamma_curves.png", "mpand_curves.png", "sweep_parallel.png", "learning_curves.png"} <= set(pngs)
     assert all(name in report for name in pngs)
+    # The sweep overview lists the stops: trial, its values, rung, SSIM and the cut-off it fell below.
+    overview = pd.read_csv(out / "sweep_decisions.csv")
+    assert len(overview) == len(decisions) and f"stopped {len(stopped)} trial(s)" in report
+    assert all(trial_id in report for trial_id in stopped["trial_id"])
 
 
 def _start_sweep(ray_head, storage: Path, log: str, *extra: str) -> DriverProcess:
@@ -162,7 +202,7 @@ def test_killed_driver_resumes_without_rerunning_finished_trials(ray_head, tmp_p
 def test_asha_state_survives_a_killed_driver(ray_head, tmp_path):
     driver_script = Path(__file__).with_name("asha_driver.py")
 
-    def run(mode: str, experiment: Path, kill_after_records: int | None = None) -> None:
+    def run(mode: str, experiment: Path, kill_after_records: int | None = None) -> list[dict] | None:
         process = subprocess.Popen(
             [sys.executable, str(driver_script), mode, str(experiment)],
             env=ray_head.env,
@@ -172,7 +212,7 @@ def test_asha_state_survives_a_killed_driver(ray_head, tmp_path):
         )
         if kill_after_records is None:
             assert process.wait(timeout=600) == 0
-            return
+            return None
         state = experiment / ASHA_STATE_FILE
         while process.poll() is None:
             if state.exists():
@@ -183,6 +223,7 @@ def test_asha_state_survives_a_killed_driver(ray_head, tmp_path):
         assert process.poll() is None, "the sweep ended before it could be interrupted"
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+        return json.loads(state.read_text())["decisions"]
 
     def stopped_x(experiment: Path) -> set[int]:
         stopped = set(json.loads((experiment / ASHA_STATE_FILE).read_text())["stopped_trials"])
@@ -193,14 +234,32 @@ def test_asha_state_survives_a_killed_driver(ray_head, tmp_path):
                 xs.add(json.loads(params.read_text())["x"])
         return xs
 
+    def decisions_by_x(experiment: Path) -> list[tuple]:
+        xs = {}
+        for params in experiment.glob("*/params.json"):
+            xs["_".join(params.parent.name.split("_")[1:3])] = json.loads(params.read_text())["x"]
+        table = pd.read_csv(experiment / "results" / "decisions.csv")
+        return [(xs[row.trial_id], row.rung, row.decision) for row in table.itertuples()]
+
     run("run", tmp_path / "straight")
     straight = stopped_x(tmp_path / "straight")
     # Every trial is worse than all before it, so ASHA stops each one after the first at its first rung.
     assert straight == {1, 2, 3, 4, 5, 6, 7}
+    # Each decision on record: the first trial continues at rungs 1 and 2 and completes at the budget.
+    write_tables(str(tmp_path / "straight"))
+    _check_decisions(tmp_path / "straight", {1: 1.0, 2: 2.0}, max_t=4)
+    first = [(0, 1.0, "continue"), (0, 2.0, "continue"), (0, 4.0, "complete")]
+    assert decisions_by_x(tmp_path / "straight") == [*first, *((x, 1.0, "stop") for x in range(1, 8))]
 
-    run("run", tmp_path / "interrupted", kill_after_records=4)
+    before_kill = run("run", tmp_path / "interrupted", kill_after_records=4)
     run("resume", tmp_path / "interrupted")
     assert stopped_x(tmp_path / "interrupted") == straight
+    # The resumed sweep keeps the decisions made before the kill, and makes none of them twice.
+    after = json.loads((tmp_path / "interrupted" / ASHA_STATE_FILE).read_text())["decisions"]
+    assert after[: len(before_kill)] == before_kill and len(before_kill) >= 4
+    keys = [(d["trial_id"], d["rung"]) for d in after]
+    assert len(keys) == len(set(keys))
+    assert all(d["value"] < d["cutoff"] for d in after if d["decision"] == "stop")
 
 
 @pytest.mark.parametrize(
