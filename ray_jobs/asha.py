@@ -122,13 +122,17 @@ class PersistentASHAScheduler(ASHAScheduler):
     Args:
         state_path: file (local path or URI) the records are written to; not ``*.json`` (see
             :data:`mri_models.experiment.ASHA_STATE_FILE`).
+        stops_in_workers: the trials' workers wait at every rung for the recorded decision and end the run
+            themselves when it is a stop (:class:`ray_jobs.worker.RungWait`), so Tune is always told to
+            continue; False: Tune stops the trial, as plain ASHA does.
         **kwargs: ASHAScheduler arguments.
     """
 
-    def __init__(self, state_path: str, **kwargs: Any):
+    def __init__(self, state_path: str, stops_in_workers: bool = False, **kwargs: Any):
         _check_ray_version()
         super().__init__(**kwargs)
         self.state_path = state_path
+        self.stops_in_workers = stops_in_workers
         self.stopped_trials: list[str] = []
         self.decisions: list[dict[str, Any]] = []
         self._load()
@@ -136,7 +140,7 @@ class PersistentASHAScheduler(ASHAScheduler):
     def __setstate__(self, state: dict[str, Any]) -> None:
         # Tuner.restore unpickles the scheduler as it was when the sweep started; the records since then
         # are in the state file.
-        self.__dict__.update({"decisions": [], **state})
+        self.__dict__.update({"decisions": [], "stops_in_workers": False, **state})
         self._load()
 
     def _load(self) -> None:
@@ -183,7 +187,11 @@ class PersistentASHAScheduler(ASHAScheduler):
         if stopped_early and trial_id not in self.stopped_trials:
             self.stopped_trials.append(trial_id)
         self._save()
-        return action
+        # Workers that wait for the recorded decision end their run themselves, at the rung (or after the
+        # last epoch): Tune's own stop would kill the trial while its Train controller shuts down, which in
+        # Ray 2.60 leaves the worker group's placement group reserved (on 2 CPUs, every later trial then
+        # waited for CPUs forever: benchmarks/sweep_efficiency.py).
+        return TrialScheduler.CONTINUE if self.stops_in_workers else action
 
     def _decision(
         self, trial_id: str, result: dict, action: str, recorded_before: set[float]

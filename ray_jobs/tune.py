@@ -92,7 +92,8 @@ def make_scheduler(spec: SweepSpec, layout: ExperimentLayout) -> TrialScheduler:
     if spec.scheduler.type == "fifo":
         return FIFOScheduler()
     options = asha_options(spec.max_epochs, spec.scheduler.grace_period, spec.scheduler.reduction_factor)
-    return PersistentASHAScheduler(state_path=layout.asha_state_file, **options)
+    # run_trial gives every ASHA trial's workers a RungWait: they end a stopped run themselves.
+    return PersistentASHAScheduler(state_path=layout.asha_state_file, stops_in_workers=True, **options)
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:

@@ -121,6 +121,8 @@ def test_optuna_search_killed_and_resumed_keeps_its_history_then_confirms(ray_he
 
     search, confirm = tmp_path / "reg", tmp_path / "reg-confirm"
     finished_before = kill_once_a_trial_finished(start("first"), search)
+    again = start("again")
+    assert again.output(timeout=60) and again.returncode == 2 and "pass --resume" in again.log.read_text()
     resumed = start("resumed", "--resume")
     out = resumed.output(timeout=900)
     assert resumed.returncode == 0, out[-4000:]
@@ -147,5 +149,17 @@ def test_optuna_search_killed_and_resumed_keeps_its_history_then_confirms(ray_he
     assert set(confirmed["epochs_run"]) == {spec.max_epochs}
     assert sorted(confirmed["seed"]) == sorted(spec.confirm.seeds * 2)
     assert {tuple(row) for row in confirmed[keys].itertuples(index=False)} == _best_per_model(trials, keys)
-    assert confirmed["test_ssim_4x"].notna().all()
     assert "confirm (" in out
+    # Every trial of both stages has its final evaluation on the test split, made once: resuming a finished
+    # sweep trains and evaluates nothing again.
+    evaluations = sorted(
+        [
+            *search.glob("train_runs/*/test_evaluation.json"),
+            *confirm.glob("train_runs/*/test_evaluation.json"),
+        ]
+    )
+    assert len(evaluations) == len(trials) + len(confirmed) and confirmed["test_ssim_4x"].notna().all()
+    written = {path: path.stat().st_mtime_ns for path in evaluations}
+    finished = start("finished", "--resume")
+    assert finished.output(timeout=600) is not None and finished.returncode == 0
+    assert {path: path.stat().st_mtime_ns for path in evaluations} == written

@@ -20,7 +20,6 @@ from mri_models.experiment import ASHA_STATE_FILE, HISTORY_FILE, ExperimentLayou
 from mri_models.models import INSTANCE_NORM_FLOOR
 from ray_jobs.images import image_epochs
 from sweeps.sweep_command import sweep_main
-from tests.conftest import DriverProcess, kill_once_a_trial_finished
 
 REPO = Path(__file__).resolve().parents[1]
 GAMMA_SWEEP = REPO / "sweeps" / "gamma_sweep.py"
@@ -161,41 +160,6 @@ def test_smoke_gamma_sweep_submitted_as_a_job(ray_head, tmp_path):
     overview = pd.read_csv(out / "sweep_decisions.csv")
     assert len(overview) == len(decisions) and f"stopped {len(stopped)} trial(s)" in report
     assert all(trial_id in report for trial_id in stopped["trial_id"])
-
-
-def _start_sweep(ray_head, storage: Path, log: str, *extra: str) -> DriverProcess:
-    # Three trials one after the other: the paper's gate only, at three gammas.
-    command = [sys.executable, str(GAMMA_SWEEP), "--profile", "smoke", "--storage", str(storage), "--name",
-               "killed", "--set", "seeds=[0]", "--set", "max_concurrent_trials=1", "--set",
-               "search.psi_norm=[instance]", "--set", "search.gamma=[0.0,1.0e-4,1.0e-2]", *extra]  # fmt: skip
-    return DriverProcess(command, ray_head.env, storage / f"{log}.log")
-
-
-@pytest.mark.slow
-def test_killed_driver_resumes_without_rerunning_finished_trials(ray_head, tmp_path):
-    experiment = tmp_path / "killed"
-    driver = _start_sweep(ray_head, tmp_path, "first")
-    finished_before = kill_once_a_trial_finished(driver, experiment)
-
-    again = _start_sweep(ray_head, tmp_path, "again")
-    out = again.output(timeout=30)
-    assert again.returncode == 2 and "pass --resume" in out
-
-    resumed = _start_sweep(ray_head, tmp_path, "resumed", "--resume")
-    out = resumed.output(timeout=600)
-    assert resumed.returncode == 0, out[-4000:]
-    trials = _trials(experiment)
-    assert len(trials) == 3 and set(trials["status"]) <= {"completed", "stopped"}
-    for name, text in finished_before.items():
-        assert (experiment / name / "result.json").read_text() == text, f"{name} was run again"
-    # Every trial has its final evaluation on the test split, made once: resuming a finished sweep
-    # evaluates nothing again.
-    evaluations = sorted((experiment / "train_runs").glob("*/test_evaluation.json"))
-    assert len(evaluations) == 3 and trials["test_ssim_4x"].notna().all()
-    written = {path: path.stat().st_mtime_ns for path in evaluations}
-    again = _start_sweep(ray_head, tmp_path, "finished", "--resume")
-    assert again.output(timeout=600) is not None and again.returncode == 0
-    assert {path: path.stat().st_mtime_ns for path in evaluations} == written
 
 
 @pytest.mark.slow
