@@ -128,7 +128,7 @@ class MLflowTrials(MLflowLoggerCallback):
         super().log_trial_end(trial, failed)
 
     def _log_images(self, trial) -> None:
-        """The images of the epochs Tune received (a stopped trial's worker may write one more)."""
+        """The images of the epochs Tune received (not those of an epoch whose report Tune lost)."""
         name = trial.storage.trial_dir_name
         if not name:
             return
