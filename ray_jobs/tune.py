@@ -91,9 +91,13 @@ def make_scheduler(spec: SweepSpec, layout: ExperimentLayout) -> TrialScheduler:
     """ASHA on the primary metric with ``epoch`` as time attribute, or FIFO."""
     if spec.scheduler.type == "fifo":
         return FIFOScheduler()
-    options = asha_options(spec.max_epochs, spec.scheduler.grace_period, spec.scheduler.reduction_factor)
     # run_trial gives every ASHA trial's workers a RungWait: they end a stopped run themselves.
-    return PersistentASHAScheduler(state_path=layout.asha_state_file, stops_in_workers=True, **options)
+    return PersistentASHAScheduler(state_path=layout.asha_state_file, stops_in_workers=True, **_asha(spec))
+
+
+def _asha(spec: SweepSpec) -> dict[str, Any]:
+    """The sweep's ASHA settings, the same for the scheduler and for the workers that wait at its rungs."""
+    return asha_options(spec.max_epochs, spec.scheduler.grace_period, spec.scheduler.reduction_factor)
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
@@ -153,8 +157,7 @@ def run_trial(
     callbacks = [TuneReportCallback()]
     rung_wait = None
     if spec.scheduler.type == "asha":  # the workers wait for ASHA's decision at every rung
-        options = asha_options(spec.max_epochs, spec.scheduler.grace_period, spec.scheduler.reduction_factor)
-        rung_wait = RungWait(layout.asha_state_file, name, tuple(rung_epochs(options).items()))
+        rung_wait = RungWait(layout.asha_state_file, name, tuple(rung_epochs(_asha(spec)).items()))
     trainer = build_trainer(
         cfg,
         data,

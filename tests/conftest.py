@@ -309,13 +309,7 @@ def s3_server() -> Iterator[S3Server]:
     """``moto_server`` on 127.0.0.1; this process's AWS variables point at it for the session."""
     with moto_server() as endpoint:
         env = s3_env(endpoint, _S3_KEYS["access_key"], _S3_KEYS["secret_key"])
-        previous = {key: os.environ.get(key) for key in env}
-        os.environ.update(env)
-        try:
+        with pytest.MonkeyPatch.context() as patch:  # restores the variables after the session
+            for key, value in env.items():
+                patch.setenv(key, value)
             yield S3Server(endpoint, env)
-        finally:
-            for key, value in previous.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value

@@ -239,20 +239,14 @@ def tracked_sweep(ray_head, mlflow_server, tmp_path_factory) -> Iterator[Tracked
     """The two-trial smoke sweep run in this process with ``--mlflow`` (telemetry off meanwhile)."""
     from mlflow.tracking import MlflowClient
 
-    previous = os.environ.get("MLFLOW_DISABLE_TELEMETRY")
-    os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
-    try:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
         storage = tmp_path_factory.mktemp("sweeps")
         args = [*TWO_TRIALS, "--storage", str(storage), "--name", "tracked", "--mlflow", mlflow_server.uri]
         assert sweep_main(GAMMA_CONFIG, args) == 0
         client = MlflowClient(tracking_uri=mlflow_server.uri)
         experiment_id = client.get_experiment_by_name("tracked").experiment_id
         yield TrackedSweep(storage / "tracked", mlflow_server, client, experiment_id)
-    finally:
-        if previous is None:
-            os.environ.pop("MLFLOW_DISABLE_TELEMETRY", None)
-        else:
-            os.environ["MLFLOW_DISABLE_TELEMETRY"] = previous
 
 
 @pytest.mark.slow
