@@ -15,6 +15,7 @@ import math
 import numbers
 import os
 import re
+import sys
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -74,6 +75,27 @@ def _environment(values: Mapping[str, str]) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def tracking_scope() -> Iterator[None]:
+    """The process's MLflow tracking URI as it was before the block, after it.
+
+    Ray's MLflow callback calls ``mlflow.set_tracking_uri``, which also sets ``$MLFLOW_TRACKING_URI`` so
+    that subprocesses inherit it: a sweep run in a process that goes on (a notebook, the tests) would
+    otherwise log whatever that process runs next to the sweep's server.
+    """
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    try:
+        yield
+    finally:
+        mlflow = sys.modules.get("mlflow")
+        if mlflow is not None:  # imported only when tracking was on
+            mlflow.set_tracking_uri(previous)  # None unsets the variable
+        if previous is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
 
 
 def _reason(err: BaseException) -> str:

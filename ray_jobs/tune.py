@@ -35,7 +35,7 @@ from ray_jobs.data import PreparedData, ensure_synthetic_data, prepare_data
 from ray_jobs.final_evaluation import evaluate_runs, pending
 from ray_jobs.search_space import as_distribution, tune_space
 from ray_jobs.sweep_config import SweepSpec, ValidatedSweep
-from ray_jobs.tracking import check_tracking_uri, tracking_callbacks
+from ray_jobs.tracking import check_tracking_uri, tracking_callbacks, tracking_scope
 from ray_jobs.trainer import build_trainer, check_cluster_fits, claim_run_name, connect, resolve_use_gpu
 from ray_jobs.worker import RungWait
 
@@ -295,6 +295,19 @@ def run_sweep(
         ConfigError: bad configuration, data, cluster size, or an existing experiment without ``resume``.
     """
     check_tracking_uri(tracking_uri)  # a wrong address fails now, not once the data and cluster are ready
+    with tracking_scope():
+        return _run_stages(sweep, name, storage_path, data_root, resume, tracking_uri)
+
+
+def _run_stages(
+    sweep: ValidatedSweep,
+    name: str,
+    storage_path: str,
+    data_root: str | None,
+    resume: bool,
+    tracking_uri: str | None,
+) -> SweepResult:
+    """:func:`run_sweep`'s stages: the search, then the confirm stage if the sweep has one."""
     search, results = _run_stage(sweep, name, storage_path, data_root, resume, tracking_uri)
     spec = search.sweep.spec
     if spec.confirm is None:

@@ -232,6 +232,8 @@ class TrackedSweep:
     server: MLflowServer
     client: object  # mlflow.tracking.MlflowClient
     experiment_id: str
+    tracking_uri_before: str | None  # this process's $MLFLOW_TRACKING_URI before and after the sweep
+    tracking_uri_after: str | None
 
 
 @pytest.fixture(scope="module")
@@ -243,10 +245,20 @@ def tracked_sweep(ray_head, mlflow_server, tmp_path_factory) -> Iterator[Tracked
         patch.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
         storage = tmp_path_factory.mktemp("sweeps")
         args = [*TWO_TRIALS, "--storage", str(storage), "--name", "tracked", "--mlflow", mlflow_server.uri]
+        before = os.environ.get("MLFLOW_TRACKING_URI")
         assert sweep_main(GAMMA_CONFIG, args) == 0
+        after = os.environ.get("MLFLOW_TRACKING_URI")
         client = MlflowClient(tracking_uri=mlflow_server.uri)
         experiment_id = client.get_experiment_by_name("tracked").experiment_id
-        yield TrackedSweep(storage / "tracked", mlflow_server, client, experiment_id)
+        yield TrackedSweep(storage / "tracked", mlflow_server, client, experiment_id, before, after)
+
+
+@pytest.mark.slow
+def test_the_sweep_leaves_the_process_tracking_uri_as_it_was(tracked_sweep):
+    import mlflow
+
+    assert tracked_sweep.tracking_uri_after == tracked_sweep.tracking_uri_before
+    assert mlflow.get_tracking_uri() != tracked_sweep.server.uri  # nor MLflow's own global setting
 
 
 @pytest.mark.slow
