@@ -62,6 +62,11 @@ METRICS_CSV = "metrics.csv"
 CHECKPOINT_PREFIX = "checkpoint_"
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.json"
+# Each file of a checkpoint and its size, written with it (ray_jobs.checkpoints): a checkpoint is complete
+# when every file it lists is there at its size. Ray uploads a checkpoint's files one by one, in no set
+# order, so a node or driver lost mid-upload leaves a directory with some of them (or, on a local or NFS
+# disk, a file cut short); such a directory is not a checkpoint (is_complete_checkpoint).
+CHECKPOINT_MANIFEST = "manifest.json"
 # Per-volume results of a run: val-epoch-<NNNN>.parquet per validation epoch, test.parquet of the final
 # evaluation, whose summary (selected epoch, rule, means per setting) is TEST_EVALUATION_FILE.
 VOLUMES_DIR = "volumes"
@@ -140,8 +145,26 @@ class RunLayout:
         return join(self.path, DATA_ROLES_FILE)
 
     def checkpoints(self) -> list[str]:
-        """The run's checkpoint directories (the trainer keeps the best by SSIM and the latest)."""
-        return [entry.uri for entry in subdirectories(self.path) if entry.name.startswith(CHECKPOINT_PREFIX)]
+        """The run's complete checkpoint directories (the trainer keeps the best by SSIM and the latest);
+        one whose upload was cut off is left out (:func:`is_complete_checkpoint`)."""
+        return [
+            entry.uri
+            for entry in subdirectories(self.path)
+            if entry.name.startswith(CHECKPOINT_PREFIX) and is_complete_checkpoint(entry.uri)
+        ]
+
+
+def is_complete_checkpoint(path: str) -> bool:
+    """Whether the checkpoint directory at ``path`` holds every file its manifest lists, each at its size.
+
+    A checkpoint written before manifests were (an older experiment) is complete when it holds the
+    weights and the history.
+    """
+    sizes = {entry.name: entry.size for entry in list_files(path)}
+    manifest = read_json(join(path, CHECKPOINT_MANIFEST)) if CHECKPOINT_MANIFEST in sizes else None
+    if manifest is None:
+        return CHECKPOINT_FILE in sizes and HISTORY_FILE in sizes
+    return all(sizes.get(name) == size for name, size in manifest["files"].items())
 
 
 @dataclass(frozen=True)

@@ -103,9 +103,67 @@ def filesystem(location: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     if not is_remote(text):
         return pafs.LocalFileSystem(), text
     try:
-        return pafs.FileSystem.from_uri(text)
+        fs, path = pafs.FileSystem.from_uri(text)
     except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
         raise StorageError(f"{text}: not a location pyarrow.fs can open ({_one_line(err)})") from None
+    return (RetryingS3FileSystem.like(fs) if isinstance(fs, pafs.S3FileSystem) else fs), path
+
+
+# Attempts per S3 request (the first and the retries) of every S3 filesystem made here; 503 SlowDown, 500s,
+# throttling, timeouts and reset connections are retried with AWS's standard strategy (exponential
+# backoff with jitter, each wait capped at 20 s), so a lasting outage fails after a bounded time.
+S3_ATTEMPTS_VARIABLE = "MRI_MODELS_S3_ATTEMPTS"
+DEFAULT_S3_ATTEMPTS = 8
+
+
+def s3_attempts() -> int:
+    """Attempts per S3 request: ``$MRI_MODELS_S3_ATTEMPTS`` (a whole number >= 1), else 8."""
+    text = os.environ.get(S3_ATTEMPTS_VARIABLE, str(DEFAULT_S3_ATTEMPTS))
+    if not text.isdigit() or int(text) < 1:
+        raise StorageError(f"{S3_ATTEMPTS_VARIABLE}={text!r}: expected a whole number of attempts >= 1")
+    return int(text)
+
+
+def _rebuild_retrying_s3(options: dict[str, Any], max_attempts: int) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(max_attempts, **options)
+
+
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem retrying each request up to ``max_attempts`` times, and keeping that setting
+    when pickled: pyarrow's own pickling drops the retry strategy, and Ray pickles a run's storage
+    filesystem to every worker, which would fall back to pyarrow's 3 attempts.
+
+    Args:
+        max_attempts: attempts per request (AWS's standard retry strategy).
+        **options: ``pyarrow.fs.S3FileSystem`` options (region, endpoint_override, credentials...).
+    """
+
+    def __init__(self, max_attempts: int, **options: Any) -> None:
+        retry = pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts)
+        super().__init__(retry_strategy=retry, **options)
+        self.max_attempts = max_attempts
+        self._options = options
+
+    @classmethod
+    def like(cls, fs: pafs.S3FileSystem, max_attempts: int | None = None) -> RetryingS3FileSystem:
+        """The same store as ``fs`` (region, endpoint, credentials) with ``max_attempts`` (default:
+        :func:`s3_attempts`)."""
+        _, (options,) = pafs.S3FileSystem.__reduce__(fs)
+        return cls(max_attempts or s3_attempts(), **options)
+
+    def __reduce__(self):
+        return _rebuild_retrying_s3, (self._options, self.max_attempts)
+
+
+def ray_storage(location: str) -> tuple[str, pafs.FileSystem | None]:
+    """A storage location as Ray's ``RunConfig(storage_path=..., storage_filesystem=...)`` takes it: an S3
+    URI as the path within its bucket and a :class:`RetryingS3FileSystem` (so Ray's own syncing and
+    checkpoint uploads retry as this module's reads and writes do); anything else as it is, None."""
+    text = normalise(location)
+    if not is_remote(text):
+        return text, None
+    fs, path = filesystem(text)
+    return (path, fs) if isinstance(fs, RetryingS3FileSystem) else (text, None)
 
 
 _AWS_ERROR = re.compile(r"AWS Error (\w+) during (\w+) operation")

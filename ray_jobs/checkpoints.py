@@ -1,7 +1,8 @@
 """Checkpoint files of a training run: weights, optimiser state and the metric history so far.
 
 A checkpoint directory holds ``checkpoint.pt`` (plain tensors, dicts and numbers only, so
-``torch.load(weights_only=True)`` reads it) and ``history.json`` (every epoch's metrics up to it). The names
+``torch.load(weights_only=True)`` reads it), ``history.json`` (every epoch's metrics up to it) and
+``manifest.json`` (both files' sizes: a copy cut off mid-upload is then recognised as incomplete). The names
 come from :mod:`mri_models.experiment`, which the analysis reads them by.
 """
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mri_models.experiment import CHECKPOINT_FILE, HISTORY_FILE
+from mri_models.experiment import CHECKPOINT_FILE, CHECKPOINT_MANIFEST, HISTORY_FILE
 from mri_models.step_options import unwrap
 
 
@@ -46,6 +47,10 @@ def save_checkpoint(
     torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
     with open(os.path.join(directory, HISTORY_FILE), "w") as f:
         json.dump(history, f)
+    # Last: what makes the directory a complete checkpoint wherever it is copied to.
+    sizes = {name: os.path.getsize(os.path.join(directory, name)) for name in (CHECKPOINT_FILE, HISTORY_FILE)}
+    with open(os.path.join(directory, CHECKPOINT_MANIFEST), "w") as f:
+        json.dump({"files": sizes}, f)
 
 
 def load_checkpoint(checkpoint, model, optimizer, scheduler, scaler=None) -> tuple[int, list[dict[str, Any]]]:

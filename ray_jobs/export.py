@@ -85,7 +85,7 @@ def _selection(run: RunLayout, last_epoch: int | None) -> tuple[SelectedCheckpoi
     record = storage.read_json(run.test_evaluation_file)
     if record and record.get("checkpoint"):
         path = storage.join(run.path, record["checkpoint"])
-        if storage.exists(storage.join(path, experiment.CHECKPOINT_FILE)):
+        if experiment.is_complete_checkpoint(path):
             value = record.get(f"selected_val_{PRIMARY_METRIC}", float("nan"))
             return SelectedCheckpoint(path, int(record["selected_epoch"]), float(value)), record
     return selected_checkpoint(run, last_epoch), None

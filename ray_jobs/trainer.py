@@ -160,6 +160,7 @@ def build_trainer(
     images = image_dir or experiment.RunLayout(run_dir).images_dir
     inputs = WorkerInputs(cfg, data, baseline, images, run_dir, rung_wait)
     objective = primary_objective()
+    root, filesystem = storage.ray_storage(storage_path)  # S3: checkpoint uploads retry as our writes do
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"inputs": inputs},  # Ray Train hands the worker function a dict
@@ -168,7 +169,8 @@ def build_trainer(
         ),
         run_config=ray.train.RunConfig(
             name=name,
-            storage_path=storage_path,
+            storage_path=root,
+            storage_filesystem=filesystem,
             # The best (by the primary metric) and, always, the latest checkpoint, which resuming needs.
             checkpoint_config=ray.train.CheckpointConfig(
                 num_to_keep=2,

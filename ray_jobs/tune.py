@@ -113,14 +113,21 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
     }
 
 
-def make_searcher(spec: SweepSpec) -> Searcher | BasicVariantGenerator | None:
+def make_searcher(spec: SweepSpec, max_concurrent: int) -> Searcher | BasicVariantGenerator | None:
     """Seeded suggestions: Tune's random sampling, or Optuna's TPE; None for a grid (Tune's default).
 
     Tune saves the searcher with every experiment checkpoint and ``Tuner.restore`` reloads it, so a resumed
     search keeps its history and its count of suggestions.
+
+    Args:
+        spec: the sweep.
+        max_concurrent: trials at once. Tune applies ``TuneConfig.max_concurrent_trials`` to a Searcher (it
+            wraps it in a ConcurrencyLimiter) but ignores it, with a warning, for a BasicVariantGenerator
+            passed in: random sampling would start every trial at once, and on a small cluster their
+            workers then held every CPU while their Ray Data read tasks waited for one, forever.
     """
     if spec.search_alg == "random":
-        return BasicVariantGenerator(random_state=spec.search_seed)
+        return BasicVariantGenerator(random_state=spec.search_seed, max_concurrent=max_concurrent)
     if spec.search_alg == "optuna":
         import optuna
         from ray.tune.search.optuna import OptunaSearch
@@ -228,7 +235,11 @@ def _make_tuner(
 ) -> tune.Tuner:
     spec, layout = sweep.spec, ExperimentLayout.under(storage_path, name)
     if resume:
-        return tune.Tuner.restore(layout.path, trainable, resume_unfinished=True, resume_errored=True)
+        path, filesystem = storage.ray_storage(layout.path)
+        return tune.Tuner.restore(
+            path, trainable, resume_unfinished=True, resume_errored=True, storage_filesystem=filesystem
+        )
+    root, filesystem = storage.ray_storage(storage_path)  # S3: Ray's syncing retries as ours does
     objective = primary_objective()
     return tune.Tuner(
         trainable,
@@ -236,7 +247,7 @@ def _make_tuner(
         tune_config=tune.TuneConfig(
             metric=objective.metric,
             mode=objective.mode,
-            search_alg=make_searcher(spec),
+            search_alg=make_searcher(spec, max_concurrent),
             num_samples=spec.num_samples or 1,
             scheduler=make_scheduler(spec, layout),
             max_concurrent_trials=max_concurrent,
@@ -245,7 +256,8 @@ def _make_tuner(
         ),
         run_config=tune.RunConfig(
             name=name,
-            storage_path=storage_path,
+            storage_path=root,
+            storage_filesystem=filesystem,
             verbose=1,
             # A trial whose driver died with its node is restarted; its Train run resumes from the trial's
             # own checkpoints (Train's FailureConfig covers the workers, this one the trial function).
@@ -424,6 +436,6 @@ def result_checkpoint(metrics: dict[str, Any] | None, experiment_path: str) -> r
     if not path or not trial_id:
         return None
     uri = storage.join(ExperimentLayout(experiment_path).train_run(trial_id).path, os.path.basename(path))
-    if not storage.exists(storage.join(uri, experiment.CHECKPOINT_FILE)):
+    if not experiment.is_complete_checkpoint(uri):
         return None
     return ray.train.Checkpoint(uri)

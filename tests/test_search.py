@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from ray.tune.search import BasicVariantGenerator
 from ray.tune.search.optuna import OptunaSearch
 
 from ray_jobs.config import ConfigError
 from ray_jobs.search_space import Distribution, probe_points, tune_space
 from ray_jobs.sweep_config import load_sweep
+from ray_jobs.tune import make_searcher
 from sweeps.sweep_command import sweep_main
 from tests.conftest import DriverProcess, kill_once_a_trial_finished
 
@@ -58,6 +60,15 @@ def test_a_search_is_validated_on_its_bounds_options_and_seeded_samples():
     # Each edge alone, the other keys at their first edge: an error then names the key at fault.
     assert {"model": "attention_unet", "weight_decay": 1e-7} in points
     assert set(tune_space(search)) == set(search)
+
+
+def test_random_search_starts_no_more_trials_at_once_than_fit():
+    """Tune applies ``max_concurrent_trials`` to a Searcher (optuna: a ConcurrencyLimiter) but ignores it,
+    with a warning, for a BasicVariantGenerator it is given: random search started every trial at once, and
+    on 2 CPUs their workers held every CPU while their data tasks waited (benchmarks/sweep_efficiency.py)."""
+    spec = load_sweep(REGULARISATION, "smoke", {"search_alg": "random", "num_samples": 6}).spec
+    searcher = make_searcher(spec, max_concurrent=2)
+    assert isinstance(searcher, BasicVariantGenerator) and searcher.max_concurrent == 2  # what Tune reads
 
 
 @pytest.mark.parametrize(
