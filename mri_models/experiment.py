@@ -67,6 +67,9 @@ HISTORY_FILE = "history.json"
 # order, so a node or driver lost mid-upload leaves a directory with some of them (or, on a local or NFS
 # disk, a file cut short); such a directory is not a checkpoint (is_complete_checkpoint).
 CHECKPOINT_MANIFEST = "manifest.json"
+# In the manifest of a checkpoint saved within an epoch (a preempted node's): the steps of that epoch done.
+# It is the trainer's, to go on from; its weights are no epoch's, so the analysis leaves it out.
+IN_EPOCH_STEPS_KEY = "in_epoch_steps"
 # Per-volume results of a run: val-epoch-<NNNN>.parquet per validation epoch, test.parquet of the final
 # evaluation, whose summary (selected epoch, rule, means per setting) is TEST_EVALUATION_FILE.
 VOLUMES_DIR = "volumes"
@@ -145,13 +148,19 @@ class RunLayout:
         return join(self.path, DATA_ROLES_FILE)
 
     def checkpoints(self) -> list[str]:
-        """The run's complete checkpoint directories (the trainer keeps the best by SSIM and the latest);
-        one whose upload was cut off is left out (:func:`is_complete_checkpoint`)."""
+        """The run's complete checkpoints of whole epochs (the trainer keeps the best by SSIM and the
+        latest); one whose upload was cut off, or saved within an epoch, is left out
+        (:func:`epoch_checkpoint`)."""
         return [
             entry.uri
             for entry in subdirectories(self.path)
-            if entry.name.startswith(CHECKPOINT_PREFIX) and is_complete_checkpoint(entry.uri)
+            if entry.name.startswith(CHECKPOINT_PREFIX) and epoch_checkpoint(entry.uri)
         ]
+
+
+def _manifest(path: str) -> tuple[dict[str, int], dict | None]:
+    sizes = {entry.name: entry.size for entry in list_files(path)}
+    return sizes, read_json(join(path, CHECKPOINT_MANIFEST)) if CHECKPOINT_MANIFEST in sizes else None
 
 
 def is_complete_checkpoint(path: str) -> bool:
@@ -160,11 +169,19 @@ def is_complete_checkpoint(path: str) -> bool:
     A checkpoint written before manifests were (an older experiment) is complete when it holds the
     weights and the history.
     """
-    sizes = {entry.name: entry.size for entry in list_files(path)}
-    manifest = read_json(join(path, CHECKPOINT_MANIFEST)) if CHECKPOINT_MANIFEST in sizes else None
+    return _complete(*_manifest(path))
+
+
+def _complete(sizes: dict[str, int], manifest: dict | None) -> bool:
     if manifest is None:
         return CHECKPOINT_FILE in sizes and HISTORY_FILE in sizes
     return all(sizes.get(name) == size for name, size in manifest["files"].items())
+
+
+def epoch_checkpoint(path: str) -> bool:
+    """Whether ``path`` is a complete checkpoint of a whole epoch (not one saved within an epoch)."""
+    sizes, manifest = _manifest(path)
+    return _complete(sizes, manifest) and IN_EPOCH_STEPS_KEY not in (manifest or {})
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mri_models.experiment import CHECKPOINT_FILE, CHECKPOINT_MANIFEST, HISTORY_FILE
+from mri_models.experiment import CHECKPOINT_FILE, CHECKPOINT_MANIFEST, HISTORY_FILE, IN_EPOCH_STEPS_KEY
 from mri_models.step_options import unwrap
 
 
@@ -27,8 +27,13 @@ def save_checkpoint(
     history: list[dict],
     scaler=None,
     model_spec: dict[str, Any] | None = None,
+    in_epoch: list[dict[str, Any]] | None = None,
 ) -> None:
     """Write the run's state after ``epoch`` (0-based) into ``directory``.
+
+    ``in_epoch``: a checkpoint within the epoch after ``epoch`` (a preemption's), with every rank's
+    :class:`ray_jobs.preemption.EpochProgress` state, in rank order; the manifest says so
+    (``in_epoch_steps``), so the analysis never takes its weights for an epoch's.
 
     The weights are the bare network's (no DDP ``module.`` or ``torch.compile`` ``_orig_mod.`` prefix), so
     a checkpoint loads into an eager network whatever options trained it; an fp16 run's loss scale too.
@@ -44,17 +49,23 @@ def save_checkpoint(
     }
     if scaler is not None and scaler.is_enabled():
         state["scaler"] = scaler.state_dict()
+    if in_epoch is not None:
+        state["in_epoch"] = in_epoch
     torch.save(state, os.path.join(directory, CHECKPOINT_FILE))
     with open(os.path.join(directory, HISTORY_FILE), "w") as f:
         json.dump(history, f)
     # Last: what makes the directory a complete checkpoint wherever it is copied to.
     sizes = {name: os.path.getsize(os.path.join(directory, name)) for name in (CHECKPOINT_FILE, HISTORY_FILE)}
+    manifest = {"files": sizes, **({IN_EPOCH_STEPS_KEY: in_epoch[0]["steps"]} if in_epoch else {})}
     with open(os.path.join(directory, CHECKPOINT_MANIFEST), "w") as f:
-        json.dump({"files": sizes}, f)
+        json.dump(manifest, f)
 
 
-def load_checkpoint(checkpoint, model, optimizer, scheduler, scaler=None) -> tuple[int, list[dict[str, Any]]]:
-    """Restore a run from a Ray Train checkpoint; returns the next epoch and the metric history so far."""
+def load_checkpoint(
+    checkpoint, model, optimizer, scheduler, scaler=None
+) -> tuple[int, list[dict[str, Any]], list[dict[str, Any]] | None]:
+    """Restore a run from a Ray Train checkpoint; returns the next epoch, the metric history so far and,
+    for a checkpoint within that epoch, every rank's progress in it (None: the epoch starts afresh)."""
     with checkpoint.as_directory() as directory:
         state = torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=True)
         with open(os.path.join(directory, HISTORY_FILE)) as f:
@@ -64,7 +75,7 @@ def load_checkpoint(checkpoint, model, optimizer, scheduler, scaler=None) -> tup
     scheduler.load_state_dict(state["scheduler"])
     if scaler is not None and scaler.is_enabled() and "scaler" in state:
         scaler.load_state_dict(state["scaler"])
-    return int(state["epoch"]) + 1, history
+    return int(state["epoch"]) + 1, history, state.get("in_epoch")
 
 
 def history_from_checkpoint(checkpoint) -> list[dict[str, Any]]:

@@ -108,6 +108,9 @@ class TrainConfig(BaseModel):
     data_cpus_per_task: float = Field(0.25, gt=0.0, description="CPU reserved by each Ray Data read task")
     use_gpu: bool | None = Field(None, description="None: use GPUs when the cluster has them")
     max_failures: int = Field(2, ge=0)
+    preemption_check_steps: int = Field(
+        10, ge=0, description="ask Ray Train every N steps whether a node is being preempted (0: never)"
+    )
     deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (and cuDNN's flags)")
     # Training step (metrics are always computed in float32).
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype of the step")

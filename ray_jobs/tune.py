@@ -33,6 +33,7 @@ from ray_jobs.config import ConfigError, TrainConfig, make_train_config
 from ray_jobs.confirm import CONFIRM_SUFFIX, confirm_sweep, rank_configurations
 from ray_jobs.data import PreparedData, ensure_synthetic_data, prepare_data
 from ray_jobs.final_evaluation import evaluate_runs, pending
+from ray_jobs.preemption import IN_EPOCH_KEY
 from ray_jobs.search_space import as_distribution, tune_space
 from ray_jobs.sweep_config import SweepSpec, ValidatedSweep
 from ray_jobs.tracking import check_tracking_uri, tracking_callbacks, tracking_scope
@@ -56,6 +57,16 @@ def trial_resources() -> dict[str, float]:
     if ray.cluster_resources().get(TRIAL_DRIVER_RESOURCE, 0) > 0:
         return {"cpu": 0.0, TRIAL_DRIVER_RESOURCE: TRIAL_DRIVER_SHARE}
     return {"cpu": TRIAL_CPUS}
+
+
+class EpochReports(TuneReportCallback):
+    """Ray Train's reports to Tune, less the checkpoints saved within an epoch (a preempted node's,
+    :data:`ray_jobs.preemption.IN_EPOCH_KEY`): those are no epoch, for ASHA, ``result.json`` or the tables."""
+
+    def after_report(self, run_context, metrics, checkpoint) -> None:
+        if metrics and metrics[0].get(IN_EPOCH_KEY):
+            return
+        super().after_report(run_context, metrics, checkpoint)
 
 
 def trial_point(config: dict[str, Any]) -> dict[str, Any]:
@@ -161,7 +172,7 @@ def run_trial(
     claim_run_name(cfg, layout.train_runs, name)
     baseline = next((b["metrics"] for b in baselines if b["mask"] == mask_settings(cfg)), None)
     trial_dir = layout.trial_dir(os.path.basename(context.get_trial_dir().rstrip("/")))
-    callbacks = [TuneReportCallback()]
+    callbacks = [EpochReports()]
     rung_wait = None
     if spec.scheduler.type == "asha":  # the workers wait for ASHA's decision at every rung
         rung_wait = RungWait(layout.asha_state_file, name, tuple(rung_epochs(_asha(spec)).items()))

@@ -10,6 +10,7 @@ trial.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import tempfile
@@ -57,6 +58,7 @@ from ray_jobs.data import (
 )
 from ray_jobs.final_evaluation import validation_rows, write_volume_rows
 from ray_jobs.images import ValidationImages
+from ray_jobs.preemption import IN_EPOCH_KEY, EpochProgress, PreemptionHandler, wait_for_teardown
 
 logger = logging.getLogger(__name__)
 
@@ -175,16 +177,34 @@ def _network_batch(batch: dict[str, Any], cfg: TrainConfig, device: torch.device
     return rows
 
 
-def train_epoch(model, optimizer, scaler, cfg: TrainConfig, data: PreparedData, epoch: int, device) -> dict:
+def train_epoch(
+    model,
+    optimizer,
+    scaler,
+    cfg: TrainConfig,
+    data: PreparedData,
+    epoch: int,
+    device,
+    progress: EpochProgress | None = None,
+    preemption: PreemptionHandler | None = None,
+) -> dict:
+    """Train one epoch (``epoch`` counts those done) and return its training metrics, summed over ranks.
+
+    Args:
+        progress: where an interrupted epoch stood (an in-epoch checkpoint): its steps are skipped (their
+            batches drawn and dropped, so the rest of the stream is the same) and its sums and random state
+            taken over; None: from the start.
+        preemption: asked after every step: on a preempted node it checkpoints the progress at that step
+            boundary and waits for the teardown (it returns only if the run is to train on).
+    """
     rank, world_size = _world()
-    provides = get_architecture(cfg.model).provides
-    weights = cfg.active_penalties
     tasks = train_read_tasks(data.train_slices, epoch, rank, world_size, cfg.seed, cfg.slices_per_read)
     rows = slice_dataset(tasks, cfg, training=True, epoch=epoch)
     model.train()
-    loss_sum = reconstruction_sum = compute_seconds = 0.0
-    slices = 0
     torch.manual_seed(stream_seed(cfg.seed, epoch, rank))  # this rank's dropout stream for the epoch
+    if progress is not None:
+        progress.restore_rng(device)  # where the interrupted epoch's stream stood
+    progress = progress or EpochProgress(epoch)
     batches = rows.iter_batches(
         batch_size=cfg.batch_size,
         batch_format="numpy",
@@ -192,39 +212,51 @@ def train_epoch(model, optimizer, scaler, cfg: TrainConfig, data: PreparedData, 
         local_shuffle_seed=stream_seed(cfg.seed, epoch, rank),
     )
     for step, batch in enumerate(batches):
-        started = synchronised_clock(device)
-        rows = _network_batch(batch, cfg, device)  # on the trainer's device: counted as its compute
-        image, target = rows["image"], rows["target"]
-        with autocast(cfg.precision, device):
-            result = model(image, return_attention=True)
-        # Loss, penalties and metrics in float32, outside the autocast region.
-        parts = training_loss(float32_result(result), target, weights, provides)
-        compute_seconds += synchronised_clock(device) - started
-        # Every rank must agree to stop, or the others would wait forever in the next all-reduce.
-        finite = _all_reduce_sum([float(torch.isfinite(parts.total).item())], device, world_size)[0]
-        if finite < world_size:
-            weights_text = ", ".join(f"{k}={v:g}" for k, v in cfg.identifying_weights().items())
-            raise TrainingDivergedError(
-                f"training diverged at epoch {epoch + 1} step {step + 1}: loss is {parts.total.item()} "
-                f"on rank {rank} (lr={cfg.lr}{', ' + weights_text if weights_text else ''}); lower the "
-                "learning rate or the penalty weights"
-            )
-        started = synchronised_clock(device)
-        optimisation_step(parts.total, optimizer, scaler)  # fp16: scaled backward, skipped if inf
-        compute_seconds += synchronised_clock(device) - started
-        n = image.shape[0]
-        loss_sum += parts.total.item() * n
-        reconstruction_sum += parts.reconstruction.item() * n
-        slices += n
-    loss_sum, reconstruction_sum, slices, compute_seconds = _all_reduce_sum(
-        [loss_sum, reconstruction_sum, slices, compute_seconds], device, world_size
-    )
+        if step < progress.steps:
+            continue  # done before the interruption
+        _train_step(model, optimizer, scaler, cfg, batch, device, progress, (rank, world_size, step))
+        if preemption is not None:
+            preemption.after_step(progress, device)
+    totals = [progress.loss_sum, progress.reconstruction_sum, progress.slices, progress.compute_seconds]
+    loss_sum, reconstruction_sum, slices, compute_seconds = _all_reduce_sum(totals, device, world_size)
     return {
         "train_loss": loss_sum / slices,
         "train_reconstruction_loss": reconstruction_sum / slices,
         "train_slices": int(slices),
         "compute_seconds": compute_seconds / world_size,  # per rank, on average
     }
+
+
+def _train_step(model, optimizer, scaler, cfg: TrainConfig, batch, device, progress: EpochProgress,
+                where: tuple[int, int, int]) -> None:  # fmt: skip
+    """One optimisation step on ``batch``, added to ``progress``; ``where`` is (rank, world size, step)."""
+    rank, world_size, step = where
+    started = synchronised_clock(device)
+    rows = _network_batch(batch, cfg, device)  # on the trainer's device: counted as its compute
+    image, target = rows["image"], rows["target"]
+    with autocast(cfg.precision, device):
+        result = model(image, return_attention=True)
+    # Loss, penalties and metrics in float32, outside the autocast region.
+    provides = get_architecture(cfg.model).provides
+    parts = training_loss(float32_result(result), target, cfg.active_penalties, provides)
+    progress.compute_seconds += synchronised_clock(device) - started
+    # Every rank must agree to stop, or the others would wait forever in the next all-reduce.
+    finite = _all_reduce_sum([float(torch.isfinite(parts.total).item())], device, world_size)[0]
+    if finite < world_size:
+        weights_text = ", ".join(f"{k}={v:g}" for k, v in cfg.identifying_weights().items())
+        raise TrainingDivergedError(
+            f"training diverged at epoch {progress.epoch + 1} step {step + 1}: loss is {parts.total.item()} "
+            f"on rank {rank} (lr={cfg.lr}{', ' + weights_text if weights_text else ''}); lower the "
+            "learning rate or the penalty weights"
+        )
+    started = synchronised_clock(device)
+    optimisation_step(parts.total, optimizer, scaler)  # fp16: scaled backward, skipped if inf
+    progress.compute_seconds += synchronised_clock(device) - started
+    n = image.shape[0]
+    progress.loss_sum += parts.total.item() * n
+    progress.reconstruction_sum += parts.reconstruction.item() * n
+    progress.slices += n
+    progress.steps += 1
 
 
 def validate(model, cfg: TrainConfig, batches: Iterable[dict[str, Any]], device) -> dict[str, float]:
@@ -472,6 +504,7 @@ class _WorkerRun:
     keys: list[str]  # every report's keys (metric_keys)
     start_epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    resumed_progress: EpochProgress | None = None  # where an in-epoch checkpoint left the start epoch
 
     @classmethod
     def start(cls, inputs: WorkerInputs) -> _WorkerRun:
@@ -490,9 +523,11 @@ class _WorkerRun:
         )  # fmt: skip
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
-            run.start_epoch, run.history = load_checkpoint(
+            run.start_epoch, run.history, in_epoch = load_checkpoint(
                 checkpoint, model, optimizer, scheduler, run.scaler
             )
+            if in_epoch is not None:  # every rank's progress: the world size is the configuration's
+                run.resumed_progress = EpochProgress.from_state(in_epoch[rank])
         return run
 
     def record(self, metrics: dict[str, float], per_volume, histograms) -> dict[str, float]:
@@ -540,10 +575,13 @@ class _WorkerRun:
         cfg, device, model = self.inputs.cfg, self.device, self.model
         started = synchronised_clock(device)
         lr = self.optimizer.param_groups[0]["lr"]
+        progress, self.resumed_progress = self.resumed_progress, None
         try:
             train_metrics = train_epoch(
-                model, self.optimizer, self.scaler, cfg, self.inputs.data, epoch, device
-            )
+                model, self.optimizer, self.scaler, cfg, self.inputs.data, epoch, device, progress,
+                PreemptionHandler(cfg.preemption_check_steps, self._checkpoint_within_epoch,
+                                  functools.partial(wait_for_teardown, rank=self.rank)),
+            )  # fmt: skip
         except TrainingDivergedError as err:
             # Ends the run for good: an error would make Ray Train retry max_failures times, and every
             # retry would diverge again. The last report says so (the analysis lists the run as diverged).
@@ -596,6 +634,19 @@ class _WorkerRun:
             logger.info("ASHA stopped trial %s at epoch %d (rung %g): no further epoch", wait.trial_id, epoch,
                         milestone)  # fmt: skip
         return decision != DECISION_STOP
+
+    def _checkpoint_within_epoch(self, progress: EpochProgress, info: Any) -> None:
+        """A node of the run is being preempted: checkpoint at this step boundary, with every rank's
+        progress, and report it (not an epoch: Tune never sees it)."""
+        states = _all_gather(progress.state(), _world()[1])
+        with tempfile.TemporaryDirectory() as directory:
+            if self.rank == 0:
+                save_checkpoint(
+                    directory, self.model, self.optimizer, self.scheduler, progress.epoch - 1, self.history,
+                    self.scaler, self.inputs.cfg.model_spec(), in_epoch=states,
+                )  # fmt: skip
+            checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
+            ray.train.report({**self.history[-1], IN_EPOCH_KEY: 1.0}, checkpoint=checkpoint)
 
     def _report_with_checkpoint(self, metrics: dict[str, float], epoch: int) -> None:
         """One epoch's report, with rank 0's checkpoint of the epoch (the other ranks' reports carry none)."""

@@ -213,6 +213,15 @@ def test_setup_installs_the_project_with_cuda_torch(prepared):
         assert "whl/cpu" not in joined and "+cpu" not in joined, "CPU torch on GPU nodes"
 
 
+def test_worker_nodes_run_the_spot_guard_after_ray_start(prepared):
+    commands = prepared["worker_start_ray_commands"]
+    starts = [i for i, c in enumerate(commands) if "ray start" in c]
+    guards = [i for i, c in enumerate(commands) if "python -m ray_jobs.spot_guard --imds" in c]
+    assert len(starts) == 1 and len(guards) == 1 and guards[0] > starts[0], commands
+    assert "RAY_AUTH_MODE=token" in commands[guards[0]]  # its `ray drain-node` sends the token
+    assert "ray_jobs.spot_guard" not in "\n".join(prepared["head_start_ray_commands"])  # the head is on-demand
+
+
 def test_data_is_streamed_from_s3_with_no_copy_step(prepared):
     for key in ("head_start_ray_commands", "worker_start_ray_commands"):
         (start,) = [c for c in prepared[key] if "ray start" in c]
