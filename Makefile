@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 # This machine keeps a CPU build of torch in its local wheel cache; elsewhere pip's normal torch is used.
 TORCH_SPEC := $(if $(wildcard /opt/wheels/torch-2.13.0+cpu-*.whl),torch==2.13.0,torch)
 
-.PHONY: install test test-multinode unit lint browser demo study clean
+.PHONY: install test chaos unit lint browser demo study clean
 
 install: $(STAMP)
 
@@ -34,9 +34,11 @@ browser:
 test: lint browser
 	$(PY) -m pytest -q
 
-# The multi-node / node-loss test alone (it is part of `make test`), printing its node-loss timeline.
-test-multinode: install
-	$(PY) -m pytest -q -s tests/test_multinode.py
+# The chaos tests alone (they are part of `make test`): node losses, a killed driver and preemptions on a
+# local multi-node cluster, with more node losses per sweep (CHAOS_KILLS), printing their timelines.
+CHAOS_KILLS ?= 6
+chaos: install
+	CHAOS_KILLS=$(CHAOS_KILLS) $(PY) -m pytest -q -s tests/test_chaos.py
 
 # A local Ray head (token authentication on) unless one is running; then the cluster check.
 RAY_HEAD := . $(VENV)/bin/activate && export RAY_AUTH_MODE=token && \

@@ -319,28 +319,17 @@ def run_sweep(
     """
     check_tracking_uri(tracking_uri)  # a wrong address fails now, not once the data and cluster are ready
     with tracking_scope():
-        return _run_stages(sweep, name, storage_path, data_root, resume, tracking_uri)
-
-
-def _run_stages(
-    sweep: ValidatedSweep,
-    name: str,
-    storage_path: str,
-    data_root: str | None,
-    resume: bool,
-    tracking_uri: str | None,
-) -> SweepResult:
-    """:func:`run_sweep`'s stages: the search, then the confirm stage if the sweep has one."""
-    search, results = _run_stage(sweep, name, storage_path, data_root, resume, tracking_uri)
-    spec = search.sweep.spec
-    if spec.confirm is None:
-        return SweepResult(search.layout.path)
-    confirm_name = name + CONFIRM_SUFFIX
-    started = storage.exists(ExperimentLayout.under(storage_path, confirm_name).sweep_file)
-    # A confirm stage that had started continues with the candidates it recorded.
-    candidates = confirm_sweep(spec, rank_configurations(results, spec))
-    confirm, _ = _run_stage(candidates, confirm_name, storage_path, search.data_root, started, tracking_uri)
-    return SweepResult(search.layout.path, confirm.layout.path)
+        search, results = _run_stage(sweep, name, storage_path, data_root, resume, tracking_uri)
+        spec = search.sweep.spec
+        if spec.confirm is None:
+            return SweepResult(search.layout.path)
+        confirm_name = name + CONFIRM_SUFFIX
+        started = storage.exists(ExperimentLayout.under(storage_path, confirm_name).sweep_file)
+        # A confirm stage that had started continues with the candidates it recorded.
+        candidates = confirm_sweep(spec, rank_configurations(results, spec))
+        root = search.data_root
+        confirm, _ = _run_stage(candidates, confirm_name, storage_path, root, started, tracking_uri)
+        return SweepResult(search.layout.path, confirm.layout.path)
 
 
 @dataclass(frozen=True)

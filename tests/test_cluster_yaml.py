@@ -219,7 +219,8 @@ def test_worker_nodes_run_the_spot_guard_after_ray_start(prepared):
     guards = [i for i, c in enumerate(commands) if "python -m ray_jobs.spot_guard --imds" in c]
     assert len(starts) == 1 and len(guards) == 1 and guards[0] > starts[0], commands
     assert "RAY_AUTH_MODE=token" in commands[guards[0]]  # its `ray drain-node` sends the token
-    assert "ray_jobs.spot_guard" not in "\n".join(prepared["head_start_ray_commands"])  # the head is on-demand
+    head = "\n".join(prepared["head_start_ray_commands"])
+    assert "ray_jobs.spot_guard" not in head  # the head is on-demand
 
 
 def test_data_is_streamed_from_s3_with_no_copy_step(prepared):
