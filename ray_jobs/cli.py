@@ -9,7 +9,9 @@ training starts; library code raises, only these entry points print.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -62,6 +64,24 @@ def exit_on_user_error(action: Callable[[], Any]) -> tuple[int, Any]:
     except USER_ERRORS as err:
         print(f"error: {err}", flush=True)
         return 2, None
+
+
+# A run that failed because its storage refused a write: the cause in the words of the OS.
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
+
+
+def storage_refusal(err: BaseException) -> str | None:
+    """Why ``err`` (a failed run, its workers' errors included) is the storage refusing a write: "No space
+    left on device", "Read-only file system"...; None for any other failure.
+
+    Ray Train hands the workers' errors over as text (their tracebacks), pyarrow's own with its ``[errno
+    N]``, Python's with ``[Errno N]``: the number is what is read.
+    """
+    text = str(err)
+    for number in _STORAGE_ERRNOS:
+        if re.search(rf"\[errno {number}\]", text, re.IGNORECASE):
+            return os.strerror(number)
+    return None
 
 
 def check_cluster() -> int:

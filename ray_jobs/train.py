@@ -21,7 +21,7 @@ from mri_models.models import model_names
 from ray_jobs import log_to_stdout
 from ray_jobs.baseline import record_baselines, zero_filled_baseline
 from ray_jobs.checkpoints import history_from_checkpoint
-from ray_jobs.cli import add_common_arguments, exit_on_user_error, parse_overrides
+from ray_jobs.cli import add_common_arguments, exit_on_user_error, parse_overrides, storage_refusal
 from ray_jobs.config import TrainConfig, make_train_config, profile_defaults
 from ray_jobs.data import PreparedData, ensure_synthetic_data, prepare_data
 from ray_jobs.final_evaluation import evaluate_runs, format_evaluation, pending
@@ -169,7 +169,12 @@ def main(argv: list[str] | None = None) -> int:
         trainer = build_trainer(cfg, prepared.data, name, prepared.storage_path, baseline=prepared.baseline)
         result = trainer.fit()
     except ray.train.TrainingFailedError as err:
-        print(f"run {name!r} failed: {err}", flush=True)
+        refused = storage_refusal(err)
+        if refused:  # one line: the storage, not the run, is at fault, and nothing good was lost
+            print(f"run {name!r} failed: {prepared.run.path}: {refused} (its last complete checkpoint is "
+                  "kept: make room, then run the same command to resume it)", flush=True)  # fmt: skip
+        else:
+            print(f"run {name!r} failed: {err}", flush=True)
         return 1
     # The worker loop ends before the last epoch only when the loss diverged (Ray Train V2 keeps the
     # metrics of checkpointed reports only, so the diverged report is not in the result).

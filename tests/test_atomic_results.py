@@ -7,8 +7,13 @@ analysis's epochs, the final evaluation's choice, the export, or a resume; the l
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +28,8 @@ from mri_models.experiment import (
 )
 from ray_jobs.checkpoints import save_checkpoint
 from ray_jobs.final_evaluation import selected_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _checkpoint(directory: Path, epoch: int, ssim: float) -> Path:
@@ -77,3 +84,57 @@ def test_a_checkpoint_written_before_manifests_counts_when_it_has_weights_and_hi
     assert not is_complete_checkpoint(str(old))
     shutil.rmtree(old)
     assert RunLayout(str(tmp_path / "run")).checkpoints() == []
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A 64 MiB tmpfs of its own (root only: the test is skipped elsewhere), unmounted afterwards."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)],
+                             capture_output=True, text=True)  # fmt: skip
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small filesystem here: {mounted.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=True)
+
+
+def _fill(disk: Path) -> None:
+    """Write to ``disk`` until it is full."""
+    with (disk / "filler").open("wb") as out:
+        try:
+            while True:
+                out.write(b"\0" * (1 << 20))
+                out.flush()
+        except OSError as err:
+            assert err.errno == errno.ENOSPC, err
+
+
+@pytest.mark.slow
+def test_a_disk_filling_mid_run_is_one_line_and_the_last_checkpoint_survives(ray_head, tiny_root, small_disk):
+    command = [sys.executable, "-m", "ray_jobs.train", "--profile", "smoke", "--data-root", str(tiny_root),
+               "--storage", str(small_disk), "--name", "full", "--set", "epochs=6", "--set", "max_failures=0",
+               "--set", "chans=4", "--set", "num_pool_layers=2", "--set", "cpus_per_worker=0.5"]  # fmt: skip
+    log = small_disk.parent / "train.log"
+    run = RunLayout(str(small_disk / "full"))
+    with log.open("w") as out:
+        process = subprocess.Popen(command, cwd=REPO, env=ray_head.env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while process.poll() is None and not run.checkpoints() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None and run.checkpoints(), log.read_text()[-3000:]
+    _fill(small_disk)  # the disk is full from the next checkpoint on
+    assert process.wait(timeout=300) == 1, log.read_text()[-3000:]
+    lines = [line for line in log.read_text().splitlines() if line.startswith("run 'full' failed")]
+    assert lines == [
+        f"run 'full' failed: {run.path}: No space left on device (its last complete checkpoint is kept: make "
+        "room, then run the same command to resume it)"
+    ], log.read_text()[-3000:]
+    survivors = run.checkpoints()
+    assert survivors, "the last good checkpoint was lost"
+    latest = Path(max(survivors))
+    state = torch.load(latest / CHECKPOINT_FILE, weights_only=True)  # whole, not cut short
+    history = json.loads((latest / HISTORY_FILE).read_text())
+    assert history[-1]["epoch"] == state["epoch"] + 1 >= 1

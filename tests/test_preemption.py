@@ -78,6 +78,7 @@ def _epoch_three_ways(config: dict) -> None:
     checkpoint_dir = ray.train.Checkpoint.from_directory(str(out / "checkpoint"))
     next_epoch, _, in_epoch = load_checkpoint(checkpoint_dir, *resumed)
     progress = EpochProgress.from_state(in_epoch[rank])
+    steps_at_checkpoint = progress.steps  # the resumed epoch goes on counting in it
     again = train_epoch(resumed[0], resumed[1], resumed[3], cfg, data, next_epoch, device, progress)
 
     expected, got = _state(full[0], full[1]), _state(resumed[0], resumed[1])
@@ -90,7 +91,7 @@ def _epoch_three_ways(config: dict) -> None:
         if isinstance(a, torch.Tensor)
     )
     record = {
-        "rank": rank, "steps_at_checkpoint": progress.steps, "same_weights": same_weights,
+        "rank": rank, "steps_at_checkpoint": steps_at_checkpoint, "same_weights": same_weights,
         "same_moments": same_moments, "straight": straight, "resumed": again,
     }  # fmt: skip
     (out / f"rank{rank}.json").write_text(json.dumps(record))
