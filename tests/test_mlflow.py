@@ -105,6 +105,22 @@ def mlflow_server(tmp_path_factory) -> Iterator[MLflowServer]:
         _stop(server)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def tracking_uri_restored() -> Iterator[None]:
+    """This process's MLflow tracking URI as before the module: the client calls made by its tests (runs
+    read back, artifacts downloaded) may set it, and later sweeps in the session would log to a stopped
+    server."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    import mlflow
+
+    mlflow.set_tracking_uri(previous)
+    if previous is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
 @pytest.fixture
 def no_telemetry(monkeypatch) -> None:
     """This process's MLflow client sends (and writes under ~) no usage data."""
