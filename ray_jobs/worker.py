@@ -505,6 +505,7 @@ class _WorkerRun:
     start_epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     resumed_progress: EpochProgress | None = None  # where an in-epoch checkpoint left the start epoch
+    preemption: PreemptionHandler | None = None  # one per run: a preemption is handled once, not per epoch
 
     @classmethod
     def start(cls, inputs: WorkerInputs) -> _WorkerRun:
@@ -521,6 +522,8 @@ class _WorkerRun:
             ValidationImages(inputs.image_dir if rank == 0 else None, cfg.image_every_epochs, cfg.epochs),
             metric_keys(cfg.num_pool_layers),
         )  # fmt: skip
+        wait = functools.partial(wait_for_teardown, rank=rank)
+        run.preemption = PreemptionHandler(cfg.preemption_check_steps, run._checkpoint_within_epoch, wait)
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is not None:
             run.start_epoch, run.history, in_epoch = load_checkpoint(
@@ -579,8 +582,7 @@ class _WorkerRun:
         try:
             train_metrics = train_epoch(
                 model, self.optimizer, self.scaler, cfg, self.inputs.data, epoch, device, progress,
-                PreemptionHandler(cfg.preemption_check_steps, self._checkpoint_within_epoch,
-                                  functools.partial(wait_for_teardown, rank=self.rank)),
+                self.preemption,
             )  # fmt: skip
         except TrainingDivergedError as err:
             # Ends the run for good: an error would make Ray Train retry max_failures times, and every
