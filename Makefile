@@ -32,10 +32,11 @@ browser:
 	  echo "no chromium (needs root and apt): the TensorBoard browser test will be skipped"
 
 test: lint browser
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -m "not chaos"
 
-# The chaos tests alone (they are part of `make test`): node losses, a killed driver and preemptions on a
-# local multi-node cluster, with more node losses per sweep (CHAOS_KILLS), printing their timelines.
+# The chaos tests alone, every case (`make test` runs all but those marked `chaos`): node losses, a killed
+# driver and preemptions on a local multi-node cluster, with more node losses per sweep (CHAOS_KILLS),
+# printing their timelines.
 CHAOS_KILLS ?= 6
 chaos: install
 	CHAOS_KILLS=$(CHAOS_KILLS) $(PY) -m pytest -q -s tests/test_chaos.py

@@ -25,7 +25,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def ray_start(args: list[str], env: dict[str, str], sessions: set[int], attempts: int = 2) -> None:
+def ray_start(args: list[str], env: dict[str, str], sessions: set[int], attempts: int = 3) -> None:
     """``ray start ...`` in a session of its own, added to ``sessions`` (the id its daemons keep).
 
     ``ray start`` gives a new raylet a fixed 30 s to appear in the GCS; on 2 loaded cores (the suite's own
