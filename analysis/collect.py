@@ -15,6 +15,7 @@ primary metric (SSIM).
 
 Trial status, from the final attempt (:mod:`analysis.outcome`; a retried trial is judged by its retry):
 - ``completed``: reached the configured number of epochs;
+- ``reached_target``: ended at the epoch it reached ``target_ssim`` (``stop_at_target``);
 - ``stopped``: stopped early by ASHA (``epochs_after_stop``: epochs its checkpoints hold past the stop
   decision, 0 since its workers wait for ASHA's decision at every rung);
 - ``diverged``: the loss became NaN/Inf (the trainer's last report has ``diverged`` set; older trials
@@ -23,6 +24,8 @@ Trial status, from the final attempt (:mod:`analysis.outcome`; a retried trial i
 - ``unfinished``: neither (the sweep was interrupted; ``--resume`` continues it).
 ``attempts`` counts the failed attempts and the final one; ``earlier_error`` is the last error of an
 attempt that Tune retried, so a recovered trial shows as recovered.
+``preemptions`` counts the spot warnings the trial's runs checkpointed within an epoch for (each one's
+epoch, step and times are in the run's ``preemptions/`` directory); they cost no attempt.
 
 Run ``python -m analysis.collect --experiment PATH`` to (re)write ``PATH/results/trials.csv``, ``epochs.csv``,
 ``volumes.csv`` and ``decisions.csv`` (and Parquet copies).
@@ -48,6 +51,7 @@ from mri_models.experiment import (
     DECISION_STOP,
     DECISIONS_TABLE,
     HISTORY_FILE,
+    TARGET_KEYS,
     ExperimentLayout,
     TrialDir,
 )
@@ -227,7 +231,9 @@ def _collect_trial(
     reports = _with_checkpointed_epochs(reports, history, trial_id, stopped, problems)
     failures = parse_failures(storage.read_text(trial_dir.error_file))
     state = records.tune_states.get(trial_id)
-    outcome = trial_outcome(reports, failures, state, records.max_epochs, stopped)
+    run = layout.train_run(trial_id)
+    stops_at_target = bool((storage.read_json(run.config_file) or {}).get("stop_at_target"))
+    outcome = trial_outcome(reports, failures, state, records.max_epochs, stopped, stops_at_target)
     reports = _last_report_per_epoch(reports)
     keys = records.search_keys or sorted(config)
     config_columns = {key: config.get(key) for key in keys}
@@ -238,7 +244,9 @@ def _collect_trial(
         epochs.append(row)
     epochs_run = int(max((r.get("epoch", 0) for r in reports), default=0))
     row = {"trial_id": trial_id, **config_columns, "status": outcome.status, "epochs_run": epochs_run,
-           "epochs_after_stop": after_stop, "attempts": outcome.attempts}  # fmt: skip
+           "epochs_after_stop": after_stop, "attempts": outcome.attempts,
+           "preemptions": len(run.preemptions()),
+           **{key: (reports[-1] if reports else {}).get(key, math.nan) for key in TARGET_KEYS}}  # fmt: skip
     row.update(_metric_columns(trial_id, reports, problems))
     row.update(test_columns(storage.read_json(layout.train_run(trial_id).test_evaluation_file)))
     volumes = _trial_volumes(layout, trial_id, config_columns)

@@ -18,6 +18,7 @@ The attempts are the failed ones plus the final one, unless the final one is the
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -56,7 +57,7 @@ class TuneTrialState:
 class Outcome:
     """How a trial ended, for ``trials.csv``."""
 
-    status: str  # completed, stopped, diverged, errored, unfinished
+    status: str  # completed, reached_target, stopped, diverged, errored, unfinished
     attempts: int
     error: str  # the final attempt's error ("" when it did not fail)
     earlier_error: str  # the last error of an earlier attempt that was retried ("" when none)
@@ -94,6 +95,7 @@ def trial_outcome(
     tune_state: TuneTrialState | None,
     max_epochs: int | None,
     stopped_by_asha: bool,
+    stops_at_target: bool = False,
 ) -> Outcome:
     """The final outcome of one trial.
 
@@ -103,6 +105,7 @@ def trial_outcome(
         tune_state: Tune's recorded state of the trial, when the experiment has one.
         max_epochs: the sweep's epoch budget.
         stopped_by_asha: whether the scheduler stopped the trial.
+        stops_at_target: whether its runs end at the epoch they reach ``target_ssim``.
     """
     last_failed = _last_attempt_failed(reports, failures, tune_state)
     recorded = tune_state.num_failures if tune_state else 0
@@ -118,8 +121,11 @@ def trial_outcome(
         error = failures[-1].summary() if failures else "the trial failed (Tune recorded no error text)"
         status = "diverged" if failures and "diverged" in failures[-1].text else "errored"
         return Outcome(status, attempts, error, earlier_error)
+    reached = reports and math.isfinite(reports[-1].get("target_epoch", math.nan))
     if max_epochs is not None and epochs_run >= max_epochs:
         status = "completed"
+    elif stops_at_target and reached:
+        status = "reached_target"
     else:
         status = "stopped" if stopped_by_asha else "unfinished"
     return Outcome(status, attempts, "", earlier_error)

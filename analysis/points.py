@@ -45,7 +45,8 @@ def common_budget(trials: pd.DataFrame) -> int | None:
     """The largest epoch every finished-or-stopped trial reached (ASHA's lowest rung, typically)."""
     if trials.empty:
         return None
-    pool = trials[trials["status"].isin(("completed", "stopped")) & (trials["epochs_run"] > 0)]
+    finished = trials["status"].isin(("completed", "reached_target", "stopped"))
+    pool = trials[finished & (trials["epochs_run"] > 0)]
     if pool.empty:
         pool = trials[trials["epochs_run"] > 0]
     return int(pool["epochs_run"].min()) if not pool.empty else None

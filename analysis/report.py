@@ -2,7 +2,7 @@
 
 The steps: the tidy tables (:mod:`analysis.collect`), the model comparison (Table 1), the MPAND curves
 (Figure 6), the gamma curves (Figure 8), the attention coefficients against epoch and gamma, the sweep
-overview and the reconstructions. A step that fails is
+overview, the time to target (where a sweep set ``target_ssim``) and the reconstructions. A step that fails is
 reported in the problem list and the others still run, so one bad file never costs the whole report.
 
 Run ``python -m analysis.report --experiment PATH [--experiment PATH2] [--out DIR]``, or equivalently
@@ -23,6 +23,7 @@ from analysis import (
     mpand_curves,
     reconstructions,
     sweep_overview,
+    time_to_target,
 )
 from analysis.cli import add_common_arguments, default_out, print_result
 from analysis.collect import status_counts, write_tables
@@ -37,6 +38,7 @@ STEPS: list[Callable[[Study, OutDir], StepResult]] = [
     gamma_curves.run,
     attention_curves.run,
     sweep_overview.run,
+    time_to_target.run,
     reconstructions.run,
 ]
 

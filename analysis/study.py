@@ -34,7 +34,7 @@ from mri_models.models.registry import option_owners, reserved_penalties
 from mri_models.plugins import load_plugins
 
 # Trials whose numbers describe a (possibly partial) training run; failed ones are reported, not averaged.
-INCLUDED_STATUSES = ("completed", "stopped", "unfinished")
+INCLUDED_STATUSES = ("completed", "reached_target", "stopped", "unfinished")
 
 
 def image_metrics() -> dict[str, Metric]:

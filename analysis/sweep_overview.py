@@ -34,6 +34,7 @@ MAX_CATEGORIES = 12  # axes with at most this many distinct values are drawn as 
 MAX_STOPS_SHOWN = 20  # rows of the report's table of stops; sweep_decisions.csv has them all
 STATUS_COLOURS = {
     "completed": "tab:green",
+    "reached_target": "tab:olive",
     "stopped": "tab:orange",
     "unfinished": "tab:gray",
     "errored": "tab:purple",

@@ -21,11 +21,13 @@ code that prints what it would compare on a GPU; CPU numbers say nothing about G
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import sys
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from train_step import Variant, print_table
@@ -117,19 +119,38 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cpu":
-        torch.set_num_threads(args.threads)
+@dataclass(frozen=True)
+class StepRow:
+    """One (model, variant) pair's measurement; ratios against the same model's first variant."""
+
+    model: str
+    variant: str
+    compiled: bool  # False where compile was asked for and fell back to eager
+    step_ms: float
+    slices_per_second: float
+    speed_vs_reference: float
+    peak_step_mb: float
+    memory_vs_reference: float
+    vs_unet_percent: float  # the step time over the U-Net's with the same variant, minus one (NaN: U-Net)
+
+    @property
+    def fell_back(self) -> bool:
+        return "compile" in self.variant and not self.compiled
+
+
+def describe(args: argparse.Namespace, device: torch.device) -> str:
     reason = compile_unavailable_reason(device)
-    print(
+    return (
         f"gpu step benchmark {time.strftime('%Y-%m-%d %H:%M')}  torch {torch.__version__}  device {device}"
         f"{' (' + torch.cuda.get_device_name(device) + ')' if device.type == 'cuda' else ''}  "
         f"chans {args.hparams['chans']} / {args.hparams['num_pool_layers']} pools / {args.size}x{args.size}, "
         f"batch {args.batch}, RMSprop  warm-up {args.warmup}, {args.rounds} rounds x {args.steps} steps  "
         f"torch.compile: {'available' if reason is None else 'unavailable (' + reason + ')'}"
     )
+
+
+def measure(args: argparse.Namespace, device: torch.device) -> list[StepRow]:
+    """Build, warm up (compiling), then time every (model, variant) pair in interleaved rounds."""
     keys = [(label, variant) for label in MODELS for variant in args.variants]
     steps, compiled = {}, {}
     started = time.perf_counter()
@@ -150,44 +171,54 @@ def main(argv: list[str] | None = None) -> int:
                 steps[key]()
                 _sync(device)
                 times[key].append(time.perf_counter() - start)
-
-    reference = args.variants[0]
-    rows = []
+    reference, rows = args.variants[0], []
     for label, variant in keys:
         median = statistics.median(times[(label, variant)])
         ref_median = statistics.median(times[(label, reference)])
         peak, ref_peak = peaks[(label, variant)], peaks[(label, reference)]
         unet = statistics.median(times[("U-Net", variant)])
-        rows.append([
-            label,
-            variant.label + ("" if compiled[(label, variant)] or not variant.compile else " (fell back)"),
-            f"{1e3 * median:.1f}",
-            f"{args.batch / median:.2f}",
-            f"{ref_median / median:.2f}x",
-            f"{peak / 2**20:.1f}",
-            f"{peak / ref_peak:.2f}x" if ref_peak else "-",
-            f"{100 * (median / unet - 1):+.1f}%" if label != "U-Net" else "",
-        ])  # fmt: skip
-    print_table(
+        rows.append(StepRow(
+            label, variant.label, compiled[(label, variant)], 1e3 * median, args.batch / median,
+            ref_median / median, peak / 2**20, peak / ref_peak if ref_peak else math.nan,
+            100 * (median / unet - 1) if label != "U-Net" else math.nan,
+        ))  # fmt: skip
+    return rows
+
+
+def table_rows(rows: list[StepRow]) -> list[list[str]]:
+    """The rows as :func:`print_table` cells."""
+    return [
         [
-            "model",
-            "variant",
-            "step ms",
-            "slices/s",
-            f"speed vs {reference.label}",
-            "peak step MB",
-            "memory vs ref",
-            "vs U-Net",
-        ],
-        rows,
-    )
+            row.model, row.variant + (" (fell back)" if row.fell_back else ""),
+            f"{row.step_ms:.1f}", f"{row.slices_per_second:.2f}", f"{row.speed_vs_reference:.2f}x",
+            f"{row.peak_step_mb:.1f}",
+            "-" if math.isnan(row.memory_vs_reference) else f"{row.memory_vs_reference:.2f}x",
+            "" if math.isnan(row.vs_unet_percent) else f"{row.vs_unet_percent:+.1f}%",
+        ]
+        for row in rows
+    ]  # fmt: skip
+
+
+def headers(reference: Variant) -> list[str]:
+    return ["model", "variant", "step ms", "slices/s", f"speed vs {reference.label}", "peak step MB",
+            "memory vs ref", "vs U-Net"]  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    print(describe(args, device))
+    rows = measure(args, device)
+    print_table(headers(args.variants[0]), table_rows(rows))
     if device.type != "cuda":
         print(
             "\nCPU run: a smoke test of the code path. On a GPU (without --tiny, on a CUDA machine) the same "
             f"table compares, at chans 32 / 4 pools / 320x320, slices/s and peak step memory of "
-            f"{', '.join(v.label for v in args.variants[1:])} against {reference.label} for both networks; "
-            "expect bf16 + channels_last to use tensor cores and about half the activation memory, and "
-            "compile to fuse the gates' element-wise passes."
+            f"{', '.join(v.label for v in args.variants[1:])} against {args.variants[0].label} for both "
+            "networks; expect bf16 + channels_last to use tensor cores and about half the activation "
+            "memory, and compile to fuse the gates' element-wise passes."
         )
     return 0
 

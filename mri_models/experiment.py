@@ -56,6 +56,13 @@ TRAIN_RUNS_DIR = "train_runs"
 RESULTS_DIR = "results"
 ANALYSIS_DIR = "analysis"
 INITIAL_REPORT_FILE = "epoch_0.json"
+# In every epoch report, when the run's validation SSIM first reached its ``target_ssim``: the epoch, the
+# training slices seen until then and the seconds its epochs took until then (training and validation,
+# epoch 0's validation included; waits between epochs, for ASHA or a restart, are not). NaN until then, or
+# without a target; ``trials.csv`` has the trial's.
+TARGET_KEYS = ("target_epoch", "target_slices", "target_seconds")
+# One file per preemption a run met: where it checkpointed within the epoch, when, and where it resumed.
+PREEMPTIONS_DIR = "preemptions"
 RUN_CONFIG_FILE = "train_config.json"
 BASELINE_FILE = "baseline.json"
 METRICS_CSV = "metrics.csv"
@@ -134,6 +141,15 @@ class RunLayout:
         """The epoch-0 report (the untrained network), once it was reported: a run restarted before its
         first checkpoint reads it instead of reporting epoch 0 again."""
         return join(self.path, INITIAL_REPORT_FILE)
+
+    def preemption_file(self, epoch: int, step: int) -> str:
+        """The record of the preemption checkpointed at ``step`` of ``epoch`` (0-based, epochs done)."""
+        return join(self.path, PREEMPTIONS_DIR, f"epoch-{epoch:04d}-step-{step:06d}.json")
+
+    def preemptions(self) -> list[dict]:
+        """Every preemption record of the run, oldest first."""
+        entries = list_files(join(self.path, PREEMPTIONS_DIR), ".json")  # sorted by name: by epoch and step
+        return [record for entry in entries if (record := read_json(entry.uri)) is not None]
 
     @property
     def test_volumes_file(self) -> str:

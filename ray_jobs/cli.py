@@ -70,9 +70,9 @@ def exit_on_user_error(action: Callable[[], Any]) -> tuple[int, Any]:
 _STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)
 
 
-def storage_refusal(err: BaseException) -> str | None:
-    """Why ``err`` (a failed run, its workers' errors included) is the storage refusing a write: "No space
-    left on device", "Read-only file system"...; None for any other failure.
+def storage_refusal(err: BaseException | str) -> str | None:
+    """Why ``err`` (a failed run, its workers' errors included, or an error's text) is the storage refusing
+    a write: "No space left on device", "Read-only file system"...; None for any other failure.
 
     Ray Train hands the workers' errors over as text (their tracebacks), pyarrow's own with its ``[errno
     N]``, Python's with ``[Errno N]``: the number is what is read.

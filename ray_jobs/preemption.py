@@ -87,7 +87,8 @@ class PreemptionHandler:
     """What the workers of a run do about preemption at each step boundary.
 
     Attributes:
-        every_steps: ask after every this many steps of an epoch (0: never); the same steps on every rank.
+        every_steps: ask after every this many steps, counted over epochs (0: never); the same steps on
+            every rank.
         checkpoint: saves and reports the in-epoch checkpoint of the progress so far (a collective).
         wait: waits for the teardown after the checkpoint; returns if the run is to train on.
         info: the preemption info, the same on every rank (a collective), or None: Ray Train's.
@@ -98,11 +99,18 @@ class PreemptionHandler:
     wait: Callable[[Any], None]
     info: Callable[[], Any] = _ray_train_preemption
     _handled: Any = field(default=None, init=False)
+    # Steps since the last question, over epochs: an epoch shorter than every_steps is still asked about.
+    # The same on every rank (each trains the same steps; a restarted group starts them all at 0).
+    _since: int = field(default=0, init=False)
 
     def after_step(self, progress: EpochProgress, device: torch.device) -> None:
         """Ask, when due, and on a new preemption checkpoint the progress and wait."""
-        if self.every_steps <= 0 or progress.steps % self.every_steps:
+        if self.every_steps <= 0:
             return
+        self._since += 1
+        if self._since < self.every_steps:
+            return
+        self._since = 0
         info = self.info()
         if info is None or info == self._handled:  # once per preemption: a cancelled drain stays set
             return

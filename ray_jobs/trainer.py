@@ -15,13 +15,13 @@ from pathlib import Path
 
 import ray
 import ray.train
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from mri_models import experiment, storage
 from mri_models.metrics import primary_objective
 from ray_jobs.config import ConfigError, TrainConfig, make_train_config
 from ray_jobs.data import PreparedData
-from ray_jobs.worker import RungWait, WorkerInputs, train_loop_per_worker
+from ray_jobs.worker import RungWait, WorkerInputs, gpus_as_cpu, train_loop_per_worker
 
 logger = logging.getLogger(__name__)
 
@@ -108,13 +108,15 @@ def check_cluster_fits(cfg: TrainConfig, concurrent_runs: int = 1, extra_cpus: f
     resources = ray.cluster_resources()
     cpus, gpus = resources.get("CPU", 0.0), resources.get("GPU", 0.0)
     workers = concurrent_runs * cfg.num_workers
-    if cfg.use_gpu and workers > gpus:
+    gpus_needed = workers * cfg.gpus_per_worker
+    if cfg.use_gpu and gpus_needed > gpus + 1e-9:
         # GPUs requested explicitly (the paper profile) on a cluster that has too few right now: an
         # autoscaling cluster (cluster.yaml, min_workers 0) adds GPU nodes when the trials ask for them.
         logger.info(
-            "note: %d GPU worker(s) requested, the cluster has %g GPU(s) now; waiting for the autoscaler to "
-            "add GPU nodes",
+            "note: %d GPU worker(s) of %g GPU requested, the cluster has %g GPU(s) now; waiting for the "
+            "autoscaler to add GPU nodes",
             workers,
+            cfg.gpus_per_worker,
             gpus,
         )
         return
@@ -126,8 +128,37 @@ def check_cluster_fits(cfg: TrainConfig, concurrent_runs: int = 1, extra_cpus: f
             f"Ray Data needs {needed:g} CPUs but the cluster has {cpus:g}: lower num_workers or "
             "cpus_per_worker (Ray Data starves and training hangs when the workers hold every CPU)"
         )
-    if resolve_use_gpu(cfg) and workers > gpus:
-        raise ConfigError(f"use_gpu with {workers} worker(s) needs as many GPUs; the cluster has {gpus:g}")
+    if resolve_use_gpu(cfg) and gpus_needed > gpus + 1e-9:
+        raise ConfigError(
+            f"use_gpu with {workers} worker(s) x {cfg.gpus_per_worker:g} GPU needs {gpus_needed:g} GPUs; the "
+            f"cluster has {gpus:g}"
+        )
+
+
+def node_worker_slots(cfg: TrainConfig, driver_cpus: float = 0.0, gpus: bool = False) -> int:
+    """Training workers the live nodes hold at once, each node keeping room for one Ray Data task.
+
+    Ray places a run's workers (and a trial's driver, ``driver_cpus``, beside them) node by node, and a Ray
+    Data read task runs only where ``data_cpus_per_task`` CPUs are free on one node: CPUs free across the
+    cluster but scattered in smaller pieces leave every trial waiting for data forever. Counting a driver
+    with every worker keeps each node's room whatever the placement. On GPUs (``gpus``) a node holds no
+    more workers than its GPUs over ``gpus_per_worker``, and each trial budgets a read task of its own:
+    packed trials each stream their own data, and a GPU step is over before a shared task could feed two.
+    """
+    per_worker = cfg.cpus_per_worker + driver_cpus
+    if gpus:
+        per_worker += cfg.data_cpus_per_task / cfg.num_workers
+    slots = 0
+    for node in ray.nodes():
+        resources = node.get("Resources", {}) if node.get("Alive") else {}
+        cpus = resources.get("CPU", 0.0)
+        if cpus < per_worker + cfg.data_cpus_per_task - 1e-9:
+            continue
+        fit = int((cpus - cfg.data_cpus_per_task + 1e-9) // per_worker)
+        if gpus:
+            fit = min(fit, int(resources.get("GPU", 0.0) / cfg.gpus_per_worker + 1e-9))
+        slots += fit
+    return slots
 
 
 def build_trainer(
@@ -155,7 +186,7 @@ def build_trainer(
             (single runs, FIFO sweeps): they never wait.
     """
     use_gpu = resolve_use_gpu(cfg)
-    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
     run_dir = storage.join(storage_path, name)
     images = image_dir or experiment.RunLayout(run_dir).images_dir
     inputs = WorkerInputs(cfg, data, baseline, images, run_dir, rung_wait)
@@ -164,6 +195,8 @@ def build_trainer(
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"inputs": inputs},  # Ray Train hands the worker function a dict
+        # NCCL on GPUs (Ray's default), gloo under the test switch that trains "GPU" workers on the CPU.
+        torch_config=TorchConfig(backend="gloo") if use_gpu and gpus_as_cpu() else None,
         scaling_config=ray.train.ScalingConfig(
             num_workers=cfg.num_workers, use_gpu=use_gpu, resources_per_worker=resources
         ),

@@ -37,7 +37,14 @@ from ray_jobs.preemption import IN_EPOCH_KEY
 from ray_jobs.search_space import as_distribution, tune_space
 from ray_jobs.sweep_config import SweepSpec, ValidatedSweep
 from ray_jobs.tracking import check_tracking_uri, tracking_callbacks, tracking_scope
-from ray_jobs.trainer import build_trainer, check_cluster_fits, claim_run_name, connect, resolve_use_gpu
+from ray_jobs.trainer import (
+    build_trainer,
+    check_cluster_fits,
+    claim_run_name,
+    connect,
+    node_worker_slots,
+    resolve_use_gpu,
+)
 from ray_jobs.worker import RungWait
 
 logger = logging.getLogger(__name__)
@@ -190,20 +197,46 @@ def run_trial(
 
 
 def concurrency(sweep: ValidatedSweep) -> int:
-    """Trials that fit at once: CPUs (and GPUs) over what one trial holds, leaving CPU for Ray Data."""
+    """Trials that fit at once: CPUs (and GPUs) over what one trial holds, leaving CPU for Ray Data, on the
+    cluster as a whole and node by node (:func:`ray_jobs.trainer.node_worker_slots`)."""
     cfg, num_trials = sweep.trials[0], sweep.num_trials
     trial_cpus = trial_resources()["cpu"]
-    per_trial = trial_cpus + cfg.num_workers * cfg.cpus_per_worker
+    gpus = resolve_use_gpu(cfg)
+    # On GPUs each trial budgets a Ray Data task of its own (packed trials each stream their data).
+    data_cpus = cfg.data_cpus_per_task if gpus else 0.0
+    per_trial = trial_cpus + cfg.num_workers * cfg.cpus_per_worker + data_cpus
     resources = ray.cluster_resources()
     fit = int((resources.get("CPU", 0) - cfg.data_cpus_per_task) // per_trial)
-    if resolve_use_gpu(cfg):
-        gpu_fit = int(resources.get("GPU", 0) // cfg.num_workers)
+    node_fit = node_worker_slots(cfg, trial_cpus, gpus) // cfg.num_workers
+    # The nodes are checked unless the cluster still waits for its GPU nodes (the autoscaler adds them).
+    gpu_fit = int(resources.get("GPU", 0) / (cfg.num_workers * cfg.gpus_per_worker) + 1e-9)
+    placed_now = not gpus or gpu_fit > 0
+    fit = min(fit, node_fit) if placed_now else fit
+    if gpus:
         # No GPU yet with GPUs requested: an autoscaling cluster; let Tune queue trials as nodes arrive.
         fit = min(fit, gpu_fit) if gpu_fit else num_trials
     chosen = sweep.spec.max_concurrent_trials or max(1, min(fit, num_trials))
     # Raises with the arithmetic when even one trial (or the requested number) does not fit.
-    check_cluster_fits(cfg, concurrent_runs=chosen, extra_cpus=round(trial_cpus * chosen, 6))
+    extra_cpus = round((trial_cpus + data_cpus) * chosen, 6)
+    check_cluster_fits(cfg, concurrent_runs=chosen, extra_cpus=extra_cpus)
+    if placed_now:
+        _check_nodes_fit(cfg, chosen, node_fit, trial_cpus)
     return chosen
+
+
+def _check_nodes_fit(cfg: TrainConfig, trials: int, node_fit: int, trial_cpus: float) -> None:
+    """Raise when ``trials`` at once cannot each be placed on the nodes with room left for Ray Data."""
+    if trials <= node_fit:
+        return
+    driver = f" + {trial_cpus} CPU for its trial's driver" if trial_cpus else ""
+    largest = max((n.get("Resources", {}).get("CPU", 0.0) for n in ray.nodes() if n.get("Alive")), default=0)
+    raise ConfigError(
+        f"{trials} trial(s) x {cfg.num_workers} worker(s) of {cfg.cpus_per_worker} CPU{driver} leave no "
+        f"room for a Ray Data task ({cfg.data_cpus_per_task} CPU) on the nodes (the largest has {largest:g} "
+        "CPUs): "
+        "lower cpus_per_worker or max_concurrent_trials, or give the head the trial_driver resource "
+        "(a trial whose node has no room for its data waits forever)"
+    )
 
 
 def _sweep_to_run(

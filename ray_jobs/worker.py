@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import tempfile
 import time
 from collections import Counter
@@ -27,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from mri_models.attention_metrics import AttentionStatsAccumulator, MpandAccumulator, report_keys
-from mri_models.experiment import DECISION_STOP, RunLayout, read_asha_decisions
+from mri_models.experiment import DECISION_STOP, TARGET_KEYS, RunLayout, read_asha_decisions
 from mri_models.losses import penalty_terms, training_loss
 from mri_models.metrics import PRIMARY_METRIC, VolumeMetricAccumulator, metric_table
 from mri_models.model_cost import synchronised_clock
@@ -103,6 +104,7 @@ def metric_keys(num_pool_layers: int) -> list[str]:
         "train_slices",
         "val_volumes",
         "diverged",
+        *TARGET_KEYS,
     ]
 
 
@@ -127,6 +129,21 @@ def format_progress(metrics: dict[str, float], epochs: int, baseline: dict[str, 
 
 
 # ----------------------------------------------------------------------------------------- collectives
+
+
+# A test switch: workers given GPUs by Ray train on the CPU (over gloo), so that GPU scheduling (several
+# trials on one GPU of a raylet started with --num-gpus) can be tested on machines without one.
+GPUS_AS_CPU_VARIABLE = "MRI_MODELS_GPUS_AS_CPU"
+
+
+def gpus_as_cpu() -> bool:
+    """Whether the :data:`GPUS_AS_CPU_VARIABLE` test switch is on."""
+    return os.environ.get(GPUS_AS_CPU_VARIABLE) == "1"
+
+
+def worker_device() -> torch.device:
+    """This worker's device: its GPU where Ray gave it one, else the CPU (always, under the test switch)."""
+    return torch.device("cpu") if gpus_as_cpu() else ray.train.torch.get_device()
 
 
 def _world() -> tuple[int, int]:
@@ -358,6 +375,23 @@ def with_initial_ratios(metrics: dict[str, float], history: list[dict[str, float
     return metrics
 
 
+def with_time_to_target(
+    metrics: dict[str, float], history: list[dict[str, float]], target: float | None
+) -> dict[str, float]:
+    """:data:`TARGET_KEYS` of ``metrics`` (the report after ``history``): the first report of the run whose
+    validation SSIM reached ``target``, counted from the start of the run."""
+    values = dict.fromkeys(TARGET_KEYS, math.nan)
+    slices = seconds = 0.0
+    for report in [*history, metrics] if target is not None else []:
+        slices += report.get("train_slices") or 0.0
+        seconds += report.get("epoch_seconds") or 0.0
+        if report.get("ssim", math.nan) >= target:
+            values = {"target_epoch": report["epoch"], "target_slices": slices, "target_seconds": seconds}
+            break
+    metrics.update(values)
+    return metrics
+
+
 # ----------------------------------------------------------------------------------------- ASHA's rungs
 
 
@@ -482,7 +516,7 @@ def _distributed_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Modul
         build_model(cfg.model, **cfg.model_hparams()), channels_last=cfg.channels_last, compile=False,
         device=device,
     )  # fmt: skip
-    model = ray.train.torch.prepare_model(network)
+    model = ray.train.torch.prepare_model(network, move_to_device=device)  # worker_device(): the switch
     if cfg.compile:
         model = compile_network(model, device=device)  # eager with one warning where it cannot work
     return model
@@ -512,7 +546,7 @@ class _WorkerRun:
         """The network, resumed from the run's last checkpoint if there is one, and what its epochs use."""
         cfg = inputs.cfg
         rank, world_size = _world()
-        device = ray.train.torch.get_device()
+        device = worker_device()
         check_precision_supported(cfg.precision, device)  # before any step: one line naming the device
         model = _distributed_model(cfg, device)
         optimizer, scheduler = _make_optimizer(model, cfg)
@@ -531,6 +565,7 @@ class _WorkerRun:
             )
             if in_epoch is not None:  # every rank's progress: the world size is the configuration's
                 run.resumed_progress = EpochProgress.from_state(in_epoch[rank])
+                run._record_preemption(run.resumed_progress, resumed_at=time.time())
         return run
 
     def record(self, metrics: dict[str, float], per_volume, histograms) -> dict[str, float]:
@@ -538,7 +573,8 @@ class _WorkerRun:
         writes the epoch's per-volume rows, its progress line and its images."""
         cfg, run_dir = self.inputs.cfg, self.inputs.run_dir
         metrics = {key: metrics.get(key, math.nan) for key in self.keys}
-        self.history.append(with_initial_ratios(metrics, self.history))
+        metrics = with_initial_ratios(metrics, self.history)
+        self.history.append(with_time_to_target(metrics, self.history, cfg.target_ssim))
         if self.rank == 0:
             epoch = int(metrics["epoch"])
             if run_dir:  # every volume's metrics, for breakdowns and bootstraps
@@ -611,13 +647,19 @@ class _WorkerRun:
         return True
 
     def continues_after(self, epoch: int, resumed: bool = False) -> bool:
-        """Whether to train on after the report of ``epoch`` (epochs done): False when ASHA stopped the trial
-        at the rung decided on that report. Every rank follows rank 0's reading of the decision.
+        """Whether to train on after the report of ``epoch`` (epochs done): False when the run reached its
+        target SSIM with ``stop_at_target``, or when ASHA stopped the trial at the rung decided on that
+        report. Every rank follows rank 0's reading of the decision.
 
         A run resumed at a rung's epoch (a restarted worker or driver) takes the decision made before; where
         there is none, Tune never decided on that report (its driver died first), so it is reported again.
         """
         wait, cfg = self.inputs.rung_wait, self.inputs.cfg
+        if cfg.stop_at_target and not math.isnan(self.history[-1]["target_epoch"]):
+            if self.rank == 0:
+                logger.info("reached the target SSIM %g at epoch %d: no further epoch", cfg.target_ssim,
+                            self.history[-1]["target_epoch"])  # fmt: skip
+            return False
         milestone = wait.milestone(epoch) if wait is not None and epoch < cfg.epochs else None
         if milestone is None:
             return True
@@ -649,6 +691,23 @@ class _WorkerRun:
                 )  # fmt: skip
             checkpoint = ray.train.Checkpoint.from_directory(directory) if self.rank == 0 else None
             ray.train.report({**self.history[-1], IN_EPOCH_KEY: 1.0}, checkpoint=checkpoint)
+        deadline = info.deadline_ms / 1000 if info.deadline_ms else None
+        self._record_preemption(progress, nodes=list(info.preempted_node_ids), deadline=deadline,
+                                checkpointed_at=time.time())  # fmt: skip
+
+    def _record_preemption(self, progress: EpochProgress, **values: Any) -> None:
+        """Rank 0 adds ``values`` to the run's record of the preemption checkpointed at ``progress``'s step:
+        at the checkpoint its nodes and deadline, on resuming elsewhere when (the steps lost are the
+        difference between the step checkpointed and the step resumed at: none, by construction)."""
+        if self.rank != 0 or not self.inputs.run_dir:
+            return
+        file = RunLayout(self.inputs.run_dir).preemption_file(progress.epoch, progress.steps)
+        try:
+            first = {"epoch": progress.epoch, "step": progress.steps, "slices": progress.slices}
+            record = read_json(file) or first
+            write_json(file, {**record, **values})
+        except StorageError as err:  # the record is bookkeeping: the run goes on without it
+            logger.warning("could not record the preemption at %s: %s", file, err)
 
     def _report_with_checkpoint(self, metrics: dict[str, float], epoch: int) -> None:
         """One epoch's report, with rank 0's checkpoint of the epoch (the other ranks' reports carry none)."""

@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 
 from analysis.collect import summary, write_tables
+from mri_models.storage import StorageError
 from ray_jobs import log_to_stdout
-from ray_jobs.cli import add_common_arguments, exit_on_user_error, parse_overrides
+from ray_jobs.cli import add_common_arguments, exit_on_user_error, parse_overrides, storage_refusal
 from ray_jobs.sweep_config import load_sweep
 from ray_jobs.trainer import default_storage
 from ray_jobs.tune import run_sweep
@@ -59,10 +60,29 @@ def sweep_main(config: Path, argv: list[str] | None = None) -> int:
         return code
     spec, experiments = result
     keys = [*spec.search, "seed"]
-    search = write_tables(experiments.search)
-    if experiments.confirm is None:
-        print(summary(search, keys), flush=True)
-        return 0
-    print(f"search ({experiments.search}):\n{summary(search, keys)}", flush=True)
-    print(f"confirm ({experiments.confirm}):\n{summary(write_tables(experiments.confirm), keys)}", flush=True)
+    stages = [("search", experiments.search), ("confirm", experiments.confirm)]
+    for stage, path in stages if experiments.confirm else stages[:1]:
+        try:
+            tables = write_tables(path)
+        except (OSError, StorageError) as err:
+            if storage_refusal(err) is None:
+                raise
+            print(_storage_line(path, storage_refusal(err), failed=0), flush=True)
+            return 1
+        errors = tables.trials.get("error", [])
+        refusals = [refused for error in errors if (refused := storage_refusal(str(error)))]
+        if refusals:
+            print(_storage_line(path, refusals[0], failed=len(refusals)), flush=True)
+            return 1
+        print((f"{stage} ({path}):\n" if experiments.confirm else "") + summary(tables, keys), flush=True)
     return 0
+
+
+def _storage_line(path: str, refused: str, failed: int) -> str:
+    """The one line of a sweep whose storage refused a write (a full disk, a read-only one, a quota)."""
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    count = f"{failed} trial{'' if failed == 1 else 's'} failed on it; " if failed else ""
+    return (
+        f"sweep {name!r} stopped: {path}: {refused} ({count}every trial's last complete checkpoint is kept: "
+        "make room, then run the same command with --resume)"
+    )

@@ -50,9 +50,12 @@ class ChaosCluster:
         trial_driver: whether the head advertises the ``trial_driver`` resource.
         workers: worker nodes to start with.
         cpus_per_node: each worker node's CPUs.
+        gpus_per_node: the GPUs each worker node advertises (``ray start --num-gpus``).
     """
 
-    def __init__(self, trial_driver: bool, workers: int = 2, cpus_per_node: int = 1) -> None:
+    def __init__(
+        self, trial_driver: bool, workers: int = 2, cpus_per_node: int = 1, gpus_per_node: int = 0
+    ) -> None:
         port, dashboard_port = free_port(), free_port()
         self.address = f"127.0.0.1:{port}"
         self.dashboard_url = f"http://127.0.0.1:{dashboard_port}"
@@ -60,7 +63,7 @@ class ChaosCluster:
         env["RAY_USAGE_STATS_ENABLED"] = "0"
         env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
         self.env = env
-        self.cpus_per_node = cpus_per_node
+        self.cpus_per_node, self.gpus_per_node = cpus_per_node, gpus_per_node
         self.nodes: dict[int, WorkerNode] = {}  # the live worker nodes by index
         self._sessions: set[int] = set()
         self._next_index = 0
@@ -80,7 +83,8 @@ class ChaosCluster:
         index, node_manager_port = self._next_index, free_port()
         self._next_index += 1
         marker = json.dumps({f"{WORKER_MARKER}{index}": 1})
-        flags = [f"--address={self.address}", f"--num-cpus={self.cpus_per_node}", f"--resources={marker}",
+        flags = [f"--address={self.address}", f"--num-cpus={self.cpus_per_node}",
+                 f"--num-gpus={self.gpus_per_node}", f"--resources={marker}",
                  *own_ports(node_manager_port)]  # fmt: skip
         session: set[int] = set()
         ray_start(flags, self.env, session)
@@ -122,9 +126,14 @@ class ChaosCluster:
                     ids[int(key.removeprefix(WORKER_MARKER))] = node["node_id"]
         return ids
 
+    def train_workers(self, *filters: str) -> list[dict]:
+        """Every Ray Train worker actor the cluster has seen (matching ``filters``), as the state API lists
+        it (``node_id``, ``required_resources``, ``state``, ...)."""
+        return self._list("actors", "class_name=RayTrainWorker", *filters)
+
     def train_worker_nodes(self, *filters: str) -> list[str]:
         """Node id of every Ray Train worker actor the cluster has seen (matching ``filters``)."""
-        return [actor["node_id"] for actor in self._list("actors", "class_name=RayTrainWorker", *filters)]
+        return [actor["node_id"] for actor in self.train_workers(*filters)]
 
 
 @dataclass

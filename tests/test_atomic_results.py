@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -138,3 +139,35 @@ def test_a_disk_filling_mid_run_is_one_line_and_the_last_checkpoint_survives(ray
     state = torch.load(latest / CHECKPOINT_FILE, weights_only=True)  # whole, not cut short
     history = json.loads((latest / HISTORY_FILE).read_text())
     assert history[-1]["epoch"] == state["epoch"] + 1 >= 1
+
+
+@pytest.mark.slow
+def test_a_disk_filling_mid_sweep_is_one_line_and_the_sweep_resumes_once_there_is_room(ray_head, small_disk):
+    settings = ["seeds=[0]", "search.gamma=[0]", "search.psi_norm=[instance]", "epochs=6", "max_failures=0",
+                "image_every_epochs=0", "scheduler.type=fifo"]  # fmt: skip
+    command = [sys.executable, str(REPO / "sweeps" / "gamma_sweep.py"), "--profile", "smoke", "--storage",
+               str(small_disk), "--name", "full", *(a for s in settings for a in ("--set", s))]  # fmt: skip
+    log, experiment = small_disk.parent / "sweep.log", small_disk / "full"
+    with log.open("w") as out:
+        process = subprocess.Popen(command, cwd=REPO, env=ray_head.env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    runs = lambda: [RunLayout(str(run)) for run in (experiment / "train_runs").glob("*")]  # noqa: E731
+    while process.poll() is None and not any(r.checkpoints() for r in runs()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert process.poll() is None, log.read_text()[-3000:]
+    _fill(small_disk)
+    assert process.wait(timeout=300) == 1, log.read_text()[-3000:]
+    text = log.read_text()
+    lines = [line for line in text.splitlines() if line.startswith("sweep 'full' stopped")]
+    assert lines == [
+        f"sweep 'full' stopped: {experiment}: No space left on device (1 trial failed on it; every trial's "
+        "last complete checkpoint is kept: make room, then run the same command with --resume)"
+    ], text[-3000:]
+    assert "Traceback" not in text.split("sweep 'full' stopped")[-1]
+
+    (small_disk / "filler").unlink()  # room again: the same command with --resume finishes the sweep
+    resumed = subprocess.run([*command, "--resume"], cwd=REPO, env=ray_head.env, capture_output=True,
+                             text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-3000:]
+    trials = pd.read_csv(experiment / "results" / "trials.csv")
+    assert list(trials["status"]) == ["completed"] and list(trials["epochs_run"]) == [6], trials

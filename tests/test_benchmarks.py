@@ -1,8 +1,9 @@
-"""The benchmark scripts still import and parse their flags (they are run by hand); the GPU step benchmark
-also runs its tiny CPU setting."""
+"""The benchmark scripts still import and parse their flags (they are run by hand); the GPU check also runs
+its tiny CPU setting."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -23,16 +24,22 @@ def test_benchmark_script_starts(script):
 
 
 @pytest.mark.slow
-def test_gpu_step_benchmark_runs_its_tiny_setting_on_cpu():
-    """The GPU benchmark's code path (fp32 eager against bf16 + channels_last + compile, both networks,
-    peak memory) runs end to end on CPU, so it is known to work before anyone takes it to a GPU node."""
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_step.py"
-    command = [sys.executable, str(script), "--tiny"]
+def test_the_gpu_check_runs_its_tiny_setting_on_cpu(tmp_path):
+    """The GPU check's code path (the step benchmark of both networks in three variants, the batched device
+    transform against the read tasks', 1, 2 and 4 processes sharing the device) runs end to end on CPU and
+    writes its JSON and tables, so it is known to work before anyone takes it to a GPU node."""
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+    command = [sys.executable, str(script), "--tiny", "--out", str(tmp_path), "--time-limit", "500"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    models = ("U-Net", "Sparse Attention U-Net")
-    rows = [line for line in done.stdout.splitlines() if line.startswith(models)]
-    assert len(rows) == 4 and all(re.search(r"\d\.\d\dx", row) for row in rows), done.stdout  # ratios
+    check = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert {row["model"] for row in check["step"]} == {"U-Net", "Sparse Attention U-Net"}
+    assert len(check["step"]) == 6 and not check["skipped"]
+    assert check["transform"]["equal_within_tolerance"], check["transform"]
+    assert [row["processes"] for row in check["packing"]] == [1, 2, 4]
+    assert all(row["slices_per_second"] > 0 for row in check["packing"])
+    tables = (tmp_path / "gpu_check.md").read_text()
+    assert tables.count("\n## ") == 3 and len(re.findall(r"\d\.\d\dx", tables)) >= 12, tables  # ratios
 
 
 @pytest.mark.slow

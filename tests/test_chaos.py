@@ -16,10 +16,11 @@ with more kills (``CHAOS_KILLS``), and prints the timelines.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -31,31 +32,30 @@ import pytest
 
 from tests.chaos_cluster import ChaosCluster, NodeKiller, NodeLoss
 from tests.conftest import DriverProcess
+from tests.sweep_tables import comparable
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 8
 KILLS = int(os.environ.get("CHAOS_KILLS", "3"))  # node losses per disturbed sweep, at least
 INTERVAL_S = (15.0, 25.0)  # between node losses
 SEARCHED = ["gamma", "seed"]
-# Columns that measure time or count failures: they differ between any two runs by nature.
-NOT_NUMBERS = re.compile(
-    r"seconds|time|date|timestamp|per_second|fraction|pid|hostname|node_ip|attempts|error"
-)
 # Every trial's budget of retries: several losses may hit one trial (Ray Train's restarts of its workers
 # and, without `trial_driver`, Tune's of its driver count against it: docs/cluster.md).
 MAX_FAILURES = 10
 
 
 def _sweep_command(
-    storage: Path, name: str, resume: bool = False, max_failures: int = MAX_FAILURES
+    storage: Path, name: str, resume: bool = False, max_failures: int = MAX_FAILURES, check_steps: int = 2
 ) -> list[str]:
     """The smoke gamma sweep: 2 gammas x 2 seeds at full budget (FIFO), 2 trials at a time on 2 nodes;
-    chans 16 makes an epoch last seconds. A worker's 0.65 CPU leaves a one-CPU node room for one Ray Data
-    task (0.25) beside a trial driver (0.1): with 0.75, trials with their drivers on the worker nodes
-    waited for data forever (docs/cluster.md)."""
+    chans 16 makes an epoch (16 slices, 4 steps) last seconds; the preemption handler asks every
+    ``check_steps`` steps. A worker's 0.65 CPU leaves a one-CPU node room for one Ray Data task (0.25)
+    beside a trial driver (0.1): with 0.75, trials with their drivers on the worker nodes waited for data
+    forever (docs/cluster.md)."""
     overrides = ["seeds=[0,1]", f"epochs={EPOCHS}", "image_every_epochs=0", "scheduler.type=fifo",
                  "cpus_per_worker=0.65", "chans=16", "search.gamma=[0.0,1.0e-2]",
-                 "search.psi_norm=[instance]", f"max_failures={max_failures}"]  # fmt: skip
+                 "search.psi_norm=[instance]", f"max_failures={max_failures}",
+                 f"preemption_check_steps={check_steps}"]  # fmt: skip
     command = [sys.executable, str(REPO / "sweeps" / "gamma_sweep.py"), "--profile", "smoke",
                "--storage", str(storage), "--name", name, *(["--resume"] if resume else [])]  # fmt: skip
     return command + [arg for override in overrides for arg in ("--set", override)]
@@ -73,13 +73,9 @@ def _reports(experiment: Path) -> dict[str, list[dict]]:
 def _tables(experiment: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """``trials.csv`` and ``epochs.csv`` keyed by the searched values (trial ids differ between runs), their
     timing and failure columns left out."""
-    tables = []
-    for name in ("trials.csv", "epochs.csv"):
-        table = pd.read_csv(experiment / "results" / name)
-        keep = [c for c in table.columns if not NOT_NUMBERS.search(c) and c not in ("trial_id", "trial_dir")]
-        keys = SEARCHED + (["epoch"] if "epoch" in table.columns and name == "epochs.csv" else [])
-        tables.append(table[keep].sort_values(keys).reset_index(drop=True))
-    return tables[0], tables[1]
+    results = experiment / "results"
+    trials, epochs = pd.read_csv(results / "trials.csv"), pd.read_csv(results / "epochs.csv")
+    return comparable(trials, SEARCHED), comparable(epochs, [*SEARCHED, "epoch"])
 
 
 @dataclass(frozen=True)
@@ -165,17 +161,44 @@ def _disturbed(tmp_path: Path, trial_driver: bool) -> tuple[SweepRun, list[NodeL
     return run, losses, driver_killed_at
 
 
+@dataclass(frozen=True)
+class Interruption:
+    """A trial interrupted at ``at``: its last epoch reported before, about how many slices it had trained
+    since (what resuming from that epoch's checkpoint trains again: the time since the report at the
+    epoch's training speed, at most one epoch's), and when it reported again."""
+
+    epoch: int
+    slices_since: float
+    again_after_s: float
+
+
+def _interruption(reports: list[dict], at: float) -> Interruption | None:
+    """How ``at`` interrupted a trial, or None: it had finished, or its next report came in about an epoch's
+    usual time (it was not interrupted)."""
+    before = [r for r in reports if r["timestamp"] <= at]
+    after = [r for r in reports if r["timestamp"] > at]
+    if not before or not after or len(before) >= EPOCHS + 1:
+        return None
+    stamps = [r["timestamp"] for r in reports[1:]]
+    usual = statistics.median(b - a for a, b in itertools.pairwise(stamps))
+    if after[0]["timestamp"] - before[-1]["timestamp"] < 1.5 * usual:
+        return None
+    speed, slices = after[0]["train_slices_per_second"], after[0]["train_slices"]
+    since = min(slices, (at - before[-1]["timestamp"]) * speed)
+    return Interruption(before[-1]["epoch"], since, after[0]["timestamp"] - at)
+
+
 def _timeline(run: SweepRun, losses: list[NodeLoss], driver_killed_at: float) -> str:
     """When each loss was detected, and when each trial it interrupted reported again."""
     lines = []
     for loss in losses:
         resumed = []
         for name, reports in run.reports.items():
-            before = [r for r in reports if r["timestamp"] <= loss.killed_at]
-            after = [r for r in reports if r["timestamp"] > loss.killed_at]
-            if before and after and len(before) < EPOCHS + 1:
-                resumed.append(f"{name.split('_')[2]} at epoch {before[-1]['epoch']} reported again after "
-                               f"{after[0]['timestamp'] - loss.killed_at:.0f} s")  # fmt: skip
+            if (hit := _interruption(reports, loss.killed_at)) is not None:
+                resumed.append(
+                    f"{name.split('_')[2]} after epoch {hit.epoch} (~{hit.slices_since:.0f} slices trained "
+                    f"since) reported again after {hit.again_after_s:.0f} s"
+                )
         dead = f"{loss.dead_after_s:.1f} s" if loss.dead_after_s is not None else "never (120 s)"
         lines.append(f"node {loss.index} killed; dead after {dead}, replaced after "
                      f"{loss.replaced_after_s:.1f} s; " + ("; ".join(resumed) or "no trial"))  # fmt: skip
@@ -234,16 +257,22 @@ def _node_hosting_a_mid_epoch_run(cluster: ChaosCluster, experiment: Path, deadl
 
 @pytest.mark.slow
 @pytest.mark.timeout(1200)
-def test_preempted_nodes_cost_no_failure_and_the_sweep_equals_the_undisturbed_one(undisturbed, tmp_path):
+@pytest.mark.parametrize(
+    "check_steps", [2, pytest.param(0, marks=pytest.mark.chaos)], ids=["in_epoch_checkpoint", "without"]
+)
+def test_preempted_nodes_cost_no_failure_and_the_sweep_equals_the_undisturbed_one(
+    undisturbed, tmp_path, check_steps
+):
     """Twice, the spot warning (SIGTERM to the node's spot guard, which drains the node as preempted), then
     the reclaim at the deadline (every process of the node killed) and a replacement. With max_failures 0,
-    a preemption counted as a failure would end its trial as errored."""
+    a preemption counted as a failure would end its trial as errored. With the handler asking every
+    ``check_steps`` the run on the node checkpoints within the epoch and resumes at that very step; without
+    it (0) it resumes from its last epoch checkpoint (``make chaos`` measures what that costs)."""
     cluster = ChaosCluster(trial_driver=True)
-    experiment, deadline_s, guards = tmp_path / "chaos", 12.0, {}
+    experiment, deadline_s, guards, warned = tmp_path / "chaos", 12.0, {}, []
     try:
-        driver = DriverProcess(_sweep_command(tmp_path, "chaos", max_failures=0), cluster.env,
-                               tmp_path / "driver.log")  # fmt: skip
-        warned = []
+        driver = DriverProcess(_sweep_command(tmp_path, "chaos", max_failures=0, check_steps=check_steps),
+                               cluster.env, tmp_path / "driver.log")  # fmt: skip
         for _ in range(2):
             for index, node_id in cluster.worker_node_ids().items():
                 if index not in guards:
@@ -261,13 +290,57 @@ def test_preempted_nodes_cost_no_failure_and_the_sweep_equals_the_undisturbed_on
             guard.kill()
         cluster.stop()
     assert set(run.trials["status"]) == {"completed"}, run.trials
-    attempts = pd.read_csv(experiment / "results" / "trials.csv")["attempts"]
-    assert (attempts == 1).all(), attempts  # no failed attempt anywhere
+    table = pd.read_csv(experiment / "results" / "trials.csv")
+    assert (table["attempts"] == 1).all(), table["attempts"]  # no failed attempt anywhere
     pd.testing.assert_frame_equal(run.trials, undisturbed.trials, check_exact=True)
     pd.testing.assert_frame_equal(run.epochs, undisturbed.epochs, check_exact=True)
-    in_epoch = [
-        json.loads(manifest.read_text())
-        for manifest in experiment.glob("train_runs/*/checkpoint_*/manifest.json")
-    ]
-    kept = sum("in_epoch_steps" in manifest for manifest in in_epoch)
-    print(f"\npreemptions: 2; in-epoch checkpoints still kept: {kept}")
+    records = [json.loads(f.read_text()) for f in sorted(experiment.glob("train_runs/*/preemptions/*.json"))]
+    assert table["preemptions"].sum() == len(records)
+    print(f"\npreemptions with preemption_check_steps={check_steps}:\n" + _preemption_timeline(run, warned,
+          records, deadline_s))  # fmt: skip
+    if not check_steps:
+        assert not records
+        return
+    # Each warning: one run checkpointed within its epoch, and resumed elsewhere at that step (a record
+    # written at another step would be a file without the checkpoint's fields).
+    assert len(records) == len(warned), records
+    for record in records:
+        assert {"checkpointed_at", "resumed_at", "nodes"} <= set(record), record
+        assert record["checkpointed_at"] < record["resumed_at"]
+
+
+def _preemption_timeline(run: SweepRun, warned: list[float], records: list[dict], deadline_s: float) -> str:
+    """Per warning: what the run on the node had done, when it checkpointed and resumed, the steps lost."""
+    lines, records = [], sorted(records, key=lambda record: record.get("checkpointed_at", 0))
+    for at, record in zip(warned, [*records, *([None] * len(warned))], strict=False):
+        if record is not None:
+            lines.append(
+                f"warned; checkpointed at step {record['step']} of epoch {record['epoch'] + 1} after "
+                f"{record['checkpointed_at'] - at:.1f} s ({record['slices']} slices in), resumed at that "
+                f"step after {record['resumed_at'] - at:.1f} s (reclaim at {deadline_s:.0f} s): nothing "
+                "trained again"
+            )  # fmt: skip
+            continue
+        for reports in run.reports.values():
+            if (hit := _interruption(reports, at + deadline_s)) is not None:
+                lines.append(f"warned; no in-epoch checkpoint; reclaimed after epoch {hit.epoch}: "
+                             f"~{hit.slices_since:.0f} slices trained again, reported again "
+                             f"{hit.again_after_s:.0f} s after the reclaim")  # fmt: skip
+    return "\n".join(lines)
+
+
+@pytest.mark.slow
+def test_trials_that_would_leave_no_node_room_for_their_data_are_refused_before_any_trial(tmp_path):
+    """Two one-CPU nodes, trial drivers on them: a worker of 0.75 CPU and a driver of 0.1 leave 0.15 CPU on
+    a node, less than a Ray Data task's 0.25, although the cluster has 0.3 CPU free in all (this sweep
+    waited for data forever before the nodes were checked)."""
+    cluster = ChaosCluster(trial_driver=False)
+    try:
+        command = [*_sweep_command(tmp_path, "starved"), "--set", "cpus_per_worker=0.75"]
+        done = subprocess.run(command, env=cluster.env, capture_output=True, text=True, timeout=300)
+    finally:
+        cluster.stop()
+    out = done.stdout + done.stderr
+    assert done.returncode == 2, out[-3000:]
+    assert "leave no room for a Ray Data task (0.25 CPU) on the nodes (the largest has 1 CPUs)" in out, out
+    assert "Traceback" not in out and not (tmp_path / "starved").exists()

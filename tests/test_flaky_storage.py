@@ -10,14 +10,18 @@ attempts.
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import pickle
 import random
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from mri_models import storage
@@ -26,6 +30,7 @@ from mri_models.data.validate import validate_root
 from ray_jobs.config import SYNTHETIC_DATA
 from tests.conftest import s3_env
 from tests.s3_faults import FAULT_KINDS, FaultPlan, faulty_proxy
+from tests.sweep_tables import comparable
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,3 +102,113 @@ def test_the_training_command_names_the_unreachable_data_root_in_one_line(s3_ser
     assert len(errors) == 1 and root in errors[0], done.stdout
     assert "Traceback" not in done.stdout + done.stderr
     assert not (tmp_path / "runs").exists(), "nothing may be written before the data is reachable"
+
+
+def _store_csv(uri: str) -> pd.DataFrame:
+    """A CSV from object storage as a DataFrame."""
+    data = storage.read_bytes(uri)
+    assert data is not None, f"{uri} was not written"
+    return pd.read_csv(io.BytesIO(data))
+
+
+def _sweep_job(ray_head, data: str, results: str, env: dict[str, str], tmp_path: Path) -> list[str]:
+    """The smoke gamma sweep (2 trials) as a Ray job whose runtime environment carries ``env`` (as a user
+    points a cluster at an S3 endpoint)."""
+    return [
+        str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head.dashboard_url,
+        "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"env_vars": env}), "--",
+        "python", "sweeps/gamma_sweep.py", "--profile", "smoke", "--data-root", data, "--storage", results,
+        "--name", "sweep", "--set", "seeds=[0]", "--set", "search.gamma=[0,1e-4]",
+        "--set", "search.psi_norm=[instance]",
+        "--set", "data_cache_gb=0.5", "--set", f"data_cache_dir={tmp_path / 'node_cache'}",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_a_sweep_on_a_flaky_store_equals_the_sweep_on_local_disk_resumes_and_analyses(
+    ray_head, s3_server, tmp_path
+):
+    """Data and experiment on S3 behind the fault proxy (5% of requests fail, every kind): the sweep, its
+    ``--resume`` (nothing rerun) and its analysis succeed, and its tables equal those of the same sweep on
+    local disk, number for number."""
+    local = tmp_path / "data"
+    generate_dataset(local, seed=0, **{**SYNTHETIC_DATA["smoke"], "num_train": 2, "num_val": 1})
+    reference = subprocess.run(
+        _sweep_job(ray_head, str(local), str(tmp_path / "local"), {}, tmp_path), env=ray_head.env,
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert reference.returncode == 0, reference.stdout[-3000:] + reference.stderr[-3000:]
+    data = s3_server.upload(local, "s3://sweep-data/knee")
+    results = s3_server.create_bucket("sweep-results") + "/experiments"
+    plan = FaultPlan(fraction=0.05, seed=3)
+    with faulty_proxy(s3_server.endpoint, plan) as endpoint:
+        env = s3_env(endpoint)
+        command = _sweep_job(ray_head, data, results, env, tmp_path)
+        done = subprocess.run(command, env=ray_head.env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        print(f"\nS3 requests through the proxy: {dict(plan.counts)}")
+        assert all(plan.counts[kind] > 0 for kind in FAULT_KINDS), plan.counts
+        # --resume of the finished experiment reruns nothing and still succeeds.
+        resumed = subprocess.run([*command, "--resume"], env=ray_head.env, capture_output=True, text=True,
+                                 timeout=600)  # fmt: skip
+        assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    experiment = f"{results}/sweep"
+    for name, keys in (("trials.csv", ["gamma"]), ("epochs.csv", ["gamma", "epoch"])):
+        on_s3 = comparable(_store_csv(f"{experiment}/results/{name}"), keys)
+        on_disk = comparable(pd.read_csv(tmp_path / "local" / "sweep" / "results" / name), keys)
+        pd.testing.assert_frame_equal(on_s3, on_disk, check_exact=True)
+    cached = sorted(p.stat().st_size for p in (tmp_path / "node_cache").glob("*.h5"))
+    assert cached == sorted(storage.stat(f"{data}/{p.relative_to(local)}").size for p in local.rglob("*.h5"))
+
+    # The analysis reads the experiment from S3 and writes a local report.
+    out = tmp_path / "report"
+    analysis = subprocess.run(
+        [sys.executable, "-m", "analysis", "--experiment", experiment, "--out", str(out)],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env=os.environ,
+    )  # fmt: skip
+    assert analysis.returncode == 0, analysis.stdout[-3000:] + analysis.stderr[-3000:]
+    report = (out / "report.md").read_text()
+    assert "gamma_curves.png" in report and (out / "gamma_curves.png").is_file()
+    # The reconstructions step read the validation volumes from the experiment's s3:// data root.
+    assert list(out.glob("reconstructions_*.png")) and "reconstructions:" not in report, report
+
+
+def _reported(uri: str) -> bool:
+    """Some trial of the experiment at ``uri`` has reported a trained epoch (read past the proxy)."""
+    fs, path = storage.filesystem(uri)
+    import pyarrow.fs as pafs
+
+    results = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+               if i.path.endswith("/result.json")]  # fmt: skip
+    return any(storage.read_text(f"s3://{i.path}").count("\n") >= 2 for i in results)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_an_outage_mid_sweep_fails_in_one_line_and_resume_finishes_the_sweep(ray_head, s3_server, tmp_path):
+    local = tmp_path / "data"
+    generate_dataset(local, seed=0, **{**SYNTHETIC_DATA["smoke"], "num_train": 2, "num_val": 1})
+    data = s3_server.upload(local, "s3://outage-sweep-data/knee")
+    results = s3_server.create_bucket("outage-sweep-results") + "/experiments"
+    plan = FaultPlan(fraction=0.0, seed=5)
+    with faulty_proxy(s3_server.endpoint, plan) as endpoint:
+        env = {**s3_env(endpoint), storage.S3_ATTEMPTS_VARIABLE: "3"}
+        command = [*_sweep_job(ray_head, data, results, env, tmp_path), "--set", "epochs=6"]
+        log = tmp_path / "outage.log"
+        with log.open("w") as out:
+            job = subprocess.Popen(command, env=ray_head.env, stdout=out, stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + 400
+        while job.poll() is None and not _reported(f"{results}/sweep") and time.monotonic() < deadline:
+            time.sleep(1)
+        assert job.poll() is None, log.read_text()[-3000:]
+        plan.outage = True
+        code = job.wait(timeout=600)
+        text = log.read_text()
+        print(f"\nexit {code}; last lines:\n" + "\n".join(text.splitlines()[-15:]))
+        plan.outage = False
+        resumed = subprocess.run([*command, "--resume"], env=ray_head.env, capture_output=True, text=True,
+                                 timeout=600)  # fmt: skip
+        print("resumed:\n" + "\n".join((resumed.stdout + resumed.stderr).splitlines()[-15:]))
+    assert code != 0
+    assert resumed.returncode == 0

@@ -7,8 +7,6 @@ the file's), and a bad URI, a missing bucket or prefix fails before anything tra
 
 from __future__ import annotations
 
-import io
-import json
 import multiprocessing
 import os
 import re
@@ -20,16 +18,14 @@ from pathlib import Path
 import boto3
 import h5py
 import numpy as np
-import pandas as pd
 import pytest
 
 from mri_models import storage
 from mri_models.data import store
 from mri_models.data.cache import FileCache
 from mri_models.data.slice_dataset import list_volumes
-from mri_models.data.synthetic import generate_dataset
 from mri_models.data.validate import DataValidationError, validate_root
-from ray_jobs.config import SYNTHETIC_DATA, make_train_config
+from ray_jobs.config import make_train_config
 from ray_jobs.data import iter_rows_locally, prepare_data, train_read_tasks, val_read_tasks
 from tests.conftest import make_fastmri_volume, moto_server, s3_env
 
@@ -270,58 +266,3 @@ def test_train_cli_names_a_missing_bucket_in_one_line(s3_server):
     done = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO, env=os.environ)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "s3://no-such-bucket/knee" in done.stdout and "Traceback" not in done.stdout + done.stderr
-
-
-@pytest.mark.slow
-def test_sweep_with_data_and_experiment_on_s3_resumes_and_analyses(ray_head, s3_server, tmp_path):
-    """The smoke gamma sweep reading s3:// data and writing to s3:// storage, submitted as a Ray job whose
-    runtime environment carries the AWS variables (as a user points a cluster at an S3 endpoint)."""
-    local = tmp_path / "data"
-    generate_dataset(local, seed=0, **{**SYNTHETIC_DATA["smoke"], "num_train": 2, "num_val": 1})
-    data = s3_server.upload(local, "s3://sweep-data/knee")
-    results = "s3://sweep-results/experiments"
-    s3_server.create_bucket("sweep-results")
-    runtime_env = json.dumps({"env_vars": s3_server.env})
-    command = [
-        str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head.dashboard_url,
-        "--working-dir", str(REPO), "--runtime-env-json", runtime_env, "--",
-        "python", "sweeps/gamma_sweep.py", "--profile", "smoke", "--data-root", data, "--storage", results,
-        "--name", "on_s3", "--set", "seeds=[0]", "--set", "search.gamma=[0,1e-4]",
-        "--set", "search.psi_norm=[instance]",
-        "--set", "data_cache_gb=0.5", "--set", f"data_cache_dir={tmp_path / 'node_cache'}",
-    ]  # fmt: skip
-    done = subprocess.run(command, env=ray_head.env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    experiment = f"{results}/on_s3"
-    trials = store_csv(f"{experiment}/results/trials.csv")
-    assert len(trials) == 2 and set(trials["status"]) <= {"completed", "stopped"}
-    cached = sorted(p.stat().st_size for p in (tmp_path / "node_cache").glob("*.h5"))
-    assert cached == sorted(storage.stat(f"{data}/{p.relative_to(local)}").size for p in local.rglob("*.h5"))
-
-    # --resume of the finished experiment on S3 reruns nothing and still succeeds.
-    resumed = subprocess.run(
-        [*command, "--resume"], env=ray_head.env, capture_output=True, text=True, timeout=600
-    )
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert (
-        store_csv(f"{experiment}/results/trials.csv")["epochs_run"].tolist() == trials["epochs_run"].tolist()
-    )
-
-    # The analysis reads the experiment from S3 and writes a local report.
-    out = tmp_path / "report"
-    analysis = subprocess.run(
-        [sys.executable, "-m", "analysis", "--experiment", experiment, "--out", str(out)],
-        capture_output=True, text=True, timeout=300, cwd=REPO, env=os.environ,
-    )  # fmt: skip
-    assert analysis.returncode == 0, analysis.stdout[-3000:] + analysis.stderr[-3000:]
-    report = (out / "report.md").read_text()
-    assert "gamma_curves.png" in report and (out / "gamma_curves.png").is_file()
-    # The reconstructions step read the validation volumes from the experiment's s3:// data root.
-    assert list(out.glob("reconstructions_*.png")) and "reconstructions:" not in report, report
-
-
-def store_csv(uri: str) -> pd.DataFrame:
-    """A CSV from object storage as a DataFrame."""
-    data = storage.read_bytes(uri)
-    assert data is not None, f"{uri} was not written"
-    return pd.read_csv(io.BytesIO(data))
