@@ -29,11 +29,14 @@ import os
 import posixpath
 import re
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import pyarrow.fs as pafs
+
+T = TypeVar("T")
 
 _FILE_SCHEME = "file://"
 
@@ -185,6 +188,39 @@ def _one_line(err: BaseException) -> str:
     return re.sub(r" \(Request ID: [^)]*\)", "", first)
 
 
+# An answer whose body was cut off after its headers came: the AWS SDK's retries (which cover requests
+# that got no answer, or an error answer) have already passed by then.
+_CUT_OFF = re.compile(r"Failed to flush response stream|curlCode: 18\b|Transferred a partial file")
+
+
+def cut_off(err: OSError) -> bool:
+    """Whether an S3 read failed because its answer's body was cut off (worth asking for again)."""
+    return bool(_CUT_OFF.search(str(err)))
+
+
+def retried_read(read: Callable[[], T], again: Callable[[], None], attempts: int | None = None) -> T:
+    """``read()``, made again after ``again()`` (re-positioning the handle) when its answer was cut off.
+
+    The AWS SDK retries a request whose answer did not come (a reset, a 503), not a body cut off after a
+    successful answer: pyarrow then raises ``INTERNAL_FAILURE ... Failed to flush response stream`` from
+    the read itself. Ranged reads are stateless, so the same range is asked for again, with the same
+    bounded exponential backoff, up to :func:`s3_attempts` in all.
+    """
+    attempts = attempts or s3_attempts()
+    for attempt in range(attempts):
+        try:
+            return read()
+        except OSError as err:
+            if attempt == attempts - 1 or not cut_off(err):
+                raise
+            time.sleep(min(_READ_BACKOFF_S * 2**attempt, _READ_BACKOFF_MAX_S))
+            again()
+    raise AssertionError("unreachable")
+
+
+_READ_BACKOFF_S, _READ_BACKOFF_MAX_S = 0.05, 5.0
+
+
 @contextlib.contextmanager
 def named_errors(uri: str) -> Iterator[None]:
     """Turns the ``OSError`` of a storage operation on ``uri`` into a one-line :class:`StorageError`.
@@ -285,10 +321,14 @@ def read_bytes(uri: str) -> bytes | None:
         StorageError: the file cannot be read (denied access, an endpoint that does not answer...).
     """
     fs, path = filesystem(uri)
+
+    def whole() -> bytes:
+        with fs.open_input_stream(path) as handle:
+            return handle.read()
+
     with named_errors(uri):
         try:
-            with fs.open_input_stream(path) as handle:
-                return handle.read()
+            return retried_read(whole, lambda: None)  # a stream cut off is asked for again, whole
         except FileNotFoundError:
             return None
 

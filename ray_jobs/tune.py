@@ -413,9 +413,26 @@ def _run_stage(
         len(spec.seeds), spec.scheduler.type, max_concurrent, data.root, layout.path,
     )  # fmt: skip
     tuner = _make_tuner(sweep, storage_path, name, trainable, max_concurrent, resume, tracking_uri, stage)
-    results = tuner.fit()
-    evaluate_finished_trials(layout, results, data)
+    try:
+        results = tuner.fit()
+        evaluate_finished_trials(layout, results, data)
+    except storage.StorageError as err:  # the store stopped answering once trials ran: not a user error
+        raise SweepStopped(layout.name, str(err)) from None
     return _Stage(sweep, layout, root), results
+
+
+class SweepStopped(Exception):
+    """The sweep's storage failed after its trials started (an outage outlasting the retries); its
+    experiment and every trial's checkpoints so far stay, and ``--resume`` continues it.
+
+    Attributes:
+        name: the experiment's name.
+        reason: the failed operation's URI and cause, in one line.
+    """
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.name, self.reason = name, reason
 
 
 def describe_space(spec: SweepSpec) -> str:

@@ -19,7 +19,7 @@ from ray_jobs import log_to_stdout
 from ray_jobs.cli import add_common_arguments, exit_on_user_error, parse_overrides, storage_refusal
 from ray_jobs.sweep_config import load_sweep
 from ray_jobs.trainer import default_storage
-from ray_jobs.tune import run_sweep
+from ray_jobs.tune import SweepStopped, run_sweep
 
 CONFIG_DIR = Path(__file__).resolve().with_name("configs")
 
@@ -55,34 +55,41 @@ def sweep_main(config: Path, argv: list[str] | None = None) -> int:
         storage = args.storage or default_storage()
         return spec, run_sweep(validated, name, storage, args.data_root, args.resume, args.mlflow)
 
-    code, result = exit_on_user_error(sweep)
+    try:
+        code, result = exit_on_user_error(sweep)
+    except SweepStopped as err:
+        print(_stopped(err.name, err.reason, OUTAGE), flush=True)
+        return 1
     if code:
         return code
     spec, experiments = result
     keys = [*spec.search, "seed"]
     stages = [("search", experiments.search), ("confirm", experiments.confirm)]
     for stage, path in stages if experiments.confirm else stages[:1]:
+        name = path.rstrip("/").rsplit("/", 1)[-1]
         try:
             tables = write_tables(path)
         except (OSError, StorageError) as err:
-            if storage_refusal(err) is None:
-                raise
-            print(_storage_line(path, storage_refusal(err), failed=0), flush=True)
+            refused = storage_refusal(err)
+            print(_stopped(name, f"{path}: {refused}" if refused else str(err), FULL if refused else OUTAGE))
             return 1
         errors = tables.trials.get("error", [])
         refusals = [refused for error in errors if (refused := storage_refusal(str(error)))]
         if refusals:
-            print(_storage_line(path, refusals[0], failed=len(refusals)), flush=True)
+            print(_stopped(name, f"{path}: {refusals[0]}", FULL, failed=len(refusals)), flush=True)
             return 1
         print((f"{stage} ({path}):\n" if experiments.confirm else "") + summary(tables, keys), flush=True)
     return 0
 
 
-def _storage_line(path: str, refused: str, failed: int) -> str:
-    """The one line of a sweep whose storage refused a write (a full disk, a read-only one, a quota)."""
-    name = path.rstrip("/").rsplit("/", 1)[-1]
+FULL = "make room"  # the storage refused a write: a full disk, a read-only one, a quota
+OUTAGE = "once the storage answers again"  # it did not answer within its retries
+
+
+def _stopped(name: str, reason: str, remedy: str, failed: int = 0) -> str:
+    """The one line of a sweep its storage stopped: where and why, what is kept, what to do."""
     count = f"{failed} trial{'' if failed == 1 else 's'} failed on it; " if failed else ""
     return (
-        f"sweep {name!r} stopped: {path}: {refused} ({count}every trial's last complete checkpoint is kept: "
-        "make room, then run the same command with --resume)"
+        f"sweep {name!r} stopped: {reason} ({count}every trial's last complete checkpoint is kept: "
+        f"{remedy}, then run the same command with --resume)"
     )

@@ -35,14 +35,19 @@ def volume_files(directory: str) -> list[storage.FileEntry]:
     return entries
 
 
-class _CountingFile:
-    """A pyarrow random-access file as h5py's file object, counting the bytes it reads."""
+class _RemoteFile:
+    """A pyarrow random-access file as h5py's file object: each read retried where its answer was cut off
+    (:func:`mri_models.storage.retried_read`), the bytes read counted."""
 
     def __init__(self, handle) -> None:
         self.handle = handle
 
     def read(self, size: int = -1) -> bytes:
-        data = self.handle.read(None if size is None or size < 0 else size)
+        position = self.handle.tell()
+        data = storage.retried_read(
+            lambda: self.handle.read(None if size is None or size < 0 else size),
+            lambda: self.handle.seek(position),
+        )
         _BYTES_READ[0] += len(data)
         return data
 
@@ -77,9 +82,14 @@ def version(uri: str) -> tuple[int, str]:
 
 
 def download(uri: str, local_path: str, chunk_bytes: int = 8 << 20) -> None:
-    """Copy a remote file to ``local_path`` (counted in :func:`remote_bytes_read`)."""
-    with storage.named_errors(uri), storage.open_input(uri, random_access=False) as source, open(local_path, "wb") as sink:
-        while chunk := source.read(chunk_bytes):
+    """Copy a remote file to ``local_path`` (counted in :func:`remote_bytes_read`), each chunk a ranged read
+    retried where its answer was cut off."""
+    with storage.named_errors(uri), storage.open_input(uri) as source, open(local_path, "wb") as sink:
+        size = source.size()
+        while (position := source.tell()) < size:
+            chunk = storage.retried_read(lambda: source.read(chunk_bytes), lambda: source.seek(position))  # noqa: B023
+            if not chunk:
+                raise storage.StorageError(f"{uri}: ended at byte {position} of {size}")
             _BYTES_READ[0] += len(chunk)
             sink.write(chunk)
 
@@ -108,5 +118,5 @@ def open_hdf5(uri: str | os.PathLike, cache: FileCache | None = None) -> Iterato
                 yield hf
             return
     handle = storage.open_input(uri)
-    with handle, h5py.File(_CountingFile(handle), "r") as hf:
+    with handle, h5py.File(_RemoteFile(handle), "r") as hf:
         yield hf

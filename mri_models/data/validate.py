@@ -306,6 +306,13 @@ def _check_file_once(
     return problems, warnings
 
 
+def _unreadable(err: Exception) -> str | None:
+    """The store failing to answer (after its retries), which says nothing of the file itself; None for
+    anything else."""
+    text = str(err)
+    return f"could not be read from the object store ({text})" if "AWS Error" in text else None
+
+
 def _check_file(uri: str, split: str, check_values: bool) -> tuple[list[str], list[str]]:
     """Problems and warnings of one file; every failure to read becomes a problem, never an exception."""
     problems: list[str] = []
@@ -321,10 +328,12 @@ def _check_file(uri: str, split: str, check_values: bool) -> tuple[list[str], li
             try:
                 hf = stack.enter_context(store.open_hdf5(uri))
             except OSError as err:
-                return [f"cannot be opened as HDF5, truncated or corrupt ({err})"], warnings
+                return [_unreadable(err) or f"cannot be opened as HDF5, truncated or corrupt ({err})"], warnings
             _check_open_file(hf, split, check_values, problems, warnings)
     except Exception as err:  # damaged files raise OSError, KeyError, RuntimeError... from h5py: report them
-        problems.append(f"could not be read, truncated or corrupt ({type(err).__name__}: {err})")
+        problems.append(
+            _unreadable(err) or f"could not be read, truncated or corrupt ({type(err).__name__}: {err})"
+        )
     return problems, warnings
 
 
