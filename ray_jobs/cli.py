@@ -79,7 +79,8 @@ def storage_refusal(err: BaseException | str) -> str | None:
     """
     text = str(err)
     for number in _STORAGE_ERRNOS:
-        if re.search(rf"\[errno {number}\]", text, re.IGNORECASE):
+        # Or the OS's words alone, as mri_models.storage.StorageError gives them ("<path>: No space ...").
+        if re.search(rf"\[errno {number}\]", text, re.IGNORECASE) or f": {os.strerror(number)}" in text:
             return os.strerror(number)
     return None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,7 @@ from typing import Any
 import ray
 import ray.train
 from ray import tune
+from ray.tune.error import TuneError
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 from ray.tune.logger import TBXLoggerCallback
 from ray.tune.result import TRAINING_ITERATION
@@ -418,6 +420,11 @@ def _run_stage(
         evaluate_finished_trials(layout, results, data)
     except storage.StorageError as err:  # the store stopped answering once trials ran: not a user error
         raise SweepStopped(layout.name, str(err)) from None
+    except TuneError as err:  # Tune hands a scheduler's or callback's error over as its traceback's text
+        found = re.findall(r"^\S*StorageError: (.+)$", str(err), re.MULTILINE)
+        if not found:
+            raise
+        raise SweepStopped(layout.name, found[-1]) from None
     return _Stage(sweep, layout, root), results
 
 

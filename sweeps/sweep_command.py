@@ -58,7 +58,7 @@ def sweep_main(config: Path, argv: list[str] | None = None) -> int:
     try:
         code, result = exit_on_user_error(sweep)
     except SweepStopped as err:
-        print(_stopped(err.name, err.reason, OUTAGE), flush=True)
+        print(_stopped(err.name, err.reason, FULL if storage_refusal(err.reason) else OUTAGE), flush=True)
         return 1
     if code:
         return code
