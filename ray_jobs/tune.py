@@ -420,12 +420,32 @@ def _run_stage(
         evaluate_finished_trials(layout, results, data)
     except storage.StorageError as err:  # the store stopped answering once trials ran: not a user error
         raise SweepStopped(layout.name, str(err)) from None
-    except TuneError as err:  # Tune hands a scheduler's or callback's error over as its traceback's text
-        found = re.findall(r"^\S*StorageError: (.+)$", str(err), re.MULTILINE)
-        if not found:
+    except Exception as err:
+        reason = _storage_failure(err, layout.path)
+        if reason is None:
             raise
-        raise SweepStopped(layout.name, found[-1]) from None
+        raise SweepStopped(layout.name, reason) from None
     return _Stage(sweep, layout, root), results
+
+
+def _storage_failure(err: Exception, path: str) -> str | None:
+    """Whether the experiment's storage is why Tune failed, and how: a storage error in the text Tune made
+    of a scheduler's or callback's error (``TuneError``), or the storage refusing a write now (Tune's own
+    files then come out empty: a trial's ``error.pkl`` it cannot read back, an ``EOFError``)."""
+    if isinstance(err, TuneError):
+        found = re.findall(r"^\S*StorageError: (.+)$", str(err), re.MULTILINE)
+        return found[-1] if found else None
+    if not isinstance(err, (OSError, EOFError)):
+        return None
+    probe = storage.join(path, ".storage_probe")
+    try:
+        storage.write_bytes(probe, bytes(64 << 10))  # a few blocks: an empty file fits on a full disk
+    except storage.StorageError as refused:  # in the OS's words where it gives its error number
+        number = re.search(r"\[errno (\d+)\]", str(refused), re.IGNORECASE)
+        return f"{path}: {os.strerror(int(number.group(1))) if number else refused}"
+    fs, probe_path = storage.filesystem(probe)
+    fs.delete_file(probe_path)
+    return None
 
 
 class SweepStopped(Exception):
