@@ -243,10 +243,13 @@ def _guard(cluster: ChaosCluster, node_id: str, deadline_s: float, log: Path) ->
 
 
 def _node_hosting_a_mid_epoch_run(cluster: ChaosCluster, experiment: Path, deadline: float) -> int:
-    """A worker node index whose Train worker is in the middle of a trial (some epochs done, not all)."""
+    """A worker node index whose Train worker is in the middle of a trial, at a moment when every running
+    trial has an epoch done and two or more to go: whichever trial's worker the node hosts then trains on
+    past the warning (a trial in its last epoch may finish before it is asked, and leave no record)."""
     while time.monotonic() < deadline:
-        progress = [len(lines) for lines in _reports(experiment).values()]
-        if any(2 <= done < EPOCHS for done in progress):
+        reports = [len(lines) for lines in _reports(experiment).values()]  # epochs done + 1 (epoch 0)
+        running = [done for done in reports if done < EPOCHS + 1]
+        if running and all(2 <= done <= EPOCHS - 1 for done in running):
             busy = set(cluster.train_worker_nodes("state=ALIVE"))
             found = [index for index, node in cluster.worker_node_ids().items() if node in busy]
             if found:
