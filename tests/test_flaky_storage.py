@@ -190,7 +190,8 @@ def test_a_sweep_on_a_flaky_store_through_an_outage_equals_the_sweep_on_local_di
         plan.outage = True
         assert job.wait(timeout=600) == 1, (tmp_path / "outage.log").read_text()[-3000:]
         text = (tmp_path / "outage.log").read_text()
-        stopped = [line for line in text.splitlines() if line.startswith("sweep 'sweep' stopped: s3://")]
+        # `ray job submit` shows the job's log as it runs and again in its failure status: one line, twice.
+        stopped = sorted({line for line in text.splitlines() if line.startswith("sweep 'sweep' stopped: s3://")})
         assert len(stopped) == 1 and stopped[0].endswith(
             "(every trial's last complete checkpoint is kept: once the storage answers again, then run the "
             "same command with --resume)"
