@@ -442,7 +442,7 @@ def _storage_failure(err: Exception, path: str) -> str | None:
         storage.write_bytes(probe, bytes(64 << 10))  # a few blocks: an empty file fits on a full disk
     except storage.StorageError as refused:  # in the OS's words where it gives its error number
         number = re.search(r"\[errno (\d+)\]", str(refused), re.IGNORECASE)
-        return f"{path}: {os.strerror(int(number.group(1))) if number else refused}"
+        return f"{path}: {os.strerror(int(number.group(1)))}" if number else str(refused)  # it names the URI
     fs, probe_path = storage.filesystem(probe)
     fs.delete_file(probe_path)
     return None
