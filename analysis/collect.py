@@ -173,7 +173,7 @@ def collect(path: str) -> Experiment:
     )
     problems: list[str] = []
     trial_rows, epoch_rows, volume_frames = [], [], _baseline_volumes(layout)
-    for trial_dir in layout.trial_dirs():
+    for trial_dir in _current_trial_dirs(layout.trial_dirs(), records.tune_states):
         rows = _collect_trial(layout, trial_dir, records, problems)
         trial_rows.append(rows.trial)
         epoch_rows += rows.epochs
@@ -189,6 +189,21 @@ def collect(path: str) -> Experiment:
     if keys is None and not trials.empty:  # the trials' own columns, between trial_id and status
         keys = list(trials.columns[1 : trials.columns.get_loc("status")])
     return Experiment(path, trials, epochs, problems, volumes, decision_table(path, trials, keys or []))
+
+
+def _current_trial_dirs(dirs: list[TrialDir], states: dict[str, TuneTrialState]) -> list[TrialDir]:
+    """One directory per trial. Tune makes a second one (``<name>_<4 hex>``) for a trial whose restored
+    state is from before the trial started (a driver or disk lost between Tune's saves); the one Tune's
+    state names is the trial's, the other holds no more than the reports before (its run resumed from its
+    checkpoints, whose history the epochs are read from)."""
+    by_trial: dict[str, list[TrialDir]] = {}
+    for trial_dir in dirs:
+        by_trial.setdefault(trial_dir.trial_id_from_name(), []).append(trial_dir)
+    kept = []
+    for trial_id, group in by_trial.items():
+        named = states[trial_id].logdir if trial_id in states else None
+        kept += [trial_dir for trial_dir in group if trial_dir.name == named] or group
+    return sorted(kept, key=lambda trial_dir: trial_dir.name)
 
 
 def decision_table(path: str, trials: pd.DataFrame | None = None, keys: Sequence[str] = ()) -> pd.DataFrame:

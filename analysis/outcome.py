@@ -51,6 +51,7 @@ class TuneTrialState:
 
     status: str  # PENDING, RUNNING, PAUSED, TERMINATED or ERROR
     num_failures: int
+    logdir: str | None = None  # its trial directory's name
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,9 @@ def tune_trial_states(layout: ExperimentLayout) -> dict[str, TuneTrialState]:
         states = {}
         for trial_json, metadata_json in trial_data:
             trial, metadata = json.loads(trial_json), json.loads(metadata_json)
-            states[trial["trial_id"]] = TuneTrialState(trial["status"], int(metadata.get("num_failures", 0)))
+            states[trial["trial_id"]] = TuneTrialState(
+                trial["status"], int(metadata.get("num_failures", 0)), trial.get("relative_logdir")
+            )
         return states
     except (ValueError, KeyError, TypeError):  # a state of another Tune version: decide without it
         return {}

@@ -9,13 +9,23 @@ come from :mod:`mri_models.experiment`, which the analysis reads them by.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
 import torch
 
-from mri_models.experiment import CHECKPOINT_FILE, CHECKPOINT_MANIFEST, HISTORY_FILE, IN_EPOCH_STEPS_KEY
+from mri_models import storage
+from mri_models.experiment import (
+    CHECKPOINT_FILE,
+    CHECKPOINT_MANIFEST,
+    HISTORY_FILE,
+    IN_EPOCH_STEPS_KEY,
+    RunLayout,
+)
 from mri_models.step_options import unwrap
+
+logger = logging.getLogger(__name__)
 
 
 def save_checkpoint(
@@ -83,3 +93,37 @@ def history_from_checkpoint(checkpoint) -> list[dict[str, Any]]:
     with checkpoint.as_directory() as directory:
         with open(os.path.join(directory, HISTORY_FILE)) as f:
             return json.load(f)
+
+
+# Ray Train's record of a run's reported checkpoints, in the run's directory. Ray writes it in place, not
+# atomically: a full disk leaves it cut short, and Ray Train then refuses to start the run at all.
+TRAIN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
+SET_ASIDE_DIR = "set_aside"
+
+
+def recover_damaged_snapshot(run_dir: str) -> str | None:
+    """Where Ray Train's checkpoint record of the run is damaged: move it aside and name the run's latest
+    complete epoch checkpoint, for the workers to resume from (Ray Train then starts with no record).
+
+    Returns:
+        That checkpoint's directory; None where the record is whole or absent, or the run has no complete
+        checkpoint (it then starts afresh).
+    """
+    snapshot = storage.join(run_dir, TRAIN_SNAPSHOT_FILE)
+    data = storage.read_bytes(snapshot)
+    if data is None:
+        return None
+    try:
+        json.loads(data)
+        return None
+    except ValueError:
+        pass
+    storage.write_bytes(storage.join(run_dir, SET_ASIDE_DIR, TRAIN_SNAPSHOT_FILE), data)
+    fs, path = storage.filesystem(snapshot)
+    fs.delete_file(path)
+    complete = sorted(RunLayout(run_dir).checkpoints())
+    logger.warning(
+        "Ray Train's record of the checkpoints of %s was damaged (moved to %s/): resuming from %s",
+        run_dir, SET_ASIDE_DIR, complete[-1] if complete else "the start, as no checkpoint is complete",
+    )  # fmt: skip
+    return complete[-1] if complete else None

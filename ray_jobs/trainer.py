@@ -19,6 +19,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from mri_models import experiment, storage
 from mri_models.metrics import primary_objective
+from ray_jobs.checkpoints import recover_damaged_snapshot
 from ray_jobs.config import ConfigError, TrainConfig, make_train_config
 from ray_jobs.data import PreparedData
 from ray_jobs.worker import RungWait, WorkerInputs, gpus_as_cpu, train_loop_per_worker
@@ -189,7 +190,8 @@ def build_trainer(
     resources = {"CPU": cfg.cpus_per_worker, **({"GPU": cfg.gpus_per_worker} if use_gpu else {})}
     run_dir = storage.join(storage_path, name)
     images = image_dir or experiment.RunLayout(run_dir).images_dir
-    inputs = WorkerInputs(cfg, data, baseline, images, run_dir, rung_wait)
+    resume_from = recover_damaged_snapshot(run_dir)  # before Ray Train reads it
+    inputs = WorkerInputs(cfg, data, baseline, images, run_dir, rung_wait, resume_from)
     objective = primary_objective()
     root, filesystem = storage.ray_storage(storage_path)  # S3: checkpoint uploads retry as our writes do
     return TorchTrainer(

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +48,7 @@ from ray_jobs.trainer import (
     node_worker_slots,
     resolve_use_gpu,
 )
+from ray_jobs.tune_state import KeepTuneState, TuneRestoreFailed, restore_kept_state, watch_restore
 from ray_jobs.worker import RungWait
 
 logger = logging.getLogger(__name__)
@@ -308,7 +310,11 @@ def _make_tuner(
             # A trial whose driver died with its node is restarted; its Train run resumes from the trial's
             # own checkpoints (Train's FailureConfig covers the workers, this one the trial function).
             failure_config=tune.FailureConfig(max_failures=sweep.trials[0].max_failures),
-            callbacks=[EpochStepTensorBoard(), *tracking_callbacks(tracking_uri, layout.path, stage)],
+            callbacks=[
+                KeepTuneState(layout.path),
+                EpochStepTensorBoard(),
+                *tracking_callbacks(tracking_uri, layout.path, stage),
+            ],
         ),
     )
 
@@ -414,9 +420,9 @@ def _run_stage(
         "resuming" if resume else "starting", stage, name, sweep.num_trials, describe_space(spec),
         len(spec.seeds), spec.scheduler.type, max_concurrent, data.root, layout.path,
     )  # fmt: skip
-    tuner = _make_tuner(sweep, storage_path, name, trainable, max_concurrent, resume, tracking_uri, stage)
     try:
-        results = tuner.fit()
+        results = _fit(lambda: _make_tuner(sweep, storage_path, name, trainable, max_concurrent, resume,
+                                           tracking_uri, stage), layout, resume)  # fmt: skip
         evaluate_finished_trials(layout, results, data)
     except storage.StorageError as err:  # the store stopped answering once trials ran: not a user error
         raise SweepStopped(layout.name, str(err)) from None
@@ -428,14 +434,38 @@ def _run_stage(
     return _Stage(sweep, layout, root), results
 
 
+def _fit(make_tuner: Callable[[], tune.Tuner], layout: ExperimentLayout, resume: bool) -> tune.ResultGrid:
+    """``Tuner.fit``; a resumed sweep first gets back the last complete set of Tune's state files, and a
+    restore that Tune gives up on (a read the store cut off) is tried again, never started afresh.
+
+    Raises:
+        SweepStopped: Tune could not read the state back after the storage's attempts.
+    """
+    if not resume:
+        return make_tuner().fit()
+    failure = None
+    for _ in range(storage.s3_attempts()):
+        restore_kept_state(layout.path)
+        try:
+            with watch_restore():
+                return make_tuner().fit()
+        except TuneRestoreFailed as err:
+            failure = err
+            logger.warning("Tune could not read the state of %s back (%s): trying again", layout.path, err)
+    raise SweepStopped(
+        layout.name, f"{layout.path}: Tune could not read its experiment state back ({failure})"
+    )
+
+
 def _storage_failure(err: Exception, path: str) -> str | None:
     """Whether the experiment's storage is why Tune failed, and how: a storage error in the text Tune made
     of a scheduler's or callback's error (``TuneError``), or the storage refusing a write now (Tune's own
-    files then come out empty: a trial's ``error.pkl`` it cannot read back, an ``EOFError``)."""
+    files then come out empty or cut short: a trial's ``error.pkl`` it cannot read back, an ``EOFError``
+    or ``UnpicklingError``)."""
     if isinstance(err, TuneError):
         found = re.findall(r"^\S*StorageError: (.+)$", str(err), re.MULTILINE)
         return found[-1] if found else None
-    if not isinstance(err, (OSError, EOFError)):
+    if not isinstance(err, (OSError, EOFError, pickle.UnpicklingError)):
         return None
     probe = storage.join(path, ".storage_probe")
     try:

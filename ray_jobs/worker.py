@@ -45,7 +45,7 @@ from mri_models.step_options import (
     to_network_input,
     unwrap,
 )
-from mri_models.storage import StorageError, read_json, write_json
+from mri_models.storage import StorageError, ray_storage, read_json, write_json
 from ray_jobs import log_to_stdout
 from ray_jobs.checkpoints import load_checkpoint, save_checkpoint
 from ray_jobs.config import TrainConfig
@@ -466,6 +466,8 @@ class WorkerInputs:
         run_dir: the run's directory, where rank 0 writes each epoch's per-volume rows and the epoch-0
             report; None: neither.
         rung_wait: where an ASHA trial's workers wait for the decision at each rung; None: never wait.
+        resume_from: the checkpoint directory to resume from where Ray Train has none to give (its record
+            of the run was damaged: :func:`ray_jobs.checkpoints.recover_damaged_snapshot`).
     """
 
     cfg: TrainConfig
@@ -474,6 +476,7 @@ class WorkerInputs:
     image_dir: str | None = None
     run_dir: str | None = None
     rung_wait: RungWait | None = None
+    resume_from: str | None = None
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -559,6 +562,9 @@ class _WorkerRun:
         wait = functools.partial(wait_for_teardown, rank=rank)
         run.preemption = PreemptionHandler(cfg.preemption_check_steps, run._checkpoint_within_epoch, wait)
         checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None and inputs.resume_from is not None:
+            path, filesystem = ray_storage(inputs.resume_from)
+            checkpoint = ray.train.Checkpoint(path, filesystem=filesystem)
         if checkpoint is not None:
             run.start_epoch, run.history, in_epoch = load_checkpoint(
                 checkpoint, model, optimizer, scheduler, run.scaler

@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -141,9 +142,16 @@ def test_a_disk_filling_mid_run_is_one_line_and_the_last_checkpoint_survives(ray
 
 
 @pytest.mark.slow
-def test_a_disk_filling_mid_sweep_is_one_line_and_the_last_checkpoints_survive(ray_head, small_disk):
-    settings = ["seeds=[0]", "search.gamma=[0]", "search.psi_norm=[instance]", "epochs=6", "max_failures=0",
-                "image_every_epochs=0", "scheduler.type=fifo"]  # fmt: skip
+def test_a_disk_filling_mid_sweep_is_one_line_and_the_last_checkpoints_survive_then_it_resumes(
+    ray_head, small_disk
+):
+    """The disk fills during the first trial's epochs, while Tune copies its experiment state: Tune's files
+    and Ray Train's record of the run come out cut short. After room is made, ``--resume`` finishes the
+    sweep with the same trials (ids), each epoch once, from the kept copy of Tune's state and the run's last
+    complete checkpoint (without them Tune started a new experiment, and Ray Train refused the run)."""
+    settings = ["seeds=[0]", "search.gamma=[0,1.0e-2]", "search.psi_norm=[instance]", "epochs=6",
+                "max_failures=0", "image_every_epochs=0", "scheduler.type=fifo",
+                "max_concurrent_trials=1"]  # fmt: skip
     command = [sys.executable, str(REPO / "sweeps" / "gamma_sweep.py"), "--profile", "smoke", "--storage",
                str(small_disk), "--name", "full", *(a for s in settings for a in ("--set", s))]  # fmt: skip
     log, experiment = small_disk.parent / "sweep.log", small_disk / "full"
@@ -170,3 +178,15 @@ def test_a_disk_filling_mid_sweep_is_one_line_and_the_last_checkpoints_survive(r
         latest = Path(max(run.checkpoints()))
         assert torch.load(latest / CHECKPOINT_FILE, weights_only=True)["epoch"] >= 0
         assert json.loads((latest / HISTORY_FILE).read_text())
+    trial_ids = {path.name for path in (experiment / "train_runs").iterdir()}
+
+    (small_disk / "filler").unlink()
+    resumed = subprocess.run([*command, "--resume"], cwd=REPO, env=ray_head.env, capture_output=True,
+                             text=True, timeout=600)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    trials = pd.read_csv(experiment / "results" / "trials.csv")
+    assert len(trials) == 2 and set(trials["status"]) == {"completed"}, trials
+    assert trial_ids <= set(trials["trial_id"]), (trial_ids, trials["trial_id"])  # the trials Tune had
+    epochs = pd.read_csv(experiment / "results" / "epochs.csv")
+    for trial_id, rows in epochs.groupby("trial_id"):
+        assert sorted(rows["epoch"]) == list(range(7)), (trial_id, sorted(rows["epoch"]))

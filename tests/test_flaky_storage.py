@@ -134,8 +134,10 @@ def _store_csv(uri: str) -> pd.DataFrame:
 
 
 def _sweep_job(ray_head, data: str, results: str, env: dict[str, str], tmp_path: Path) -> list[str]:
-    """The smoke gamma sweep (2 trials, 6 epochs) as a Ray job whose runtime environment carries ``env`` (as
-    a user points a cluster at an S3 endpoint)."""
+    """The smoke gamma sweep (2 trials, 6 epochs, ASHA) as a Ray job whose runtime environment carries ``env``
+    (as a user points a cluster at an S3 endpoint). One trial at a time: ASHA's decisions depend on the order
+    trials reach a rung, and two at once reach them in whichever order the faults' delays make (CI: the
+    second trial stopped at a rung it had passed on local disk)."""
     return [
         str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", ray_head.dashboard_url,
         "--working-dir", str(REPO), "--runtime-env-json", json.dumps({"env_vars": env}), "--",
@@ -143,6 +145,7 @@ def _sweep_job(ray_head, data: str, results: str, env: dict[str, str], tmp_path:
         "--name", "sweep", "--set", "seeds=[0]", "--set", "search.gamma=[0,1e-4]",
         "--set", "search.psi_norm=[instance]", "--set", "epochs=6", "--set", "image_every_epochs=0",
         "--set", "data_cache_gb=0.5", "--set", f"data_cache_dir={tmp_path / 'node_cache'}",
+        "--set", "max_concurrent_trials=1",
     ]  # fmt: skip
 
 
