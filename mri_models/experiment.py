@@ -13,6 +13,7 @@ A training run (``python -m ray_jobs.train --name NAME``, or one sweep trial) un
     <run>/volumes/                   per-volume rows: val-epoch-<NNNN>.parquet, test.parquet
     <run>/test_evaluation.json       the final evaluation on the test split (selected epoch, means)
     <run>/data_roles.json            which files were train, val and test (single runs)
+    <run>/set_aside/                 Ray Train's checkpoint record of the run, where found cut short
 
 A sweep (a Ray Tune experiment)::
 
