@@ -22,7 +22,7 @@ A sweep (a Ray Tune experiment)::
     <experiment>/baseline.json                    the zero-filled input's validation metrics
     <experiment>/data_roles.json                  which files were train, val and test
     <experiment>/experiment_state-<date>.json     Tune's trial states (status, failures), one per driver start
-    <experiment>/tune_state_kept.zip              the last complete set of Tune's state files (ray_jobs.tune_state)
+    <experiment>/tune_state_kept.zip              the last complete set of Tune's state files (tune_state.py)
     <experiment>/<Tune trial dir>/                params.json, result.json, error.txt (Tune's own)
     <experiment>/train_runs/<trial id>/           the trial's training run, laid out as above
     <experiment>/results/                         trials, epochs, volumes, decisions (CSV + Parquet)
