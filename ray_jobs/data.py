@@ -172,13 +172,7 @@ def prepare_data(cfg: TrainConfig, root: str | os.PathLike) -> PreparedData:
             f"{cfg.batch_size}"
         )
     return PreparedData(
-        root,
-        train_slices,
-        val_slices,
-        image_size,
-        test_slices,
-        test.source,
-        volumes,  # type: ignore[arg-type]
+        root, train_slices, val_slices, image_size, test_slices, test.source, volumes  # type: ignore[arg-type]
     )
 
 

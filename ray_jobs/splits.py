@@ -104,4 +104,6 @@ def choose_test_data(cfg: TrainConfig, root: str, val_split_dir: str, check_valu
             f"{val_split_dir}: {len(kept)} validation volume(s) of a single patient cannot be split into "
             f"validation and test halves; add a {TEST_SPLIT} split with targets or set test_split: {NO_TEST}"
         )
-    return TestData("half of singlecoil_val by patient", tuple(test), frozenset(str(v.fname) for v in kept))
+    return TestData(
+        "half of singlecoil_val by patient", tuple(test), frozenset(str(v.fname) for v in kept)
+    )

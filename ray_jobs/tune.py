@@ -444,9 +444,8 @@ def _fit(make_tuner: Callable[[], tune.Tuner], layout: ExperimentLayout, resume:
     if not resume:
         return make_tuner().fit()
     failure = None
-    for _ in range(
-        storage.s3_attempts() if storage.is_remote(layout.path) else 1
-    ):  # a local file stays as it is
+    attempts = storage.s3_attempts() if storage.is_remote(layout.path) else 1  # a local file stays as it is
+    for _ in range(attempts):
         restore_kept_state(layout.path)
         try:
             with watch_restore():

@@ -57,11 +57,7 @@ def _is_state_file(path: Path) -> bool:
 def _state_files(directory: Path) -> dict[str, bytes] | None:
     """The state files of a staging directory, or None while one of them is not whole JSON (Tune's own
     ``experiment_state`` write is not atomic: it may be mid-write or cut short by a full disk)."""
-    files = {
-        p.name: p.read_bytes()
-        for p in sorted(directory.iterdir())
-        if p.is_file() and STATE_FILE.match(p.name)
-    }
+    files = {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if _is_state_file(p)}
     try:
         for name, data in files.items():
             if name.startswith(EXPERIMENT_STATE_PREFIX):
@@ -144,14 +140,14 @@ def restore_kept_state(experiment_path: str) -> list[str]:
     with zipfile.ZipFile(io.BytesIO(kept)) as archive:
         files = {name: archive.read(name) for name in archive.namelist()}
     present = {e.name: e.uri for e in storage.list_files(experiment_path) if STATE_FILE.match(e.name)}
-    differing = [name for name, uri in present.items() if storage.read_bytes(uri) != files.get(name)]
+    contents = {name: storage.read_bytes(uri) for name, uri in present.items()}
+    differing = [name for name, data in contents.items() if data != files.get(name)]
     missing = [name for name in files if name not in present]
     if not differing and not missing:
         return []
     aside = storage.join(experiment_path, SET_ASIDE_DIR, time.strftime("%Y-%m-%d_%H-%M-%S"))
     for name in differing:
-        data = storage.read_bytes(present[name])
-        storage.write_bytes(storage.join(aside, name), data or b"")
+        storage.write_bytes(storage.join(aside, name), contents[name] or b"")
         if name not in files:
             fs, path = storage.filesystem(present[name])
             fs.delete_file(path)
